@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh Debian/Ubuntu machine (or a cluster login node):
+#   system packages (when run as root: the local Slurm cluster for tests, Chromium for HTML-report tests),
+#   a virtual environment in .venv, torch, mmcv 2.1.0 built with its ops, mmengine, mmdet, ssflctl.
+# Idempotent: a second run only checks. Environment knobs:
+#   TORCH_SPEC   pip requirement for torch (default torch==2.13.0; on a GPU cluster e.g.
+#                "torch==2.13.0 --index-url <your CUDA wheel index>")
+#   SSFLCTL_NO_APT=1  skip system packages (no root, or a cluster where Slurm already runs)
+#   VENV         where to create the environment (default .venv in the repository)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${VENV:-$ROOT/.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+APT_PACKAGES=(python3-venv python3-dev build-essential git
+  slurm-wlm slurmdbd munge mariadb-server
+  chromium chromium-driver fonts-dejavu-core)
+if [ "${SSFLCTL_NO_APT:-0}" != 1 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip -q --disable-pip-version-check)
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  log "installing $TORCH_SPEC"
+  # shellcheck disable=SC2086
+  "${PIP[@]}" install $TORCH_SPEC
+fi
+
+if ! "$PY" -c "from mmcv.ops import nms" 2>/dev/null; then
+  # mmcv 2.1.0 has no wheel for recent torch: build it with its compiled ops against the torch
+  # just installed (--no-build-isolation), with setuptools<70 because its setup.py imports
+  # pkg_resources. About 15 minutes on 2 cores, once: pip's wheel cache keeps the result.
+  log "building mmcv 2.1.0 with ops (about 15 min on 2 cores the first time; cached afterwards)"
+  "${PIP[@]}" install "setuptools<70" wheel ninja
+  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" install --no-build-isolation mmcv==2.1.0
+  # torch itself wants a recent setuptools back
+  "${PIP[@]}" install "setuptools>=77.0.3"
+fi
+
+log "installing ssflctl[train,test] (editable)"
+"${PIP[@]}" install -e ".[train,test]"
+
+"$PY" - <<'PY'
+import torch, mmcv, mmengine, mmdet
+from mmcv.ops import nms  # noqa: F401  (compiled ops present)
+print(f"[setup] ok: torch {torch.__version__}, mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, mmdet {mmdet.__version__}")
+PY
+log "done. Activate with: source $VENV/bin/activate"

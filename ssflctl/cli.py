@@ -1,0 +1,195 @@
+"""The command line: parse, call one function, print.
+
+Only light modules are imported at module level: `ssflctl --help` must not import torch, mmdet,
+mmengine, pandas or submitit. Each command imports what it needs inside its body.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ssflctl import __version__
+from ssflctl.errors import UserError
+
+app = typer.Typer(
+    name="ssflctl",
+    help="Run Focal-Loss-family detection studies (MMDetection 3.x) on Slurm or local processes.\n\n"
+    "Example: ssflctl submit experiments/ssfl_vs_fl.yaml --dry-run",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+convert_app = typer.Typer(
+    help="Convert datasets to COCO JSON.\n\nExample: ssflctl convert cityscapes data/cityscapes",
+    no_args_is_help=True,
+)
+app.add_typer(convert_app, name="convert")
+
+WORKSPACE_HELP = "Workspace directory (registry and run dirs). Default: ./.ssflctl"
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="SSFLCTL_WORKSPACE", help=WORKSPACE_HELP)
+
+
+def workspace_path(ws: Optional[Path]) -> Path:
+    return Path(ws) if ws else Path(".ssflctl")
+
+
+def _err(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+
+
+def user_errors(fn):
+    """Turn UserError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            _err(str(err))
+            raise typer.Exit(err.exit_code)
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"ssflctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """Run Focal-Loss-family detection studies (MMDetection 3.x) on Slurm or local processes."""
+
+
+@convert_app.command("cityscapes")
+@user_errors
+def convert_cityscapes(
+    root: Path = typer.Argument(..., help="Cityscapes root holding leftImg8bit/ and gtFine/."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Default: ROOT/annotations"),
+    nproc: int = typer.Option(1, "--nproc", "-n", min=1, help="Worker processes."),
+    splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to convert."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing JSON files."),
+):
+    """Convert Cityscapes gtFine to COCO instance JSON (MMDetection-compatible).
+
+    Example: ssflctl convert cityscapes data/cityscapes --nproc 8 --out-dir data/cityscapes/annotations
+    """
+    from ssflctl.convert import cityscapes
+
+    cityscapes.main(root, out_dir, nproc, [s for s in splits.split(",") if s], force)
+
+
+@app.command()
+@user_errors
+def submit(
+    experiment: Path = typer.Argument(..., help="Experiment YAML file."),
+    workspace: Optional[Path] = WorkspaceOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; submit nothing."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="Override the file's executor: slurm or local."),
+):
+    """Submit an experiment matrix: one train (and test) job per run that is not done or queued.
+
+    Example: ssflctl submit experiments/ssfl_vs_fl.yaml --dry-run
+    """
+    from ssflctl import submit as submit_mod
+
+    submit_mod.main(experiment, workspace_path(workspace), dry_run=dry_run, executor=executor)
+
+
+@app.command()
+@user_errors
+def status(
+    experiment: Optional[str] = typer.Argument(None, help="Experiment name (default: all)."),
+    workspace: Optional[Path] = WorkspaceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh live until Ctrl-C or all runs end."),
+    interval: float = typer.Option(5.0, "--interval", help="Seconds between refreshes with --watch."),
+):
+    """Show every run: state, attempt lineage, job id, progress, last loss.
+
+    Example: ssflctl status ssfl_vs_fl --watch
+    """
+    from ssflctl import status as status_mod
+
+    status_mod.main(workspace_path(workspace), experiment, as_json=as_json, watch=watch, interval=interval)
+
+
+@app.command()
+@user_errors
+def cancel(
+    target: str = typer.Argument(..., help="Experiment name or run id."),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Cancel the jobs of an experiment or a run (scancel or kill); recorded as cancelled.
+
+    Example: ssflctl cancel ssfl_vs_fl
+    """
+    from ssflctl import status as status_mod
+
+    status_mod.cancel_main(workspace_path(workspace), target)
+
+
+@app.command()
+@user_errors
+def logs(
+    run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
+    workspace: Optional[Path] = WorkspaceOpt,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the log grows."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="Attempt number (default: latest)."),
+):
+    """Print the training log of a run's attempt.
+
+    Example: ssflctl logs ssfl-cityscapes-s3407 -f
+    """
+    from ssflctl import status as status_mod
+
+    status_mod.logs_main(workspace_path(workspace), run, follow=follow, attempt=attempt)
+
+
+@app.command()
+@user_errors
+def report(
+    experiments: Optional[List[str]] = typer.Argument(None, help="Experiment names (default: all)."),
+    workspace: Optional[Path] = WorkspaceOpt,
+    fmt: str = typer.Option("markdown", "--format", "-f", help="markdown, csv, latex, html or json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (plots beside it) instead of stdout."),
+    baseline: str = typer.Option("loss=focal", "--baseline", help="AXIS=VALUE of the baseline configuration."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated, e.g. AP,AP50,AP75."),
+    by: Optional[List[str]] = typer.Option(None, "--by", help="Axes that define a configuration (repeatable)."),
+    workdirs: Optional[List[Path]] = typer.Option(None, "--workdirs", help="Plain MMDetection work dirs to include."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any cell is missing."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+):
+    """COCO AP comparison tables: mean ± std over seeds, deltas vs the baseline, per-class AP, plots.
+
+    Example: ssflctl report ssfl_vs_fl --format html --out report/index.html
+    """
+    from ssflctl import report as report_mod
+
+    code = report_mod.main(
+        workspace_path(workspace), experiments or [], fmt=fmt, out=out, baseline=baseline,
+        metrics=metrics, by=by or [], workdirs=workdirs or [], strict=strict, force=force,
+    )
+    raise typer.Exit(code or 0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
