@@ -1,0 +1,288 @@
+"""NaN guard: stop an mmengine training run at the first non-finite loss and say where.
+
+Use it from any mmengine/mmdet config::
+
+    custom_imports = dict(imports=['ssflctl.guard'], allow_failed_imports=False)
+    custom_hooks = [dict(type='NanGuardHook')]
+
+Every iteration, ``after_train_iter`` looks at the total loss and each of its parts
+(every log variable whose name contains ``loss``, the same rule mmengine's ``parse_losses``
+uses to sum them). It reads the values that ``RuntimeInfoHook`` (priority VERY_HIGH, so it
+always runs first) has already turned into Python floats in the message hub
+(``train/<key>``), so the guard adds no device synchronisation of its own; a tensor is only
+``.item()``-ed as a fallback when the message hub does not hold the key.
+
+On the first NaN/Inf it writes ``<work_dir>/nan.json`` atomically, logs one line in the text
+log (``NanGuard: ... loss_cls: nan ...``, which ``ssflctl.logs`` recognises), and raises
+:class:`NonFiniteLossError` carrying the same record. The record::
+
+    {"outcome": "nan", "iter": 1234, "epoch": 3, "iter_in_epoch": 34, "loss_key": "loss_cls",
+     "nonfinite": {"loss": "nan", "loss_cls": "nan"}, "values": {...},
+     "last_finite": {"loss_cls": [0.41, 0.52, ...], ...}, "last_finite_iter": 1233,
+     "lr": 0.01, "lrs": {"lr": [0.01]}, "reason": "NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)",
+     "work_dir": "...", "time": "2026-...Z"}
+
+``iter`` counts iterations from 1, as mmengine's log and checkpoint names do (``iter_1234.pth``
+holds the weights after 1234 iterations); ``epoch`` likewise (None for iteration-based loops).
+
+Priority 65: after ``LoggerHook`` (BELOW_NORMAL = 60), so the NaN iteration still reaches the
+text log and ``scalars.json`` when it is a logging iteration; before ``ParamSchedulerHook``
+(LOW = 70) and ``CheckpointHook`` (VERY_LOW = 90), so no checkpoint is ever written after the
+NaN iteration (the exception ends the loop before CheckpointHook's ``after_train_iter`` and
+before the epoch's ``after_train_epoch``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ssflctl import atomic
+
+try:  # mmengine is only needed on the training side; importing ssflctl.guard stays cheap.
+    from mmengine.hooks import Hook as _HookBase
+    from mmengine.registry import HOOKS as _HOOKS
+except Exception:  # pragma: no cover - exercised only without the training stack
+    _HookBase = object  # type: ignore[assignment,misc]
+    _HOOKS = None
+
+NAN_FILE = "nan.json"
+#: between LoggerHook (60) and ParamSchedulerHook (70) / CheckpointHook (90)
+GUARD_PRIORITY = 65
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by :class:`NanGuardHook` at the first non-finite loss; ``.record`` is nan.json."""
+
+    def __init__(self, record: Dict[str, Any]):
+        self.record = dict(record)
+        super().__init__(self.record.get("reason") or "non-finite loss")
+
+    def __reduce__(self):  # picklable (submitit ships exceptions back to the login node)
+        return (self.__class__, (self.record,))
+
+
+def _nonfinite_name(v: float) -> Optional[str]:
+    if v != v:
+        return "nan"
+    if v == math.inf:
+        return "inf"
+    if v == -math.inf:
+        return "-inf"
+    return None
+
+
+def format_reason(record: Dict[str, Any]) -> str:
+    """The one line the status shows, e.g. ``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)``."""
+    kind = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}.get(
+        (record.get("nonfinite") or {}).get(record.get("loss_key"), "nan"), "NaN")
+    where = []
+    if record.get("epoch") is not None:
+        where.append(f"epoch {record['epoch']}")
+    if record.get("iter") is not None:
+        where.append(f"iter {record['iter']}")
+    text = f"{kind} in {record.get('loss_key') or 'loss'}"
+    if where:
+        text += " at " + " ".join(where)
+    if record.get("lr") is not None:
+        text += f" (lr {record['lr']:g})"
+    return text
+
+
+def _as_float(value: Any) -> Optional[float]:
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        return float(value)
+    item = getattr(value, "item", None)
+    if item is None:
+        return None
+    try:
+        if getattr(value, "numel", lambda: 1)() != 1:
+            value = value.mean()
+        return float(value.item())
+    except Exception:
+        return None
+
+
+class NanGuardHook(_HookBase):  # type: ignore[misc,valid-type]
+    """Stop training at the first non-finite loss; write ``nan.json``; raise NonFiniteLossError.
+
+    Args:
+        keep: how many of the last finite values to keep per loss key.
+        keys: loss keys to check; default every output key containing ``loss``.
+        out_file: where to write the record; default ``<work_dir>/nan.json``.
+        raise_error: raise :class:`NonFiniteLossError` (default). With False the hook only
+            records and asks the loop to stop (``runner.train_loop.stop_training``) — only
+            useful for experiments; raising is what keeps checkpoints clean.
+    """
+
+    priority = GUARD_PRIORITY
+
+    def __init__(self, keep: int = 5, keys=None, out_file: Optional[str] = None,
+                 raise_error: bool = True, priority: Any = None):
+        if priority is not None:
+            self.priority = priority
+        self.keep = int(keep)
+        self.keys = tuple(keys) if keys else None
+        self.out_file = out_file
+        self.raise_error = raise_error
+        self.history: Dict[str, deque] = {}
+        self.last_finite_iter: Optional[int] = None
+        self.tripped: Optional[Dict[str, Any]] = None
+
+    # -- reading the values ---------------------------------------------------------------
+    def _values(self, runner, outputs) -> Dict[str, float]:
+        if not outputs or not isinstance(outputs, dict):
+            return {}
+        hub = getattr(runner, "message_hub", None)
+        scalars = getattr(hub, "log_scalars", None) or {}
+        vals: Dict[str, float] = {}
+        for key, raw in outputs.items():
+            if self.keys is not None:
+                if key not in self.keys:
+                    continue
+            elif "loss" not in key:
+                continue
+            v = None
+            if isinstance(raw, (float, int)) and not isinstance(raw, bool):
+                v = float(raw)
+            else:
+                buf = scalars.get(f"train/{key}")
+                if buf is not None:
+                    try:
+                        v = float(buf.current())  # already a Python float: no sync
+                    except Exception:
+                        v = None
+                if v is None:
+                    v = _as_float(raw)
+            if v is not None:
+                vals[key] = v
+        return vals
+
+    # -- mmengine hook API -----------------------------------------------------------------
+    def before_train(self, runner) -> None:
+        self.history = {}
+        self.tripped = None
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        vals = self._values(runner, outputs)
+        bad = {k: n for k, v in vals.items() if (n := _nonfinite_name(v)) is not None}
+        it = int(getattr(runner, "iter", 0)) + 1
+        if not bad:
+            for k, v in vals.items():
+                self.history.setdefault(k, deque(maxlen=self.keep)).append(v)
+            self.last_finite_iter = it
+            return
+        self.trip(runner, batch_idx, vals, bad)
+
+    # -- the trip ----------------------------------------------------------------------------
+    def trip(self, runner, batch_idx: int, vals: Dict[str, float], bad: Dict[str, str]) -> None:
+        record = build_record(runner, batch_idx, vals, bad,
+                              {k: list(d) for k, d in self.history.items()},
+                              self.last_finite_iter)
+        self.tripped = record
+        path = Path(self.out_file) if self.out_file else Path(runner.work_dir) / NAN_FILE
+        record["file"] = str(path)
+        atomic.write_json(path, record)
+        logger = getattr(runner, "logger", None)
+        if logger is not None:
+            parts = "  ".join(f"{k}: {vals[k]}" for k in vals)
+            logger.error(f"NanGuard: stopping at the first non-finite loss: {record['reason']}; "
+                         f"Iter(train) [{record['iter']}]  {parts}  (record: {path})")
+        if self.raise_error:
+            raise NonFiniteLossError(record)
+        loop = getattr(runner, "train_loop", None)
+        if loop is not None and hasattr(loop, "stop_training"):
+            loop.stop_training = True
+
+
+def _lr_of(runner):
+    try:
+        lrs = runner.optim_wrapper.get_lr()
+    except Exception:
+        return None, None
+    lrs = {k: [float(x) for x in v] for k, v in dict(lrs).items()}
+    first = None
+    for k in ("lr", *lrs.keys()):
+        if lrs.get(k):
+            first = lrs[k][0]
+            break
+    return first, lrs
+
+
+def build_record(runner, batch_idx, vals, bad, last_finite, last_finite_iter) -> Dict[str, Any]:
+    """The nan.json body (see the module docstring)."""
+    it = int(getattr(runner, "iter", 0)) + 1
+    loop = getattr(runner, "train_loop", None)
+    by_epoch = loop is not None and type(loop).__name__ != "IterBasedTrainLoop"
+    epoch = int(getattr(runner, "epoch", 0)) + 1 if by_epoch else None
+    parts = [k for k in bad if k != "loss"]
+    loss_key = parts[0] if parts else next(iter(bad))
+    lr, lrs = _lr_of(runner)
+    record: Dict[str, Any] = {
+        "outcome": "nan",
+        "iter": it,
+        "epoch": epoch,
+        "iter_in_epoch": (int(batch_idx) + 1) if by_epoch and batch_idx is not None else None,
+        "loss_key": loss_key,
+        "nonfinite": dict(bad),
+        "values": {k: (bad[k] if k in bad else v) for k, v in vals.items()},
+        "last_finite": last_finite,
+        "last_finite_iter": last_finite_iter,
+        "lr": lr,
+        "lrs": lrs,
+        "work_dir": str(getattr(runner, "work_dir", "")),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    record["reason"] = format_reason(record)
+    return record
+
+
+def read_nan_record(work_dir) -> Optional[Dict[str, Any]]:
+    """The guard's record in ``work_dir`` (nan.json), or None."""
+    return atomic.read_json(Path(work_dir) / NAN_FILE)
+
+
+if _HOOKS is not None:  # pragma: no branch
+    _HOOKS.register_module(name="NanGuardHook", module=NanGuardHook, force=True)
+
+
+class LrOverrideHook(_HookBase):  # type: ignore[misc,valid-type]
+    """Make the config's lr (or ``lr``) win over the one a ``resume`` restores.
+
+    ``before_run`` (the optimizer is built from the new config, nothing resumed yet) records each
+    param group's multiplier; ``before_train`` (after ``load_or_resume``, before the first
+    iteration and its lr log) calls :func:`ssflctl.retry.apply_lr_after_resume`. Without a
+    resume it changes nothing when ``lr`` is None or equals the config's lr.
+
+        custom_hooks = [dict(type='LrOverrideHook', lr=0.001)]
+    """
+
+    priority = "VERY_HIGH"
+
+    def __init__(self, lr: Optional[float] = None):
+        self.lr = None if lr is None else float(lr)
+        self._mult = None
+        self.applied: Optional[list] = None
+
+    def before_run(self, runner) -> None:
+        from ssflctl import retry
+        try:
+            self._mult = retry.lr_multipliers(runner)
+        except Exception:
+            self._mult = None
+
+    def before_train(self, runner) -> None:
+        from ssflctl import retry
+        lr = self.lr
+        if lr is None:
+            try:
+                lr = float(runner.cfg.optim_wrapper.optimizer.lr)
+            except Exception:
+                return
+        self.applied = retry.apply_lr_after_resume(runner, lr, self._mult)
+
+
+if _HOOKS is not None:  # pragma: no branch
+    _HOOKS.register_module(name="LrOverrideHook", module=LrOverrideHook, force=True)

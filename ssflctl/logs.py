@@ -1,0 +1,432 @@
+"""Read mmengine work dirs: text logs, ``vis_data/scalars.json``, checkpoints; find NaN/Inf.
+
+Light: no torch or mmengine import (this runs on the login node too).
+
+mmengine writes, per ``Runner`` start, ``<work_dir>/<timestamp>/<timestamp>.log`` and
+``<work_dir>/<timestamp>/vis_data/scalars.json`` (one JSON object per logging iteration, written
+by Python's ``json.dump`` and so with bare ``NaN``/``Infinity``/``-Infinity`` tokens), plus
+``epoch_N.pth`` / ``iter_N.pth`` and a ``last_checkpoint`` pointer in the work dir itself.
+
+Only loss values are judged (keys containing ``loss``, the rule mmengine uses to sum losses):
+a ``grad_norm: inf`` of a mixed-precision loss scaler is normal and no alarm, and so is the word
+"nan" anywhere else (a path ``/data/nanjing``, a class ``banana``, a ``Nano`` backbone).
+Logged values are window means, so a non-finite value found in a log means the first NaN lies
+after the previous finite logging iteration (``after_iter``) and at or before ``iter``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+_NONFINITE_WORD = re.compile(r"^[-+]?(nan|inf|infinity)$", re.IGNORECASE)
+# a bare non-finite token standing as a JSON value (after ':' or '[' or ','), any case
+_BARE_TOKEN = re.compile(r'(?<=[:\[,])\s*([-+]?)(nan|infinity|inf)\s*(?=[,\]}])', re.IGNORECASE)
+
+# mmengine train lines:
+#   "Epoch(train)  [3][ 10/100]  base_lr: ...  lr: 1.0000e-02  ...  loss: nan  loss_cls: nan ..."
+#   "Iter(train) [  10/1000]  lr: ... loss: inf ..."
+_TRAIN_LINE = re.compile(
+    r"(?P<kind>Epoch|Iter)\(train\)\s*(?:\[\s*(?P<epoch>\d+)\s*\])?\s*\[\s*(?P<cur>\d+)\s*/\s*(?P<tot>\d+)\s*\]"
+    r"(?P<rest>.*)$")
+_PAIR = re.compile(r"(?:^|\s)(?P<key>[A-Za-z_][\w./-]*):\s+(?P<val>[-+]?(?:[0-9.]+(?:e[-+]?\d+)?|nan|inf|infinity))(?=\s|$)",
+                   re.IGNORECASE)
+# the guard's own line: "NanGuard: ... Iter(train) [1234]  loss: nan  loss_cls: nan ..."
+_GUARD_LINE = re.compile(r"NanGuard:.*?Iter\(train\) \[(?P<iter>\d+)\](?P<rest>.*)$")
+_TIMESTAMP_DIR = re.compile(r"^\d{8}_\d{6}$")
+_CKPT_NAME = re.compile(r"^(?P<kind>epoch|iter)_(?P<n>\d+)\.pth$")
+
+
+def is_loss_key(key: str) -> bool:
+    return "loss" in key
+
+
+def _is_nonfinite(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
+def _parse_number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# scalars.json
+# ---------------------------------------------------------------------------------------------
+def _loads_tolerant(line: str) -> Optional[dict]:
+    try:
+        obj = json.loads(line)  # Python's json accepts NaN, Infinity, -Infinity
+    except ValueError:
+        fixed = _BARE_TOKEN.sub(lambda m: ("-" if m.group(1) == "-" else "")
+                                + ("NaN" if m.group(2).lower() == "nan" else "Infinity"), line)
+        try:
+            obj = json.loads(fixed)
+        except ValueError:
+            return None  # a half-written last line, or garbage: skip it
+    return obj if isinstance(obj, dict) else None
+
+
+def read_scalars(path) -> List[dict]:
+    """All records of a ``scalars.json`` (JSON lines); bare NaN/Infinity become float nan/inf.
+
+    Blank, truncated or non-JSON lines are skipped. A missing file gives ``[]``.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.readlines()
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        obj = _loads_tolerant(line)
+        if obj is not None:
+            out.append(obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# text log
+# ---------------------------------------------------------------------------------------------
+def parse_log_line(line: str) -> Optional[dict]:
+    """One mmengine train line → ``{"epoch", "iter", "iter_in_epoch", "iters_per_epoch",
+    "max_iters", "values": {key: float}}``; None for any other line.
+
+    For epoch-based lines the global iteration is ``(epoch-1) * iters_per_epoch + cur``.
+    """
+    m = _TRAIN_LINE.search(line)
+    if m:
+        cur, tot = int(m.group("cur")), int(m.group("tot"))
+        rec: Dict[str, Any] = {"values": _pairs(m.group("rest"))}
+        if m.group("kind") == "Epoch" and m.group("epoch") is not None:
+            ep = int(m.group("epoch"))
+            rec.update(epoch=ep, iter=(ep - 1) * tot + cur, iter_in_epoch=cur,
+                       iters_per_epoch=tot, max_iters=None)
+        else:
+            rec.update(epoch=None, iter=cur, iter_in_epoch=None, iters_per_epoch=None, max_iters=tot)
+        return rec
+    g = _GUARD_LINE.search(line)
+    if g:
+        return {"values": _pairs(g.group("rest")), "epoch": None, "iter": int(g.group("iter")),
+                "iter_in_epoch": None, "iters_per_epoch": None, "max_iters": None, "guard": True}
+    return None
+
+
+def _pairs(rest: str) -> Dict[str, float]:
+    vals = {}
+    for p in _PAIR.finditer(rest):
+        v = _parse_number(p.group("val"))
+        if v is not None:
+            vals[p.group("key")] = v
+    return vals
+
+
+def read_text_log(path) -> List[dict]:
+    """The parsed train lines of one mmengine text log (see :func:`parse_log_line`)."""
+    out = []
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return out
+    with fh:
+        for line in fh:
+            rec = parse_log_line(line)
+            if rec is not None:
+                out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# locating a work dir's files
+# ---------------------------------------------------------------------------------------------
+def run_dirs(work_dir) -> List[Path]:
+    """mmengine's per-start ``<timestamp>`` folders in ``work_dir``, oldest first."""
+    wd = Path(work_dir)
+    if not wd.is_dir():
+        return []
+    return sorted(p for p in wd.iterdir() if p.is_dir() and _TIMESTAMP_DIR.match(p.name))
+
+
+def text_logs(work_dir) -> List[Path]:
+    out = []
+    for d in run_dirs(work_dir):
+        out.extend(sorted(d.glob("*.log")))
+    return out
+
+
+def scalar_files(work_dir) -> List[Path]:
+    out = []
+    for d in run_dirs(work_dir):
+        p = d / "vis_data" / "scalars.json"
+        if p.is_file():
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# finding NaN/Inf
+# ---------------------------------------------------------------------------------------------
+def _first_bad(values: Dict[str, Any]) -> Optional[Tuple[str, float]]:
+    bad = [(k, v) for k, v in values.items() if is_loss_key(k) and _is_nonfinite(v)]
+    if not bad:
+        return None
+    parts = [kv for kv in bad if kv[0] != "loss"]
+    return (parts or bad)[0]
+
+
+def _kind(v: float) -> str:
+    return "nan" if v != v else ("inf" if v > 0 else "-inf")
+
+
+def nonfinite_in_scalars(path) -> Optional[dict]:
+    """First record of a scalars.json with a non-finite loss value, or None."""
+    prev = None
+    for rec in read_scalars(path):
+        if "loss" not in rec and not any(is_loss_key(k) for k in rec):
+            continue  # val/test records
+        hit = _first_bad(rec)
+        it = rec.get("iter", rec.get("step"))
+        if hit:
+            key, v = hit
+            return {"iter": it, "epoch": rec.get("epoch"), "key": key, "value": _kind(v),
+                    "after_iter": prev, "lr": rec.get("lr"), "file": str(path), "source": "scalars"}
+        prev = it
+    return None
+
+
+def nonfinite_in_text_log(path) -> Optional[dict]:
+    """First mmengine train line (or NanGuard line) of a text log with a non-finite loss."""
+    prev = None
+    for rec in read_text_log(path):
+        hit = _first_bad(rec["values"])
+        if hit:
+            key, v = hit
+            return {"iter": rec["iter"], "epoch": rec["epoch"], "key": key, "value": _kind(v),
+                    "after_iter": prev, "lr": rec["values"].get("lr"), "file": str(path),
+                    "source": "guard" if rec.get("guard") else "text_log"}
+        prev = rec["iter"]
+    return None
+
+
+def find_nonfinite(work_dir) -> Optional[dict]:
+    """The first non-finite loss recorded in ``work_dir`` by mmengine (or the guard), or None.
+
+    ``{"iter", "epoch", "key", "value": "nan"|"inf"|"-inf", "after_iter", "lr", "file",
+    "source": "nan.json"|"scalars"|"text_log"|"guard"}``. The guard's nan.json is exact and wins;
+    otherwise the earliest hit over every mmengine start (timestamp folder), scalars.json first
+    (exact floats), the text log where scalars.json is missing or silent.
+    """
+    wd = Path(work_dir)
+    rec = None
+    try:
+        with open(wd / "nan.json", encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (FileNotFoundError, ValueError):
+        rec = None
+    if isinstance(rec, dict) and rec.get("iter") is not None:
+        key = rec.get("loss_key")
+        return {"iter": rec.get("iter"), "epoch": rec.get("epoch"), "key": key,
+                "value": (rec.get("nonfinite") or {}).get(key, "nan"),
+                "after_iter": rec.get("last_finite_iter"), "lr": rec.get("lr"),
+                "file": str(wd / "nan.json"), "source": "nan.json"}
+    hits = []
+    for d in run_dirs(wd):
+        hit = nonfinite_in_scalars(d / "vis_data" / "scalars.json")
+        if hit is None:
+            for log in sorted(d.glob("*.log")):
+                hit = nonfinite_in_text_log(log)
+                if hit:
+                    break
+        if hit:
+            hits.append(hit)
+    if not hits:
+        return None
+    return min(hits, key=lambda h: (h["iter"] if h["iter"] is not None else math.inf))
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+def last_progress(work_dir) -> Optional[dict]:
+    """The last train logging point of ``work_dir``: ``{"epoch", "iter", "max_iters",
+    "iters_per_epoch", "loss", "lr", "file", "updated_at"}`` (None when nothing was logged yet).
+
+    Read from the newest mmengine start's text log (it has the totals) and scalars.json.
+    """
+    for d in reversed(run_dirs(work_dir)):
+        best = None
+        for log in sorted(d.glob("*.log")):
+            recs = [r for r in read_text_log(log) if not r.get("guard")]
+            if recs:
+                r = recs[-1]
+                best = {"epoch": r["epoch"], "iter": r["iter"], "max_iters": r["max_iters"],
+                        "iters_per_epoch": r["iters_per_epoch"],
+                        "loss": r["values"].get("loss"), "lr": r["values"].get("lr"),
+                        "file": str(log), "updated_at": os.path.getmtime(log)}
+        sc = d / "vis_data" / "scalars.json"
+        recs = [r for r in read_scalars(sc) if "loss" in r]
+        if recs:
+            r = recs[-1]
+            it = r.get("iter", r.get("step"))
+            if best is None or (it is not None and best["iter"] is not None and it > best["iter"]):
+                best = {"epoch": r.get("epoch"), "iter": it, "max_iters": None,
+                        "iters_per_epoch": None, "loss": r.get("loss"), "lr": r.get("lr"),
+                        "file": str(sc), "updated_at": os.path.getmtime(sc)}
+        if best is not None:
+            return best
+    return None
+
+
+def iters_per_epoch(work_dir) -> Optional[int]:
+    """Iterations per epoch as printed in the train lines (``[ 10/100]``), or None."""
+    for log in reversed(text_logs(work_dir)):
+        for r in read_text_log(log):
+            if r.get("iters_per_epoch"):
+                return r["iters_per_epoch"]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+class _Dummy:
+    def __init__(self, *a, **k):
+        pass
+
+    def __call__(self, *a, **k):
+        return None
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _MetaUnpickler(pickle.Unpickler):
+    """Unpickle a torch checkpoint's structure without loading any tensor data or torch."""
+
+    _SAFE = {("collections", "OrderedDict"), ("collections", "defaultdict"),
+             ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+             ("builtins", "complex"), ("builtins", "tuple"), ("builtins", "list"),
+             ("builtins", "dict")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._SAFE:
+            return super().find_class(module, name)
+        return _Dummy
+
+    def persistent_load(self, pid):
+        return None
+
+
+def read_checkpoint_meta(path) -> Optional[dict]:
+    """The ``meta`` dict of an mmengine checkpoint (``epoch``, ``iter``, ``cfg``, ...), cheaply.
+
+    Reads only the pickle of a zip-format torch checkpoint (no tensor storage, no torch import),
+    so it costs milliseconds even for a 300 MB checkpoint. None when unreadable.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if name is None:
+                return None
+            with zf.open(name) as fh:
+                obj = _MetaUnpickler(fh).load()
+    except Exception:
+        return None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def list_checkpoints(work_dir, read_meta: bool = True) -> List[dict]:
+    """Checkpoints in ``work_dir`` sorted by the iteration they were saved at.
+
+    Each ``{"path", "name", "epoch", "iter", "source": "meta"|"name"}``. ``iter`` is the number
+    of completed training iterations (mmengine's ``meta["iter"]``), read from the checkpoint
+    itself; from the file name (``iter_N.pth``, or ``epoch_N.pth`` × iterations per epoch from
+    the text log) only when the meta cannot be read. ``iter`` None when neither tells.
+    """
+    wd = Path(work_dir)
+    if not wd.is_dir():
+        return []
+    ipe = None
+    out = []
+    for p in wd.iterdir():
+        m = _CKPT_NAME.match(p.name)
+        if not m or not p.is_file():
+            continue
+        kind, n = m.group("kind"), int(m.group("n"))
+        meta = read_checkpoint_meta(p) if read_meta else None
+        if meta is not None and meta.get("iter") is not None:
+            out.append({"path": str(p), "name": p.name, "epoch": meta.get("epoch"),
+                        "iter": int(meta["iter"]), "source": "meta"})
+            continue
+        if kind == "iter":
+            it, ep = n, None
+        else:
+            if ipe is None:
+                ipe = iters_per_epoch(wd) or 0
+            it, ep = (n * ipe if ipe else None), n
+        out.append({"path": str(p), "name": p.name, "epoch": ep, "iter": it, "source": "name"})
+    out.sort(key=lambda c: (c["iter"] is None, c["iter"] or 0, c["name"]))
+    return out
+
+
+def last_checkpoint(work_dir) -> Optional[str]:
+    """The path mmengine's ``last_checkpoint`` pointer names (may be poisoned: see retry)."""
+    try:
+        text = (Path(work_dir) / "last_checkpoint").read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    if not text:
+        return None
+    p = Path(text)
+    if not p.is_absolute():
+        p = Path(work_dir) / p
+    return str(p)
+
+
+def latest_checkpoint(work_dir) -> Optional[str]:
+    """The checkpoint saved at the highest iteration (by its own meta), or None."""
+    cks = [c for c in list_checkpoints(work_dir) if c["iter"] is not None]
+    return cks[-1]["path"] if cks else (last_checkpoint(work_dir))
+
+
+def log_tail(work_dir, lines: int = 20) -> str:
+    """The last lines of the newest text log (for outcome.json of a failed attempt)."""
+    logs = text_logs(work_dir)
+    if not logs:
+        return ""
+    try:
+        with open(logs[-1], "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def iter_records(work_dir) -> Iterator[dict]:
+    """Every train record of every mmengine start of ``work_dir`` (scalars.json)."""
+    for p in scalar_files(work_dir):
+        for rec in read_scalars(p):
+            if "loss" in rec:
+                yield rec
