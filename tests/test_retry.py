@@ -1,0 +1,91 @@
+"""ssflctl.retry: policy validation and decisions (unit; the real resume is in test_guard.py)."""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ssflctl import retry
+from ssflctl.errors import UserError
+from ssflctl.retry import RetryPolicy, decide
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults():
+    p = RetryPolicy.from_dict(None)
+    assert p == RetryPolicy.from_dict({})
+    assert p.to_dict() == retry.DEFAULTS
+    assert RetryPolicy.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"factor": 2}, "retry.factor"), ({"factor": 0}, "retry.factor"), ({"factor": "x"}, "retry.factor"),
+    ({"max_attempts": 0}, "retry.max_attempts"), ({"max_attempts": 2.5}, "retry.max_attempts"),
+    ({"on_nan": "explode"}, "retry.on_nan"), ({"from": "middle"}, "retry.from"),
+    ({"on_preempt": "x"}, "retry.on_preempt"), ({"on_node_fail": "x"}, "retry.on_node_fail"),
+    ({"on_error": "x"}, "retry.on_error"), ({"factr": 0.1}, "retry.factr"),
+])
+def test_bad_values_name_the_key(bad, key):
+    with pytest.raises(UserError) as ei:
+        RetryPolicy.from_dict(bad)
+    assert str(ei.value).startswith(key + ":")
+
+
+def _ckpt(path: Path, it: int, ep: int):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"meta": {"iter": it, "epoch": ep}}, protocol=2))
+
+
+NAN = {"iter": 25, "epoch": 3, "loss_key": "loss_cls", "nonfinite": {"loss": "nan", "loss_cls": "nan"},
+       "lr": 0.01, "last_finite_iter": 24}
+
+
+def test_nan_lower_lr_from_scratch(tmp_path):
+    d = decide(RetryPolicy.from_dict({}), tmp_path, 1, 0.01, {"outcome": "nan", "nan": NAN})
+    assert d.action == "retry" and d.lr == pytest.approx(0.001) and d.resume_from is None
+    assert d.reason == "after NaN in loss_cls at epoch 3 iter 25 (lr 0.01)"
+
+
+def test_nan_attempts_spent(tmp_path):
+    d = decide(RetryPolicy.from_dict({"max_attempts": 2}), tmp_path, 2, 0.001, {"outcome": "nan", "nan": NAN})
+    assert d.action == "stop" and "2/2 attempts spent" in d.reason and d.lr == 0.001
+
+
+def test_nan_from_clean_checkpoint_ignores_poisoned_pointer(tmp_path):
+    for it, ep in ((8, 1), (16, 2), (24, 3), (32, 4)):
+        _ckpt(tmp_path / f"epoch_{ep}.pth", it, ep)
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "epoch_4.pth"))
+    # NaN first at iteration 25: epoch_3 (after 24 iterations) holds the weights that gave it
+    assert retry.clean_checkpoint(tmp_path, 25) == str(tmp_path / "epoch_2.pth")
+    assert retry.clean_checkpoint(tmp_path, 26) == str(tmp_path / "epoch_3.pth")
+    assert retry.clean_checkpoint(tmp_path, 3) is None
+    d = decide(RetryPolicy.from_dict({"from": "checkpoint"}), tmp_path, 1, 0.01,
+               {"outcome": "nan", "nan": NAN})
+    assert d.action == "retry" and d.resume_from == str(tmp_path / "epoch_2.pth")
+
+
+def test_nan_from_nan_json_when_outcome_lacks_it(tmp_path):
+    (tmp_path / "nan.json").write_text(json.dumps(NAN))
+    d = decide(RetryPolicy.from_dict({"on_nan": "retry"}), tmp_path, 1, 0.01, {"outcome": "nan"})
+    assert d.action == "retry" and d.lr == 0.01 and "loss_cls at epoch 3 iter 25" in d.reason
+
+
+def test_other_outcomes(tmp_path):
+    pol = RetryPolicy.from_dict({})
+    _ckpt(tmp_path / "iter_10.pth", 10, 0)
+    _ckpt(tmp_path / "iter_20.pth", 20, 0)
+    d = decide(pol, tmp_path, 1, 0.01, {"outcome": "preempted"})
+    assert d.action == "resume" and d.lr == 0.01 and d.resume_from == str(tmp_path / "iter_20.pth")
+    d = decide(pol, tmp_path, 1, 0.01, {"outcome": "node_fail"})
+    assert d.action == "resume" and d.resume_from.endswith("iter_20.pth")
+    d = decide(pol, tmp_path, 1, 0.01, {"outcome": "failed", "reason": "CUDA out of memory"})
+    assert d.action == "stop" and d.lr == 0.01 and d.reason == "failed: CUDA out of memory"
+    d = decide(RetryPolicy.from_dict({"on_error": "retry"}), tmp_path, 1, 0.01, {"outcome": "failed", "reason": "x"})
+    assert d.action == "retry" and d.lr == 0.01
+    assert decide(pol, tmp_path, 1, 0.01, {"outcome": "done"}).action == "stop"
+    assert decide(RetryPolicy.from_dict({"on_preempt": "fail"}), tmp_path, 1, 0.01,
+                  {"outcome": "timeout"}).action == "stop"
