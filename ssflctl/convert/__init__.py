@@ -1,0 +1,1 @@
+"""Dataset converters (``ssflctl convert ...``) and synthetic test data generators."""
