@@ -1,0 +1,47 @@
+"""Launch backends. `launch.slurm` and `launch.local` are the only modules that import submitit.
+
+`launch(kind, tasks, folder, options)` sends one submission's runs out and returns, per run id,
+``{"job_id": ..., "test_job_id": ...}``. Each task is ``{"run_id", "run_dir", "resources", "test"}``.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List
+
+from ssflctl.errors import UserError
+
+TRAIN_FN = "ssflctl.job:train_run"
+TEST_FN = "ssflctl.job:test_run"
+LOCAL_FN = "ssflctl.job:train_and_test"
+
+
+def get_executor(kind: str, folder, **resources: Any):
+    """A configured submitit executor for ``kind`` ('slurm' or 'local') writing into ``folder``."""
+    if kind == "slurm":
+        from ssflctl.launch import slurm
+
+        return slurm.make_executor(Path(folder), resources, {})
+    if kind == "local":
+        import submitit
+
+        ex = submitit.LocalExecutor(folder=str(folder))
+        ex.update_parameters(timeout_min=int(resources.get("time_min", 60)))
+        return ex
+    raise UserError(f"--executor: expected slurm or local, got {kind!r}")
+
+
+def launch(kind: str, tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
+           fns: Dict[str, str] | None = None) -> Dict[str, Dict[str, Any]]:
+    if kind == "slurm":
+        if not shutil.which("sbatch"):
+            raise UserError("executor slurm: sbatch is not on PATH; run on the cluster's login node or use "
+                            "--executor local")
+        from ssflctl.launch import slurm
+
+        return slurm.launch(tasks, folder, options, fns=fns)
+    if kind == "local":
+        from ssflctl.launch import local
+
+        return local.launch(tasks, folder, options, fns=fns)
+    raise UserError(f"--executor: expected slurm or local, got {kind!r}")

@@ -1,0 +1,219 @@
+"""Local backend: a detached runner process that works through a queue of runs, a few at a time.
+
+Why not submitit's LocalExecutor: its controller processes are plain children of the submitting
+python (no new session), so SIGHUP to the shell's process group kills them, and it has no
+concurrency limit. Here ``submit`` starts ``python -m ssflctl.launch.local <folder>`` in a new
+session (setsid, stdin from /dev/null, output to a file) and returns at once. The runner ignores
+SIGHUP, starts each run as ``python -m ssflctl.launch.local --task FN RUN_DIR`` in its own session,
+and records every task's state in ``<folder>/tasks/<i>.json`` (atomically). Cancel: a
+``<i>.cancel`` marker (pending tasks) and SIGTERM to the task's process group (running tasks).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ssflctl.atomic import read_json, write_json
+
+RUNNER_MODULE = "ssflctl.launch.local"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
+           fns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
+    folder = Path(folder).resolve()
+    (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    fn = (fns or {}).get("local", "ssflctl.job:train_and_test")
+    queue = {
+        "max_parallel": int(options.get("max_parallel") or 1),
+        "fn": fn,
+        "tasks": [{"index": i, "run_id": t["run_id"], "run_dir": str(Path(t["run_dir"]).resolve())}
+                  for i, t in enumerate(tasks)],
+        "created_at": _now(),
+    }
+    write_json(folder / "queue.json", queue)
+    for t in queue["tasks"]:
+        write_json(folder / "tasks" / f"{t['index']}.json", {"state": "pending", "run_id": t["run_id"]})
+    log = open(folder / "runner.log", "ab")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", RUNNER_MODULE, str(folder)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, cwd=os.getcwd(),
+        )
+    finally:
+        log.close()
+    write_json(folder / "runner.json", {"pid": proc.pid, "started_at": _now(), "cmd": RUNNER_MODULE})
+    return {t["run_id"]: {"job_id": f"local-{proc.pid}_{t['index']}", "test_job_id": None} for t in queue["tasks"]}
+
+
+# ------------------------------------------------------------------------------------------
+# state queries (login node side)
+# ------------------------------------------------------------------------------------------
+
+def pid_alive(pid: Optional[int], marker: str = "") -> bool:
+    """True if ``pid`` exists (and, when given, its command line contains ``marker``)."""
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # zombie: finished, not yet reaped
+            return False
+    except (OSError, IndexError):
+        pass
+    if marker:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return True
+        return marker in cmd
+    return True
+
+
+def task_state(folder: Path, index: int) -> Dict[str, Any]:
+    """The task's recorded state; ``lost`` if it claims pending/running but its runner is gone."""
+    folder = Path(folder)
+    st = read_json(folder / "tasks" / f"{index}.json", default=None) or {"state": "missing"}
+    if st.get("state") in ("pending", "running"):
+        runner = read_json(folder / "runner.json", default={}) or {}
+        runner_alive = pid_alive(runner.get("pid"), RUNNER_MODULE)
+        task_alive = st.get("state") == "running" and pid_alive(st.get("pid"), RUNNER_MODULE)
+        if not runner_alive and not task_alive:
+            st = dict(st, state="lost")
+    return st
+
+
+def parse_job_id(job_id: str):
+    """'local-<runner pid>_<index>' -> (pid, index) or None."""
+    if not job_id or not job_id.startswith("local-"):
+        return None
+    pid, _, idx = job_id[6:].partition("_")
+    try:
+        return int(pid), int(idx)
+    except ValueError:
+        return None
+
+
+def cancel(folder: Path, index: int) -> None:
+    folder = Path(folder)
+    (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    (folder / "tasks" / f"{index}.cancel").write_text(_now())
+    st = read_json(folder / "tasks" / f"{index}.json", default={}) or {}
+    pid = st.get("pid")
+    if st.get("state") == "running" and pid_alive(pid, RUNNER_MODULE):
+        try:
+            os.killpg(int(pid), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# ------------------------------------------------------------------------------------------
+# the runner (detached) and the task entry point
+# ------------------------------------------------------------------------------------------
+
+def _write_task(folder: Path, index: int, **st: Any) -> None:
+    path = folder / "tasks" / f"{index}.json"
+    cur = read_json(path, default={}) or {}
+    cur.update(st)
+    write_json(path, cur)
+
+
+def run_queue(folder: Path, poll_s: float = 0.5) -> int:
+    folder = Path(folder)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    queue = read_json(folder / "queue.json")
+    maxp = max(1, int(queue.get("max_parallel", 1)))
+    pending = list(queue["tasks"])
+    running: Dict[int, subprocess.Popen] = {}
+    stopping = {"flag": False}
+
+    def _term(signum, frame):  # cancel of the whole submission
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    kill_at: Dict[int, float] = {}
+    while pending or running:
+        for t in list(pending):
+            if stopping["flag"] or (folder / "tasks" / f"{t['index']}.cancel").exists():
+                pending.remove(t)
+                _write_task(folder, t["index"], state="cancelled", ended_at=_now())
+        while pending and len(running) < maxp and not stopping["flag"]:
+            t = pending.pop(0)
+            logf = open(folder / f"{t['index']}.log", "ab")
+            try:
+                p = subprocess.Popen(
+                    [sys.executable, "-m", RUNNER_MODULE, "--task", queue["fn"], t["run_dir"]],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            finally:
+                logf.close()
+            running[t["index"]] = p
+            _write_task(folder, t["index"], state="running", pid=p.pid, started_at=_now())
+        for idx, p in list(running.items()):
+            cancelled = stopping["flag"] or (folder / "tasks" / f"{idx}.cancel").exists()
+            if cancelled and p.poll() is None:
+                if idx not in kill_at:
+                    kill_at[idx] = time.time() + 15
+                    _signal_group(p.pid, signal.SIGTERM)
+                elif time.time() > kill_at[idx]:
+                    _signal_group(p.pid, signal.SIGKILL)
+            rc = p.poll()
+            if rc is None:
+                continue
+            del running[idx]
+            state = "cancelled" if cancelled else ("done" if rc == 0 else "failed")
+            _write_task(folder, idx, state=state, returncode=rc, ended_at=_now())
+        time.sleep(poll_s)
+    return 0
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_task(fn: str, run_dir: str) -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    mod, _, name = fn.partition(":")
+    try:
+        getattr(importlib.import_module(mod), name)(run_dir)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) == 3 and argv[0] == "--task":
+        return run_task(argv[1], argv[2])
+    if len(argv) == 1:
+        return run_queue(Path(argv[0]))
+    print("usage: python -m ssflctl.launch.local FOLDER | --task MODULE:FN RUN_DIR", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

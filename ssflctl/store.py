@@ -1,0 +1,304 @@
+"""The workspace registry: SQLite (WAL, busy timeout, IMMEDIATE transactions).
+
+Tables: experiments, runs, attempts, submissions, events. Only login-node commands write it;
+jobs write JSON files in their run dirs and `supervise.reconcile` folds them in.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+RUN_STATES = ("pending", "submitting", "queued", "running", "done", "failed", "cancelled", "unknown")
+ACTIVE_STATES = ("submitting", "queued", "running")
+ATTEMPT_STATES = RUN_STATES + ("nan", "preempted", "timeout")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS experiments (
+    name TEXT PRIMARY KEY,
+    spec_path TEXT,
+    description TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    experiment TEXT NOT NULL REFERENCES experiments(name),
+    name TEXT NOT NULL,
+    axes TEXT NOT NULL,
+    resources TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL DEFAULT 'pending',
+    reason TEXT,
+    backend TEXT,
+    job_id TEXT,
+    test_job_id TEXT,
+    submission_id TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    claim_pid INTEGER,
+    claim_host TEXT,
+    claimed_at TEXT,
+    submitted_at TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_experiment ON runs(experiment);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    attempt INTEGER NOT NULL,
+    lr REAL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    job_id TEXT,
+    submission_id TEXT,
+    started_at TEXT,
+    ended_at TEXT,
+    PRIMARY KEY (run_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS submissions (
+    id TEXT PRIMARY KEY,
+    experiment TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    pid INTEGER,
+    host TEXT,
+    n_runs INTEGER,
+    info TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    experiment TEXT,
+    run_id TEXT,
+    kind TEXT NOT NULL,
+    old_state TEXT,
+    new_state TEXT,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS events_run ON events(run_id);
+"""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+class Registry:
+    """`Registry(ws)` opens (and creates) ``<ws>/registry.sqlite``."""
+
+    def __init__(self, ws, timeout_s: float = 60.0):
+        self.ws = Path(ws)
+        self.ws.mkdir(parents=True, exist_ok=True)
+        self.path = self.ws / "registry.sqlite"
+        self.conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+        self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        with self.transaction() as c:
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+
+    @staticmethod
+    def _retry(fn, tries: int = 50):
+        for i in range(tries):
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:  # journal_mode switch can race with another opener
+                if "locked" not in str(exc) or i == tries - 1:
+                    raise
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error). Nested calls join the outer one."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
+        self._retry(lambda: self.conn.execute("BEGIN IMMEDIATE"))
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    # ---------------------------------------------------------------- experiments
+    def upsert_experiment(self, name: str, spec_path: str = "", description: str = "") -> None:
+        with self.transaction() as c:
+            t = now()
+            c.execute(
+                "INSERT INTO experiments(name, spec_path, description, created_at, updated_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET spec_path=excluded.spec_path, description=excluded.description, "
+                "updated_at=excluded.updated_at",
+                (name, spec_path, description, t, t),
+            )
+
+    def experiments(self) -> List[str]:
+        return [r["name"] for r in self.conn.execute("SELECT name FROM experiments ORDER BY name")]
+
+    # ---------------------------------------------------------------- runs
+    def ensure_run(self, run_id: str, experiment: str, name: str, axes: Dict[str, Any],
+                   resources: Optional[Dict[str, Any]] = None) -> sqlite3.Row:
+        with self.transaction() as c:
+            row = c.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                t = now()
+                c.execute(
+                    "INSERT INTO runs(run_id, experiment, name, axes, resources, state, created_at, updated_at) "
+                    "VALUES (?,?,?,?,?, 'pending', ?, ?)",
+                    (run_id, experiment, name, json.dumps(axes, sort_keys=True), json.dumps(resources or {}), t, t),
+                )
+                self.event("registered", run_id=run_id, experiment=experiment, new_state="pending")
+                row = c.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            elif resources is not None:
+                c.execute("UPDATE runs SET resources=? WHERE run_id=?", (json.dumps(resources), run_id))
+            return row
+
+    def get_run(self, run_id: str) -> Optional[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+
+    def run_rows(self, experiment: Optional[str] = None) -> List[sqlite3.Row]:
+        if experiment:
+            return list(self.conn.execute("SELECT * FROM runs WHERE experiment=? ORDER BY created_at, run_id",
+                                          (experiment,)))
+        return list(self.conn.execute("SELECT * FROM runs ORDER BY experiment, created_at, run_id"))
+
+    def update_run(self, run_id: str, state: Optional[str] = None, reason: Optional[str] = None,
+                   event: Optional[str] = None, **fields: Any) -> bool:
+        """Update a run; a state change is written to the events table. Returns True if it changed."""
+        if state is not None and state not in RUN_STATES:
+            raise ValueError(f"unknown run state {state!r}")
+        with self.transaction() as c:
+            row = c.execute("SELECT state, reason, experiment FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            sets, vals = ["updated_at=?"], [now()]
+            if state is not None:
+                sets.append("state=?")
+                vals.append(state)
+            if reason is not None:
+                sets.append("reason=?")
+                vals.append(reason)
+            for k, val in fields.items():
+                sets.append(f"{k}=?")
+                vals.append(json.dumps(val) if isinstance(val, (dict, list)) else val)
+            c.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id=?", (*vals, run_id))
+            changed = state is not None and state != row["state"]
+            if changed or event:
+                self.event(event or "state", run_id=run_id, experiment=row["experiment"],
+                           old_state=row["state"], new_state=state or row["state"], message=reason)
+            return changed
+
+    def find_runs(self, target: str) -> List[sqlite3.Row]:
+        """An experiment name, a run id, a run name, or a unique run-id prefix."""
+        rows = self.run_rows(target) if target in self.experiments() else []
+        if rows:
+            return rows
+        exact = self.get_run(target)
+        if exact is not None:
+            return [exact]
+        named = list(self.conn.execute("SELECT * FROM runs WHERE name=? ORDER BY created_at", (target,)))
+        if named:
+            return named
+        esc = target.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return list(self.conn.execute("SELECT * FROM runs WHERE run_id LIKE ? ESCAPE '\\' ORDER BY run_id",
+                                      (esc + "%",)))
+
+    # ---------------------------------------------------------------- attempts
+    def upsert_attempt(self, run_id: str, attempt: int, **fields: Any) -> None:
+        with self.transaction() as c:
+            row = c.execute("SELECT * FROM attempts WHERE run_id=? AND attempt=?", (run_id, attempt)).fetchone()
+            if row is None:
+                fields.setdefault("state", "pending")
+                cols = ["run_id", "attempt", *fields]
+                c.execute(f"INSERT INTO attempts({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                          (run_id, attempt, *fields.values()))
+            elif fields:
+                fields = {k: v for k, v in fields.items() if row[k] != v}
+                if fields:
+                    c.execute(f"UPDATE attempts SET {', '.join(f'{k}=?' for k in fields)} WHERE run_id=? AND attempt=?",
+                              (*fields.values(), run_id, attempt))
+
+    def attempts(self, run_id: str) -> List[sqlite3.Row]:
+        return list(self.conn.execute("SELECT * FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,)))
+
+    # ---------------------------------------------------------------- submissions / events
+    def add_submission(self, sid: str, experiment: str, backend: str, folder: str, n_runs: int,
+                       info: Optional[Dict[str, Any]] = None) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT INTO submissions(id, experiment, backend, folder, pid, host, n_runs, info, created_at) "
+                      "VALUES (?,?,?,?,?,?,?,?,?)",
+                      (sid, experiment, backend, folder, os.getpid(), hostname(), n_runs, json.dumps(info or {}), now()))
+
+    def update_submission(self, sid: str, info: Dict[str, Any]) -> None:
+        with self.transaction() as c:
+            row = c.execute("SELECT info FROM submissions WHERE id=?", (sid,)).fetchone()
+            merged = dict(json.loads(row["info"]) if row else {})
+            merged.update(info)
+            c.execute("UPDATE submissions SET info=? WHERE id=?", (json.dumps(merged), sid))
+
+    def submission(self, sid: str) -> Optional[Dict[str, Any]]:
+        row = self.conn.execute("SELECT * FROM submissions WHERE id=?", (sid,)).fetchone()
+        if row is None:
+            return None
+        out = dict(row)
+        out["info"] = json.loads(out["info"] or "{}")
+        return out
+
+    def submissions(self, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
+        q = "SELECT id FROM submissions" + (" WHERE experiment=?" if experiment else "") + " ORDER BY created_at"
+        return [self.submission(r["id"]) for r in self.conn.execute(q, (experiment,) if experiment else ())]
+
+    def event(self, kind: str, run_id: Optional[str] = None, experiment: Optional[str] = None,
+              old_state: Optional[str] = None, new_state: Optional[str] = None, message: Optional[str] = None) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT INTO events(at, experiment, run_id, kind, old_state, new_state, message) "
+                      "VALUES (?,?,?,?,?,?,?)", (now(), experiment, run_id, kind, old_state, new_state, message))
+
+    def events(self, run_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        if run_id:
+            rows = self.conn.execute("SELECT * FROM events WHERE run_id=? ORDER BY id", (run_id,))
+        else:
+            rows = self.conn.execute("SELECT * FROM events ORDER BY id")
+        return [dict(r) for r in rows]
+
+    # ---------------------------------------------------------------- the report's view
+    def list_runs(self, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Every run as in docs/design.md: run_id, experiment, name, axes, state, reason, job_id, attempts."""
+        out = []
+        for r in self.run_rows(experiment):
+            out.append({
+                "run_id": r["run_id"], "experiment": r["experiment"], "name": r["name"],
+                "axes": json.loads(r["axes"]), "state": r["state"], "reason": r["reason"], "job_id": r["job_id"],
+                "test_job_id": r["test_job_id"], "backend": r["backend"],
+                "resources": json.loads(r["resources"] or "{}"),
+                "attempts": [
+                    {"attempt": a["attempt"], "lr": a["lr"], "state": a["state"], "reason": a["reason"],
+                     "job_id": a["job_id"], "started_at": a["started_at"], "ended_at": a["ended_at"]}
+                    for a in self.attempts(r["run_id"])
+                ],
+            })
+        return out

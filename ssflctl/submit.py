@@ -1,0 +1,232 @@
+"""`ssflctl submit`: experiment file -> runs -> registry -> rendered attempts -> jobs.
+
+Concurrency: the runs to submit are claimed inside one IMMEDIATE transaction (state
+`submitting` + the claimer's pid/host), so two submits of the same file at once launch each run
+exactly once. A submit killed between claim and launch leaves claims whose pid is gone; the
+next `reconcile` marks them failed and the next submit sends them again.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from ssflctl import spec as spec_mod
+from ssflctl.atomic import read_json, write_json
+from ssflctl.errors import UserError
+
+RESUBMIT_STATES = ("pending", "failed", "cancelled", "unknown")
+
+
+@dataclass
+class PlanItem:
+    run: spec_mod.RunSpec
+    action: str          # "submit" | "skip"
+    why: str
+    job_id: Optional[str] = None
+    test_job_id: Optional[str] = None
+    attempt: Optional[int] = None
+
+
+@dataclass
+class SubmitResult:
+    experiment: spec_mod.Experiment
+    kind: str
+    plan: List[PlanItem]
+    submission_id: Optional[str] = None
+    dry_run: bool = False
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def submitted(self) -> List[PlanItem]:
+        return [p for p in self.plan if p.action == "submit"]
+
+
+def _why_skip(row) -> Optional[str]:
+    st = row["state"]
+    if st == "done":
+        return "done"
+    if st in ("queued", "running"):
+        return f"{st} (job {row['job_id']})"
+    if st == "submitting":
+        return f"being submitted by pid {row['claim_pid']} on {row['claim_host']}"
+    return None
+
+
+def _why_submit(row) -> str:
+    if row is None or row["state"] == "pending":
+        return "new"
+    reason = f": {row['reason']}" if row["reason"] else ""
+    return f"was {row['state']}{reason}"[:120]
+
+
+def _next_attempt(rdir: Path) -> int:
+    from ssflctl.supervise import attempt_dirs, attempt_no
+
+    dirs = attempt_dirs(rdir)
+    return attempt_no(dirs[-1]) + 1 if dirs else 1
+
+
+def submission_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
+           fns: Optional[Dict[str, str]] = None, render: Optional[Callable] = None) -> SubmitResult:
+    """Validate, plan and (unless ``dry_run``) submit. ``fns`` overrides the job callables
+    (``{"train", "test", "local"}`` as ``module:function``) and ``render`` the attempt renderer."""
+    ws = Path(ws)
+    exp = spec_mod.load(path)
+    runs = spec_mod.expand(exp, check_paths=True, dry_run=dry_run)
+    kind = spec_mod.executor_kind(exp, executor)
+    if kind == "slurm" and not dry_run and not shutil.which("sbatch"):
+        raise UserError(f"{exp.path}:{exp.lines.get('executor', 1)}: executor: slurm, but sbatch is not on PATH; "
+                        "submit from the cluster's login node or pass --executor local")
+    result = SubmitResult(experiment=exp, kind=kind, plan=[], dry_run=dry_run, warnings=list(exp.warnings))
+
+    if dry_run:
+        rows = {}
+        if (ws / "registry.sqlite").exists():
+            from ssflctl.store import Registry
+
+            with Registry(ws) as reg:
+                rows = {r["run_id"]: r for r in reg.run_rows(exp.name)}
+        for run in runs:
+            row = rows.get(run.run_id)
+            why = _why_skip(row) if row is not None else None
+            result.plan.append(PlanItem(run, "skip" if why else "submit", why or _why_submit(row)))
+        return result
+
+    from ssflctl.store import Registry, hostname, now
+    from ssflctl.supervise import reconcile, run_dir
+
+    reg = Registry(ws)
+    try:
+        reg.upsert_experiment(exp.name, str(Path(path).resolve()), exp.description)
+        reconcile(reg, ws, exp.name)
+        sid = submission_id()
+        folder = ws / "submissions" / sid
+        claimed: List[PlanItem] = []
+        with reg.transaction():
+            for run in runs:
+                row = reg.ensure_run(run.run_id, exp.name, run.name, run.axes, run.resources)
+                why = _why_skip(row)
+                if why:
+                    result.plan.append(PlanItem(run, "skip", why))
+                    continue
+                item = PlanItem(run, "submit", _why_submit(row))
+                reg.update_run(run.run_id, state="submitting", reason=item.why, event="claimed",
+                               claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now(), submission_id=sid,
+                               backend=kind)
+                result.plan.append(item)
+                claimed.append(item)
+            if claimed:
+                reg.add_submission(sid, exp.name, kind, str(folder.resolve()), len(claimed),
+                                   {"spec": str(Path(path).resolve())})
+        if not claimed:
+            return result
+        result.submission_id = sid
+        try:
+            if render is None:
+                from ssflctl.render import render_attempt as render
+            tasks = []
+            for item in claimed:
+                rdir = run_dir(ws, item.run.run_id)
+                rdir.mkdir(parents=True, exist_ok=True)
+                rj = item.run.run_json()
+                rj["submission_id"] = sid
+                write_json(rdir / "run.json", rj)
+                n = _next_attempt(rdir)
+                reason = "first attempt" if n == 1 else f"resubmitted ({item.why})"
+                render(rdir, n, reason=reason)
+                item.attempt = n
+                tasks.append({"run_id": item.run.run_id, "run_dir": str(rdir.resolve()),
+                              "resources": item.run.resources, "test": item.run.test})
+            options = dict(exp.executor.get(kind) or {})
+            options["experiment"] = exp.name
+            from ssflctl import launch
+
+            ids = launch.launch(kind, tasks, folder, options, fns=fns)
+        except BaseException as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            for item in claimed:
+                reg.update_run(item.run.run_id, state="failed", reason=f"submit failed before launch: {msg}"[:300])
+            raise
+        with reg.transaction():
+            for item in claimed:
+                got = ids[item.run.run_id]
+                item.job_id, item.test_job_id = got["job_id"], got.get("test_job_id")
+                reg.update_run(item.run.run_id, state="queued", reason="", event="submitted",
+                               job_id=item.job_id, test_job_id=item.test_job_id, attempt=item.attempt,
+                               submitted_at=now(), claim_pid=None)
+                reg.upsert_attempt(item.run.run_id, item.attempt, lr=item.run.params.get("lr"), state="queued",
+                                   reason=item.why if item.attempt > 1 else "first attempt", job_id=item.job_id,
+                                   submission_id=sid)
+            reg.update_submission(sid, {"jobs": {i.run.run_id: [i.job_id, i.test_job_id] for i in claimed}})
+        return result
+    finally:
+        reg.close()
+
+
+# ------------------------------------------------------------------------------------------
+# presentation
+# ------------------------------------------------------------------------------------------
+
+def fmt_time(minutes: int) -> str:
+    d, rem = divmod(int(minutes), 1440)
+    h, m = divmod(rem, 60)
+    return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h:02d}:{m:02d}:00"
+
+
+def fmt_resources(res: Dict[str, Any]) -> str:
+    mem = res.get("mem_gb", 0)
+    mem_s = f"{mem:g}G" if mem >= 1 else f"{int(mem * 1024)}M"
+    return f"{res.get('gpus', 0)} GPU, {res.get('cpus', 1)} CPU, {mem_s}, {fmt_time(res.get('time_min', 60))}"
+
+
+def plan_rows(result: SubmitResult) -> List[List[str]]:
+    sl = result.experiment.executor.get("slurm") or {}
+    where = "local"
+    if result.kind == "slurm":
+        bits = [f"partition={sl['partition']}" if sl.get("partition") else "",
+                f"qos={sl['qos']}" if sl.get("qos") else "",
+                f"account={sl['account']}" if sl.get("account") else "",
+                f"%{sl['array_parallelism']}" if sl.get("array_parallelism") else ""]
+        where = "slurm " + " ".join(b for b in bits if b)
+    rows = []
+    for p in result.plan:
+        ax = p.run.axes
+        rows.append([p.run.run_id, str(ax.get("loss", "")), str(ax.get("dataset", "")), str(ax.get("seed", "")),
+                     f"{p.run.params.get('lr', '')}", fmt_resources(p.run.resources), where.strip(),
+                     p.action, p.why, p.job_id or ""])
+    return rows
+
+
+PLAN_COLUMNS = ["run", "loss", "dataset", "seed", "lr", "resources", "executor", "action", "why", "job"]
+
+
+def main(experiment, workspace, dry_run: bool = False, executor: Optional[str] = None) -> SubmitResult:
+    from rich.console import Console
+
+    from ssflctl.status import print_table
+
+    result = submit(experiment, workspace, dry_run=dry_run, executor=executor)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    cols = PLAN_COLUMNS if not dry_run else PLAN_COLUMNS[:-1]
+    rows = [r[: len(cols)] for r in plan_rows(result)]
+    title = f"{result.experiment.name}: {'plan (dry run)' if dry_run else 'submission ' + (result.submission_id or '-')}"
+    print_table(title, cols, rows)
+    n = len(result.submitted)
+    skipped = len(result.plan) - n
+    verb = "would submit" if dry_run else "submitted"
+    summary = f"{verb} {n} run{'s' if n != 1 else ''}, skipped {skipped} ({result.kind})"
+    if not dry_run and n:
+        summary += "; follow with: ssflctl status " + result.experiment.name
+    Console(highlight=False, soft_wrap=True).print(summary, markup=False)
+    return result
