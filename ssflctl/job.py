@@ -1,0 +1,357 @@
+"""What runs on the node: train one run's attempts (with NaN retries), then test the finished one.
+
+Never touches the SQLite registry: everything is written as small JSON files (atomically) in the
+attempt directories, which ``ssflctl.supervise.reconcile`` folds into the registry later.
+
+* :func:`train_run` trains the current attempt in-process with ``mmengine.runner.Runner``
+  (``work_dir`` = the attempt directory, so mmengine's logs and checkpoints are where mmdet users
+  look for them), writes ``progress.json`` at every logging interval and ``outcome.json`` at the
+  end. On a non-finite loss (``ssflctl.guard.NonFiniteLossError``) it asks
+  ``ssflctl.retry.decide`` and renders the next attempt (lower lr, from scratch or from the last
+  clean checkpoint) inside the same job. Idempotent: an attempt with checkpoints and no outcome
+  (requeue, preemption, time limit) resumes from its last checkpoint at the same lr; a finished
+  attempt is not retrained. Raises :class:`TrainingFailed` when no attempt finished, so a Slurm
+  ``afterok`` dependency is cancelled.
+* :func:`test_run` runs mmdet's test loop on the finished attempt's checkpoint, dumps the
+  detections (``detections.bbox.json``) and evaluates them with the standard COCO parameters
+  (``ssflctl.coco_eval``) into ``metrics.json``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from ssflctl import atomic, render
+from ssflctl.errors import UserError
+
+PathLike = Union[str, "os.PathLike[str]"]
+LOG_TAIL_LINES = 40
+
+
+class TrainingFailed(RuntimeError):
+    """No attempt of the run finished; ``.outcome`` is the last attempt's outcome.json body."""
+
+    def __init__(self, message: str, outcome: Optional[Dict[str, Any]] = None):
+        super().__init__(message)
+        self.outcome = outcome
+
+    def __reduce__(self):  # picklable: submitit sends exceptions back to the login node
+        return (self.__class__, (str(self), self.outcome))
+
+
+class TestFailed(RuntimeError):
+    pass
+
+
+TestFailed.__test__ = False  # not a pytest class
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------
+# attempt directories
+# --------------------------------------------------------------------------------------------
+def attempts(run_dir: PathLike) -> list:
+    """Attempt numbers that were rendered (attempt.json exists), ascending."""
+    out = []
+    for p in Path(run_dir).glob("attempt-*"):
+        suffix = p.name.split("-", 1)[1]
+        if suffix.isdigit() and (p / "attempt.json").is_file():
+            out.append(int(suffix))
+    return sorted(out)
+
+
+def last_checkpoint(attempt_dir: PathLike) -> Optional[str]:
+    """mmengine's ``last_checkpoint`` pointer of this attempt, if it points at an existing file."""
+    ptr = Path(attempt_dir) / "last_checkpoint"
+    try:
+        path = ptr.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if path and not os.path.isabs(path):
+        path = str(Path(attempt_dir) / path)
+    return path if path and os.path.isfile(path) else None
+
+
+def log_tail(attempt_dir: PathLike, lines: int = LOG_TAIL_LINES) -> str:
+    logs = sorted(Path(attempt_dir).glob("*/*.log"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return ""
+    with open(logs[-1], encoding="utf-8", errors="replace") as fh:
+        return "".join(fh.readlines()[-lines:])
+
+
+def _is_main_process() -> bool:
+    try:
+        from mmengine.dist import is_main_process
+
+        return is_main_process()
+    except Exception:  # pragma: no cover
+        return True
+
+
+def _write_outcome(adir: Path, body: Dict[str, Any]) -> Dict[str, Any]:
+    body = {"outcome": body["outcome"], "reason": body.get("reason", ""), "nan": body.get("nan"),
+            "log_tail": log_tail(adir), "checkpoint": body.get("checkpoint"),
+            "finished_at": _now(), **{k: v for k, v in body.items() if k not in (
+                "outcome", "reason", "nan", "checkpoint")}}
+    if _is_main_process():
+        atomic.write_json(adir / "outcome.json", body)
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
+def _progress_hook(attempt_dir: Path, interval: int):
+    """An mmengine Hook instance writing progress.json every ``interval`` iterations (rank 0)."""
+    from mmengine.hooks import Hook
+
+    class ProgressHook(Hook):
+        priority = "LOW"
+
+        def __init__(self):
+            self.t0 = time.time()
+            self.path = attempt_dir / "progress.json"
+
+        def _write(self, runner, iters_done: int, outputs=None):
+            if not _is_main_process():
+                return
+            loss = None
+            if isinstance(outputs, dict) and "loss" in outputs:
+                try:
+                    loss = float(outputs["loss"])
+                except Exception:
+                    loss = None
+            try:
+                lr = float(runner.optim_wrapper.get_lr()["lr"][0])
+            except Exception:
+                lr = None
+            loop = runner.train_loop
+            atomic.write_json(self.path, {
+                "epoch": int(runner.epoch) + 1 if hasattr(loop, "max_epochs") else None,
+                "max_epochs": getattr(loop, "max_epochs", None),
+                "iter": iters_done,
+                "max_iters": getattr(loop, "max_iters", None),
+                "loss": loss, "lr": lr,
+                "time": round(time.time() - self.t0, 3),
+                "updated_at": _now(),
+            })
+
+        def before_train(self, runner):
+            self.t0 = time.time()
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            # runner.iter counts iterations before this one; "iter" is written 1-based
+            done = int(runner.iter) + 1
+            if done % interval == 0 or done >= runner.max_iters:
+                self._write(runner, done, outputs)
+
+    return ProgressHook()
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+def _launcher() -> str:
+    try:
+        ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    except ValueError:
+        ntasks = 1
+    return "slurm" if ntasks > 1 else "none"
+
+
+def _load_cfg(adir: Path):
+    from mmengine.config import Config
+
+    from ssflctl import compat
+
+    compat.allow_mmengine_checkpoints()
+    cfg = Config.fromfile(str(adir / "config.py"))
+    # A copy without a filename: mmengine's Runner dumps its runtime config as <timestamp>.py and
+    # leaves our rendered config.py untouched.
+    cfg = Config(cfg.to_dict(), cfg_text=cfg.text)
+    cfg.work_dir = str(adir)
+    cfg.launcher = _launcher()
+    return cfg
+
+
+def train_attempt(adir: PathLike) -> Dict[str, Any]:
+    """Train one attempt directory to its end; return (and write) its outcome.json body.
+
+    Resumes from the attempt's own last checkpoint when there is one; else from the attempt's
+    ``resume_from`` (another attempt's checkpoint); else starts fresh (or from ``load_from``).
+    """
+    from mmengine.runner import Runner
+
+    adir = Path(adir)
+    meta = atomic.read_json(adir / "attempt.json") or {}
+    cfg = _load_cfg(adir)
+    own = last_checkpoint(adir)
+    if own:
+        cfg.resume, cfg.load_from = True, None  # mmengine finds last_checkpoint in work_dir
+    elif meta.get("resume_from"):
+        cfg.resume, cfg.load_from = True, meta["resume_from"]
+    else:
+        cfg.resume = False
+    try:
+        from ssflctl.guard import NonFiniteLossError
+    except ImportError:  # pragma: no cover - the guard is part of the package
+        class NonFiniteLossError(Exception):  # type: ignore[no-redef]
+            pass
+
+    interval = int(((cfg.get("default_hooks") or {}).get("logger") or {}).get("interval", 50) or 50)
+    try:
+        runner = Runner.from_cfg(cfg)
+        runner.register_hook(_progress_hook(adir, interval), priority="LOW")
+        runner.train()
+    except NonFiniteLossError as err:
+        rec = getattr(err, "record", None) or atomic.read_json(adir / "nan.json")
+        return _write_outcome(adir, {"outcome": "nan", "reason": str(err), "nan": rec,
+                                     "checkpoint": _name(last_checkpoint(adir))})
+    except Exception as err:  # noqa: BLE001 - recorded, then the retry policy decides
+        reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+        return _write_outcome(adir, {"outcome": "failed", "reason": reason,
+                                     "checkpoint": _name(last_checkpoint(adir))})
+    return _write_outcome(adir, {"outcome": "done", "reason": "finished",
+                                 "checkpoint": _name(last_checkpoint(adir))})
+
+
+def _name(path: Optional[str]) -> Optional[str]:
+    return Path(path).name if path else None
+
+
+def _next_attempt(run: Dict[str, Any], run_dir: Path, n: int, outcome: Dict[str, Any]) -> Optional[int]:
+    """The retry loop's one decision: render attempt n+1 and return n+1, or None to stop."""
+    from ssflctl import retry
+
+    adir = render.attempt_dir(run_dir, n)
+    meta = atomic.read_json(adir / "attempt.json") or {}
+    policy = retry.RetryPolicy.from_dict(run.get("retry"), where=f"{run_dir / 'run.json'}: retry")
+    decision = retry.decide(policy, adir, n, float(meta.get("lr")), outcome)
+    if decision.action == "stop":
+        return None
+    render.render_attempt(run_dir, n + 1, lr=decision.lr, resume_from=decision.resume_from,
+                          reason=decision.reason)
+    return n + 1
+
+
+def train_run(run_dir: PathLike) -> Dict[str, Any]:
+    """Train the run in ``run_dir`` until an attempt finishes; return that attempt's outcome.
+
+    Renders attempt 1 if none exists. Raises :class:`TrainingFailed` if the retry policy stops
+    before an attempt finishes.
+    """
+    run_dir = Path(run_dir)
+    run = render.read_run(run_dir)
+    done = attempts(run_dir)
+    n = done[-1] if done else None
+    if n is None:
+        render.render_attempt(run_dir, 1, reason="first attempt")
+        n = 1
+    while True:
+        adir = render.attempt_dir(run_dir, n)
+        outcome = atomic.read_json(adir / "outcome.json")
+        if outcome is None:
+            outcome = train_attempt(adir)
+        if outcome.get("outcome") == "done":
+            return dict(outcome, attempt=n, attempt_dir=str(adir))
+        nxt = _next_attempt(run, run_dir, n, outcome)
+        if nxt is None:
+            raise TrainingFailed(f"{run.get('run_id') or run_dir.name}: attempt {n} ended "
+                                 f"{outcome.get('outcome')} ({outcome.get('reason')}); no attempt left",
+                                 outcome)
+        n = nxt
+
+
+# --------------------------------------------------------------------------------------------
+# testing
+# --------------------------------------------------------------------------------------------
+def finished_attempt(run_dir: PathLike) -> Optional[Path]:
+    for n in reversed(attempts(run_dir)):
+        adir = render.attempt_dir(run_dir, n)
+        if (atomic.read_json(adir / "outcome.json") or {}).get("outcome") == "done":
+            return adir
+    return None
+
+
+def _coco_metric(cfg) -> Dict[str, Any]:
+    ev = cfg.get("test_evaluator")
+    evs = ev if isinstance(ev, (list, tuple)) else [ev]
+    for e in evs:
+        if isinstance(e, dict) and e.get("type") in ("CocoMetric", "mmdet.CocoMetric"):
+            return e
+    raise UserError("config: test_evaluator has no CocoMetric; ssflctl's test step needs one "
+                    "(with ann_file) to dump and evaluate detections")
+
+
+def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool = False) -> Dict[str, Any]:
+    """Test one attempt's checkpoint; write detections.bbox.json and metrics.json."""
+    from mmengine.runner import Runner
+
+    from ssflctl import coco_eval
+
+    adir = Path(adir)
+    out = adir / "metrics.json"
+    if out.exists() and not force:
+        return atomic.read_json(out)
+    if checkpoint is None:
+        checkpoint = last_checkpoint(adir)
+        if checkpoint is None:
+            name = (atomic.read_json(adir / "outcome.json") or {}).get("checkpoint")
+            checkpoint = str(adir / name) if name and (adir / name).is_file() else None
+    if checkpoint is None:
+        raise TestFailed(f"{adir}: no checkpoint to test")
+    cfg = _load_cfg(adir)
+    cfg.resume, cfg.load_from = False, str(checkpoint)
+    metric = _coco_metric(cfg)
+    ann_file = metric.get("ann_file")
+    if not ann_file:
+        raise UserError(f"{adir / 'config.py'}: test_evaluator.ann_file is not set")
+    prefix = adir / "detections.tmp"
+    metric["format_only"] = True
+    metric["outfile_prefix"] = str(prefix)
+    cfg.test_evaluator = metric
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    tmp = Path(f"{prefix}.bbox.json")
+    dets = adir / "detections.bbox.json"
+    if _is_main_process():
+        if tmp.exists():
+            os.replace(tmp, dets)
+        else:  # no detections at all: mmdet may not write the file
+            atomic.write_text(dets, "[]\n")
+    metrics = coco_eval.evaluate(ann_file, dets)
+    metrics["checkpoint"] = Path(checkpoint).name
+    metrics["attempt_dir"] = str(adir)
+    metrics["tested_at"] = _now()
+    if _is_main_process():
+        atomic.write_json(out, metrics)
+    return metrics
+
+
+def test_run(run_dir: PathLike, force: bool = False) -> Dict[str, Any]:
+    """Test the run's finished attempt; return the metrics.json body (cached unless ``force``)."""
+    adir = finished_attempt(run_dir)
+    if adir is None:
+        raise TestFailed(f"{run_dir}: no finished attempt to test (train it first)")
+    return test_attempt(adir, force=force)
+
+
+test_run.__test__ = False  # type: ignore[attr-defined]
+test_attempt.__test__ = False  # type: ignore[attr-defined]
+
+
+def train_and_test(run_dir: PathLike) -> Dict[str, Any]:
+    """Train, then test if run.json says so (``test`` defaults to true); both in this process."""
+    outcome = train_run(run_dir)
+    run = render.read_run(run_dir)
+    result: Dict[str, Any] = {"outcome": outcome}
+    if run.get("test", True):
+        result["metrics"] = test_run(run_dir)
+    return result

@@ -1,0 +1,480 @@
+"""Render a template + named params + dotted overrides into one attempt's mmengine config.
+
+A template (``templates/*.py``) is an ordinary mmengine config that also declares its named
+parameters and their defaults in a top-level ``ssflctl_params`` dict (and, optionally,
+``ssflctl_bindings``: param name -> list of dotted config keys the value is written to).
+
+Values never travel as source text: the template is parsed by ``mmengine.Config.fromfile``, the
+values are set through the Config API, and the result is written with ``Config.dump``. A string
+from a YAML file therefore stays a string in the dumped config, whatever characters it contains.
+
+The params every template understands (only those the template declares are accepted):
+
+=============  ===================================================================================
+loss           ``focal`` | ``ssfl`` (ShiftStepFocalLoss, shift 0.1) | ``gfl`` (shift 0) | a dict
+               (the full ``loss_cls`` config, with ``type``) -> ``model.bbox_head.loss_cls``
+lr             ``optim_wrapper.optimizer.lr``
+seed           ``randomness.seed``
+max_epochs     ``train_cfg.max_epochs``; epoch-based schedulers (``end``/``milestones``/``T_max``)
+               are rescaled proportionally from the template's own schedule
+max_iters      ``train_cfg.max_iters`` (iteration-based templates)
+batch_size     ``train_dataloader.batch_size`` (per GPU, as in mmdet)
+workers        ``num_workers`` of every dataloader (``persistent_workers`` only when > 0)
+data_root      every dataset's ``data_root`` and the evaluators' ``ann_file``
+train_ann ...  ``train_ann``/``val_ann``/``test_ann`` (relative to data_root) and
+               ``train_img``/``val_img``/``test_img`` (image prefix)
+classes        dataset ``metainfo.classes`` and ``model.bbox_head.num_classes``; ``None`` reads
+               the category names from the training annotation file at render time
+load_from      ``load_from`` (a checkpoint to initialise from, e.g. a COCO model for Cityscapes)
+val_interval   ``train_cfg.val_interval`` (``None``: validate only after the last epoch)
+log_interval   ``default_hooks.logger.interval``
+ckpt_interval  ``default_hooks.checkpoint.interval``
+auto_scale_lr  ``auto_scale_lr.enable``
+=============  ===================================================================================
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+from ssflctl import atomic
+from ssflctl.errors import UserError
+
+REPO_TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+
+#: loss name -> loss_cls config (RetinaNet's defaults: sigmoid, gamma 2, alpha 0.25)
+LOSSES: Dict[str, Dict[str, Any]] = {
+    "focal": dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+    "ssfl": dict(type="ShiftStepFocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, shift=0.1, loss_weight=1.0),
+    "gfl": dict(type="ShiftStepFocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, shift=0.0, loss_weight=1.0),
+}
+
+_SPLITS = ("train", "val", "test")
+_DATASET_WRAPPERS = ("RepeatDataset", "ClassBalancedDataset", "MultiImageMixDataset")
+_VERSIONED = ("torch", "mmcv", "mmdet", "mmengine", "ssflctl", "numpy", "pycocotools")
+
+
+# --------------------------------------------------------------------------------------------
+# templates
+# --------------------------------------------------------------------------------------------
+def template_dirs() -> List[Path]:
+    dirs = [Path(p) for p in os.environ.get("SSFLCTL_TEMPLATE_PATH", "").split(os.pathsep) if p]
+    dirs.append(REPO_TEMPLATES)
+    return dirs
+
+
+def list_templates() -> List[str]:
+    names = set()
+    for d in template_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.py") if not p.name.startswith("_"))
+    return sorted(names)
+
+
+def resolve_template(name_or_path: Union[str, Path]) -> Path:
+    """A template name (``retinanet_tiny``) or a path to a config file -> absolute path."""
+    raw = str(name_or_path)
+    p = Path(raw).expanduser()
+    if p.suffix == ".py" and p.is_file():
+        return p.resolve()
+    if os.sep not in raw and "/" not in raw:
+        stem = raw[:-3] if raw.endswith(".py") else raw
+        for d in template_dirs():
+            cand = d / f"{stem}.py"
+            if cand.is_file():
+                return cand.resolve()
+    raise UserError(f"template {raw!r}: not found; use a path to an mmengine config or one of "
+                    f"{', '.join(list_templates()) or '(none)'}")
+
+
+def _literal_assign(tree: ast.Module, name: str, path: Path) -> Optional[Dict[str, Any]]:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            value = node.value
+            try:
+                if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "dict" \
+                        and not value.args:
+                    return {kw.arg: ast.literal_eval(kw.value) for kw in value.keywords}
+                out = ast.literal_eval(value)
+            except ValueError:
+                raise UserError(f"{path}:{node.lineno}: {name} must be a dict of literal values") from None
+            if not isinstance(out, dict):
+                raise UserError(f"{path}:{node.lineno}: {name} must be a dict")
+            return out
+    return None
+
+
+def template_params(template: Union[str, Path]) -> Dict[str, Any]:
+    """The template's named params and defaults, read without executing it (no mmengine needed)."""
+    path = resolve_template(template)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as exc:
+        raise UserError(f"{path}:{exc.lineno}: syntax error in template ({exc.msg})") from None
+    params = _literal_assign(tree, "ssflctl_params", path)
+    if params is None:
+        raise UserError(f"{path}: declares no ssflctl_params dict; add one (param name -> default)")
+    return params
+
+
+def _template_bindings(path: Path) -> Dict[str, List[str]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    b = _literal_assign(tree, "ssflctl_bindings", path) or {}
+    return {k: [v] if isinstance(v, str) else list(v) for k, v in b.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the config
+# --------------------------------------------------------------------------------------------
+def loss_config(loss: Any, where: str = "params.loss") -> Dict[str, Any]:
+    if isinstance(loss, str):
+        key = loss.strip().lower()
+        if key not in LOSSES:
+            raise UserError(f"{where}: unknown loss {loss!r}; use one of {', '.join(LOSSES)} or a dict with 'type'")
+        return copy.deepcopy(LOSSES[key])
+    if isinstance(loss, dict):
+        if not isinstance(loss.get("type"), str):
+            raise UserError(f"{where}: a loss dict needs a 'type' (e.g. FocalLoss, ShiftStepFocalLoss)")
+        return copy.deepcopy(dict(loss))
+    raise UserError(f"{where}: expected a loss name or a dict, got {type(loss).__name__}")
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _get(cfg, dotted: str, default=None):
+    cur = cfg
+    for part in dotted.split("."):
+        if isinstance(cur, (list, tuple)) and part.lstrip("-").isdigit():
+            idx = int(part)
+            if not -len(cur) <= idx < len(cur):
+                return default
+            cur = cur[idx]
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            return default
+    return cur
+
+
+def _inner_datasets(ds) -> List[dict]:
+    """The real datasets inside wrappers (RepeatDataset, ConcatDataset, ...)."""
+    if ds is None:
+        return []
+    if ds.get("type") == "ConcatDataset" or "datasets" in ds:
+        return [x for d in ds.get("datasets", []) for x in _inner_datasets(d)]
+    if ds.get("type") in _DATASET_WRAPPERS and "dataset" in ds:
+        return _inner_datasets(ds["dataset"])
+    return [ds]
+
+
+def _evaluators(ev) -> List[dict]:
+    if ev is None:
+        return []
+    return [e for e in (ev if isinstance(ev, (list, tuple)) else [ev]) if isinstance(e, dict)]
+
+
+def _join(root: Optional[str], rel: str) -> str:
+    if not root or os.path.isabs(rel):
+        return rel
+    return os.path.join(root, rel)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(_coerce(v, None) for v in value)
+    return value
+
+
+def _scale_epoch_schedule(cfg, old: int, new: int) -> None:
+    scheds = cfg.get("param_scheduler")
+    if not scheds or old == new or not old:
+        return
+    for s in scheds if isinstance(scheds, (list, tuple)) else [scheds]:
+        if not s.get("by_epoch", True):
+            continue
+        if s.get("end") == old:
+            s["end"] = new
+        if "milestones" in s:
+            s["milestones"] = sorted({min(new, max(1, round(m * new / old))) for m in s["milestones"]})
+        if "T_max" in s:
+            s["T_max"] = max(1, round(s["T_max"] * new / old))
+
+
+def _read_classes(ann_file: str, where: str) -> tuple:
+    try:
+        with open(ann_file, encoding="utf-8") as fh:
+            cats = json.load(fh).get("categories", [])
+    except FileNotFoundError:
+        raise UserError(f"{where}: classes not given and {ann_file} does not exist; "
+                        "set params.classes or make the annotation file available") from None
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise UserError(f"{ann_file}: not a COCO annotation file ({exc})") from None
+    if not cats:
+        raise UserError(f"{ann_file}: has no categories; set params.classes")
+    return tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"]))
+
+
+def _apply_params(cfg, p: Dict[str, Any], declared: Dict[str, Any], bindings: Dict[str, List[str]],
+                  where: str) -> None:
+    loaders = {s: cfg.get(f"{s}_dataloader") for s in _SPLITS}
+    datasets = {s: _inner_datasets(l.get("dataset")) if l else [] for s, l in loaders.items()}
+    evaluators = {"val": _evaluators(cfg.get("val_evaluator")), "test": _evaluators(cfg.get("test_evaluator"))}
+
+    if "loss" in p:
+        if _get(cfg, "model.bbox_head") is None:
+            raise UserError(f"{where}: the template has no model.bbox_head to set the loss on")
+        cfg.model.bbox_head.loss_cls = loss_config(p["loss"])
+    if "lr" in p:
+        lr = p["lr"]
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise UserError(f"{where}: params.lr must be a number > 0, got {lr!r}")
+        cfg.optim_wrapper.optimizer.lr = float(lr)
+    if "seed" in p:
+        cfg.randomness = dict(cfg.get("randomness") or {}, seed=p["seed"])
+    if "max_epochs" in p and p["max_epochs"] is not None:
+        old = cfg.train_cfg.get("max_epochs")
+        new = int(p["max_epochs"])
+        _scale_epoch_schedule(cfg, old, new)
+        cfg.train_cfg.max_epochs = new
+    if "max_iters" in p and p["max_iters"] is not None:
+        cfg.train_cfg.max_iters = int(p["max_iters"])
+    if "val_interval" in p:
+        cfg.train_cfg.val_interval = int(p["val_interval"]) if p["val_interval"] else \
+            int(cfg.train_cfg.get("max_epochs") or cfg.train_cfg.get("max_iters") or 1)
+    if "batch_size" in p and loaders["train"] is not None:
+        loaders["train"].batch_size = int(p["batch_size"])
+    if "workers" in p:
+        for l in loaders.values():
+            if l is not None:
+                l.num_workers = int(p["workers"])
+                l.persistent_workers = int(p["workers"]) > 0
+    root = p.get("data_root")
+    for s in _SPLITS:
+        for ds in datasets[s]:
+            if root is not None:
+                ds.data_root = root
+            if p.get(f"{s}_ann") is not None:
+                ds.ann_file = p[f"{s}_ann"]
+            if p.get(f"{s}_img") is not None:
+                ds.data_prefix = dict(ds.get("data_prefix") or {}, img=p[f"{s}_img"])
+        for ev in evaluators.get(s, []):
+            if "ann_file" in ev and datasets[s]:
+                ds = datasets[s][0]
+                ev.ann_file = _join(ds.get("data_root"), ds.ann_file)
+    if "classes" in p:
+        classes = p["classes"]
+        if classes is None:
+            ds = datasets["train"][0]
+            classes = _read_classes(_join(ds.get("data_root"), ds.ann_file), f"{where}: params.classes")
+        if isinstance(classes, str) or not classes or not all(isinstance(c, str) for c in classes):
+            raise UserError(f"{where}: params.classes must be a non-empty list of class names")
+        classes = tuple(classes)
+        for s in _SPLITS:
+            for ds in datasets[s]:
+                ds.metainfo = dict(ds.get("metainfo") or {}, classes=classes)
+        cfg.model.bbox_head.num_classes = len(classes)
+    if "load_from" in p:
+        cfg.load_from = p["load_from"]
+    if "log_interval" in p:
+        cfg.default_hooks.logger.interval = int(p["log_interval"])
+    if "ckpt_interval" in p:
+        cfg.default_hooks.checkpoint.interval = int(p["ckpt_interval"])
+    if "auto_scale_lr" in p:
+        cfg.auto_scale_lr = dict(cfg.get("auto_scale_lr") or {}, enable=bool(p["auto_scale_lr"]))
+    for name, keys in bindings.items():
+        if name in p:
+            value = _coerce(p[name], declared.get(name))
+            for key in keys:
+                _set_existing(cfg, key, value, f"{where}: ssflctl_bindings.{name}")
+
+
+def _set_existing(cfg, dotted: str, value: Any, where: str) -> None:
+    parent_key, _, leaf = dotted.rpartition(".")
+    parent = _get(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, (dict, list)):
+        raise UserError(f"{where}: {dotted!r}: {parent_key!r} does not exist in the config")
+    if isinstance(parent, list):
+        if not leaf.lstrip("-").isdigit() or not -len(parent) <= int(leaf) < len(parent):
+            raise UserError(f"{where}: {dotted!r}: index {leaf!r} is out of range")
+        parent[int(leaf)] = value
+    else:
+        parent[leaf] = value
+
+
+def _imports() -> List[str]:
+    mods = ["ssflctl.compat", "ssflctl.losses", "ssflctl.guard"]
+    return [m for m in mods if _module_exists(m)]
+
+
+def render_config(template: Union[str, Path], params: Optional[Dict[str, Any]] = None,
+                  overrides: Optional[Dict[str, Any]] = None):
+    """Template + params + overrides -> ``mmengine.Config`` (not written anywhere).
+
+    Unknown params are an error; overrides are dotted keys (``model.bbox_head.loss_cls.gamma``,
+    list indices allowed) whose parent must exist in the config.
+    """
+    from mmengine.config import Config, ConfigDict
+
+    path = resolve_template(template)
+    declared = template_params(path)
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise UserError(f"params: {', '.join(unknown)} not known to template {path.name}; "
+                        f"it takes {', '.join(sorted(declared))}")
+    resolved = {**declared, **params}
+    if str(resolved.get("loss", "")).lower() in ("ssfl", "gfl") and not _module_exists("ssflctl.losses"):
+        raise UserError("params.loss: ShiftStepFocalLoss needs ssflctl.losses, which is not installed")
+    try:
+        cfg = Config.fromfile(str(path))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: mmengine cannot load this template ({type(exc).__name__}: {exc})") from None
+    cfg.pop("ssflctl_bindings", None)
+    _apply_params(cfg, resolved, declared, _template_bindings(path), f"template {path.name}")
+    for key, value in (overrides or {}).items():
+        _set_existing(cfg, str(key), value, "overrides")
+
+    ci = cfg.get("custom_imports") or {}
+    imports = list(ci.get("imports", []))
+    imports += [m for m in _imports() if m not in imports]
+    cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
+    if "ssflctl.guard" in imports:
+        hooks = list(cfg.get("custom_hooks") or [])
+        if not any(isinstance(h, dict) and h.get("type") == "NanGuardHook" for h in hooks):
+            hooks.append(dict(type="NanGuardHook"))
+        cfg.custom_hooks = hooks
+    cfg.ssflctl_params = ConfigDict(_jsonable(resolved))
+    return cfg
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# attempts
+# --------------------------------------------------------------------------------------------
+def attempt_dir(run_dir: Union[str, Path], attempt: int) -> Path:
+    return Path(run_dir) / f"attempt-{int(attempt)}"
+
+
+def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            run = json.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; is {run_dir} a run directory (ssflctl submit writes it)?") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(run, dict) or "template" not in run:
+        raise UserError(f"{path}: needs at least a 'template' key")
+    return run
+
+
+def _git_info(cwd: Path) -> Dict[str, Any]:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"repo": None, "commit": None, "dirty": None}
+        status = git("status", "--porcelain", "--untracked-files=no")
+        top = git("rev-parse", "--show-toplevel")
+        return {"repo": top.stdout.strip() or None, "commit": head.stdout.strip(),
+                "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"repo": None, "commit": None, "dirty": None}
+
+
+def versions() -> Dict[str, Optional[str]]:
+    from importlib import metadata
+
+    out: Dict[str, Optional[str]] = {"python": sys.version.split()[0]}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance(run: Dict[str, Any], template: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "run_id": run.get("run_id"),
+        "template": str(template),
+        "template_sha256": hashlib.sha256(template.read_bytes()).hexdigest(),
+        "params": _jsonable(resolved),
+        "overrides": _jsonable(run.get("overrides") or {}),
+        "git": _git_info(Path.cwd()),
+        "cwd": str(Path.cwd()),
+        "versions": versions(),
+        "host": socket.gethostname(),
+        "rendered_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def render_attempt(run_dir: Union[str, Path], attempt: int, *, lr: Optional[float] = None,
+                   resume_from: Optional[str] = None, reason: str = "first attempt",
+                   force: bool = False) -> Path:
+    """Write ``<run_dir>/attempt-<n>/{config.py, provenance.json, attempt.json}``; return the dir.
+
+    ``lr`` overrides the run's ``params.lr``; ``resume_from`` (a checkpoint path) makes the attempt
+    resume that checkpoint (``resume=True, load_from=...`` in the config). An attempt that was
+    already rendered (attempt.json exists) is not overwritten unless ``force``.
+    """
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    adir = attempt_dir(run_dir, attempt)
+    if (adir / "attempt.json").exists() and not force:
+        raise UserError(f"{adir}: attempt {attempt} was already rendered; use a new attempt number")
+    template = resolve_template(run["template"])
+    params = dict(run.get("params") or {})
+    if lr is not None:
+        params["lr"] = float(lr)
+    cfg = render_config(template, params, run.get("overrides") or {})
+    if resume_from:
+        # resume another attempt's checkpoint; LrOverrideHook makes this attempt's lr win over the
+        # lr that mmengine's resume restores with the optimizer and scheduler state
+        cfg.resume = True
+        cfg.load_from = str(resume_from)
+        if _module_exists("ssflctl.guard"):
+            hooks = [h for h in (cfg.get("custom_hooks") or []) if h.get("type") != "LrOverrideHook"]
+            hooks.append(dict(type="LrOverrideHook", lr=float(cfg.optim_wrapper.optimizer.lr)))
+            cfg.custom_hooks = hooks
+    adir.mkdir(parents=True, exist_ok=True)
+    tmp = adir / ".config.py.tmp.py"
+    cfg.dump(str(tmp))
+    os.replace(tmp, adir / "config.py")
+    resolved = dict(cfg.ssflctl_params)
+    atomic.write_json(adir / "provenance.json", provenance(run, template, resolved))
+    atomic.write_json(adir / "attempt.json", {
+        "run_id": run.get("run_id"),
+        "attempt": int(attempt),
+        "config": str((adir / "config.py").resolve()),
+        "template": str(template),
+        "lr": float(cfg.optim_wrapper.optimizer.lr),
+        "resume_from": str(resume_from) if resume_from else None,
+        "reason": reason,
+        "test": bool(run.get("test", True)),
+        "rendered_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return adir
