@@ -1,0 +1,134 @@
+"""`ssflctl report`: COCO AP comparison tables over seeds, deltas, per-class AP, attempts, plots.
+
+    collect (run records: registry + run dirs + outside work dirs; plain JSON reads)
+      -> aggregate (pandas: long frame, mean ± sample std over seeds, tables of Cells)
+      -> writers (markdown, latex, html, csv, json) + plots (matplotlib Agg)
+
+pandas and matplotlib are imported inside functions only (`ssflctl --help` stays light).
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ssflctl.errors import UserError
+
+FORMATS = ("markdown", "csv", "latex", "html", "json")
+_ALIASES = {"md": "markdown", "tex": "latex", "htm": "html"}
+
+
+def normalize_format(fmt: str) -> str:
+    f = _ALIASES.get(str(fmt).lower(), str(fmt).lower())
+    if f not in FORMATS:
+        raise UserError(f"--format {fmt!r}: unknown format; choose one of {', '.join(FORMATS)}")
+    return f
+
+
+def make_report(ws, experiments: Iterable[str] = (), *, baseline: Optional[str] = "loss=focal", metrics=None,
+                by: Iterable[str] = (), workdirs: Iterable = ()):
+    """Collect and aggregate: a `aggregate.Report`."""
+    from ssflctl.report import aggregate, collect
+
+    experiments = list(experiments or [])
+    workdirs = list(workdirs or [])
+    ws = Path(ws)
+    records = collect.collect(ws, experiments, workdirs)
+    if not records:
+        if experiments:
+            known = sorted({r["experiment"] for r in collect.collect(ws, [], [])} - {""})
+            raise UserError(f"{ws}: no runs of experiment(s) {', '.join(experiments)}; "
+                            f"known experiments: {', '.join(known) or 'none'}")
+        raise UserError(f"{ws}: no runs in this workspace; submit an experiment first, pass --workspace, "
+                        "or report on mmdet work dirs with --workdirs")
+    return aggregate.build(records, metrics=metrics, by=list(by or []), baseline=baseline)
+
+
+def render(rep, fmt: str, images: list = ()) -> str:
+    from ssflctl.report import writers
+
+    fmt = normalize_format(fmt)
+    if fmt == "markdown":
+        return writers.markdown(rep, [(c, Path(p).name) for c, p in images])
+    if fmt == "html":
+        return writers.html_page(rep, images)
+    if fmt == "latex":
+        return writers.latex(rep)
+    if fmt == "csv":
+        return writers.csv(rep)
+    return writers.json_text(rep)
+
+
+def build_report(ws, experiments: Iterable[str] = (), fmt: str = "markdown", *, baseline="loss=focal",
+                 metrics=None, by=(), workdirs=(), plots: bool = False) -> str:
+    """The report as text. With plots=True (or for html) figures are drawn into a temporary
+    directory and embedded (html) or referenced by file name (markdown)."""
+    fmt = normalize_format(fmt)
+    rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs)
+    if fmt == "html" or (plots and fmt == "markdown"):
+        from ssflctl.report import plots as plots_mod
+
+        with tempfile.TemporaryDirectory(prefix="ssflctl-report-") as tmp:
+            images = plots_mod.draw(rep, tmp)
+            return render(rep, fmt, images)
+    return render(rep, fmt)
+
+
+def write_report(rep, fmt: str, out, *, force: bool = False) -> list:
+    """Write the report to `out` (atomically), figures beside it for markdown; returns the paths."""
+    from ssflctl.atomic import write_text
+    from ssflctl.report import plots as plots_mod
+
+    fmt = normalize_format(fmt)
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: --out is a directory; give a file name such as {out / 'index.md'}")
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists; pass --force to overwrite it")
+    written = []
+    if fmt == "markdown":
+        plan = plots_mod.planned_files(rep)
+        clash = [out.parent / name for _, _, name, _ in plan if (out.parent / name).exists()]
+        if clash and not force:
+            raise UserError(f"{clash[0]}: figure already exists; pass --force to overwrite it "
+                            "(or choose another --out directory)")
+        images = plots_mod.draw(rep, out.parent, plan)
+        written += [p for _, p in images]
+        text = render(rep, fmt, images)
+    elif fmt == "html":
+        with tempfile.TemporaryDirectory(prefix="ssflctl-report-") as tmp:
+            text = render(rep, fmt, plots_mod.draw(rep, tmp))
+    else:
+        text = render(rep, fmt)
+    write_text(out, text)
+    written.insert(0, out)
+    return written
+
+
+def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", metrics=None, by=(),
+         workdirs=(), strict=False, force=False) -> int:
+    """CLI body of `ssflctl report`: returns the exit code (1 with --strict and missing cells)."""
+    fmt = normalize_format(fmt)
+    if out is not None and Path(out).exists() and not force and not Path(out).is_dir():
+        raise UserError(f"{out}: already exists; pass --force to overwrite it")
+    rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs)
+    if out is None:
+        if fmt == "html":
+            from ssflctl.report import plots as plots_mod
+
+            with tempfile.TemporaryDirectory(prefix="ssflctl-report-") as tmp:
+                text = render(rep, fmt, plots_mod.draw(rep, tmp))
+        else:
+            text = render(rep, fmt)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        paths = write_report(rep, fmt, out, force=force)
+        extra = f" and {len(paths) - 1} figure(s) beside it" if len(paths) > 1 else ""
+        print(f"wrote {paths[0]}{extra}", file=sys.stderr)
+    if strict and rep.missing:
+        shown = "; ".join(rep.missing[:5]) + (f"; ... ({len(rep.missing) - 5} more)" if len(rep.missing) > 5 else "")
+        print(f"--strict: {len(rep.missing)} missing cell(s): {shown}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,497 @@
+"""Run records -> long DataFrame -> the report's tables (pandas does the numbers).
+
+Nothing here formats for a particular output: tables are lists of `Cell`s that the writers render
+(bold for the best value, a dagger for runs that needed a lower lr, text for gaps).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ssflctl.errors import UserError
+from ssflctl.report.collect import COCO_METRICS
+
+SEED_AXIS = "seed"
+DATASET_AXIS = "dataset"
+EXPERIMENT_AXIS = "experiment"
+NOT_DONE_ORDER = ("failed", "cancelled", "unknown", "running", "submitting", "queued", "pending", "missing")
+LONG_FIXED = ("experiment", "run_id", "name", "source", "state", "reason", "attempts", "attempt", "lr",
+              "metric", "class", "value", "evaluator", "note")
+
+
+@dataclass
+class Cell:
+    text: str
+    best: bool = False
+    mark: bool = False  # a run behind this cell needed a lower lr (dagger + footnote)
+    value: Optional[float] = None
+
+
+@dataclass
+class Table:
+    title: str
+    stub: list            # names of the row-header columns
+    groups: list          # [(group label, [column names])]; one group with label "" when flat
+    rows: list            # [([stub texts], [Cell per column])]
+    notes: list = field(default_factory=list)
+    numeric: bool = True  # right-align the value columns
+
+    def flat_columns(self) -> list:
+        multi = len(self.groups) > 1 or (self.groups and self.groups[0][0])
+        cols = []
+        for label, names in self.groups:
+            cols += [f"{label} {n}" if multi and label else n for n in names]
+        return cols
+
+
+@dataclass
+class Report:
+    title: str
+    summary: list                     # lines of text
+    main: Table
+    per_class: list                   # [Table]
+    retries: list                     # lines: runs that needed a lower lr
+    gaps: Table                       # runs that are not done
+    notes: list                       # other lines
+    long: Any                         # pandas DataFrame, one row per run and metric
+    missing: list                     # descriptions of missing cells (for --strict)
+    configs: list = field(default_factory=list)   # [(cfg label, {axis: value})]
+    datasets: list = field(default_factory=list)
+    by: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+    images: list = field(default_factory=list)    # [(caption, filename)] filled by plots
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_metrics(metrics) -> list:
+    if metrics is None or metrics == "" or metrics == []:
+        return list(COCO_METRICS)
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    out = []
+    lookup = {m.lower(): m for m in COCO_METRICS}
+    for n in names:
+        n = n.strip()
+        if not n:
+            continue
+        m = lookup.get(n.lower())
+        if m is None:
+            raise UserError(f"--metrics: unknown metric {n!r}; choose from {','.join(COCO_METRICS)}")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise UserError(f"--metrics: no metric given; choose from {','.join(COCO_METRICS)}")
+    return out
+
+
+def parse_baseline(baseline) -> Optional[tuple]:
+    if baseline is None or str(baseline).strip().lower() in ("", "none", "-"):
+        return None
+    if "=" not in baseline:
+        raise UserError(f"--baseline {baseline!r}: expected AXIS=VALUE, e.g. --baseline loss=focal")
+    axis, value = baseline.split("=", 1)
+    axis, value = axis.strip(), value.strip()
+    if not axis:
+        raise UserError(f"--baseline {baseline!r}: expected AXIS=VALUE, e.g. --baseline loss=focal")
+    return axis, value
+
+
+def _sort_key(v):
+    """Mixed-type ordering: None last, numbers numerically, then strings."""
+    if v is None:
+        return (2, 0, "")
+    if isinstance(v, bool):
+        return (1, 0, str(v))
+    if isinstance(v, (int, float)):
+        return (0, float(v), "")
+    return (1, 0, str(v))
+
+
+def _axis_value(rec: dict, axis: str):
+    if axis == EXPERIMENT_AXIS:
+        return rec.get("experiment") or None
+    return rec["axes"].get(axis)
+
+
+def _fmt_value(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def pct(x: float) -> str:
+    return f"{x * 100:.1f}"
+
+
+def _fmt_lr(lr) -> str:
+    return "?" if lr is None else f"{lr:g}"
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def choose_axes(records: list, by: list) -> list:
+    """The axes that define a configuration: `by` (validated) or those that vary, seeds folded."""
+    order = []
+    for r in records:
+        for k in r["axes"]:
+            if k not in order:
+                order.append(k)
+    known = order + ([EXPERIMENT_AXIS] if EXPERIMENT_AXIS not in order else [])
+    if by:
+        out = []
+        for b in by:
+            for a in str(b).split(","):
+                a = a.strip()
+                if not a:
+                    continue
+                if a not in known:
+                    raise UserError(f"--by {a!r}: no run has this axis; known axes: {', '.join(known)}")
+                if a not in out:
+                    out.append(a)
+        return out
+    out = []
+    if len({r.get("experiment") for r in records}) > 1:
+        out.append(EXPERIMENT_AXIS)
+    for a in order:
+        if a in (SEED_AXIS, DATASET_AXIS):
+            continue
+        vals = {_fmt_value(r["axes"].get(a)) for r in records}
+        if len(vals) > 1:
+            out.append(a)
+    return out
+
+
+def complete_seed_grid(records: list) -> list:
+    """Add a `missing` record for each seed that other runs of the same experiment and dataset
+    have but a configuration lacks (a run nobody submitted still shows up as a gap)."""
+    groups = {}
+    for r in records:
+        if r["source"] != "ssflctl" or SEED_AXIS not in r["axes"]:
+            continue
+        key = (r["experiment"], _fmt_value(r["axes"].get(DATASET_AXIS)))
+        groups.setdefault(key, []).append(r)
+    extra = []
+    for (exp, _ds), recs in groups.items():
+        seeds = {}
+        for r in recs:
+            seeds.setdefault(_fmt_value(r["axes"][SEED_AXIS]), r["axes"][SEED_AXIS])
+        by_cfg = {}
+        for r in recs:
+            cfg = tuple(sorted((k, _fmt_value(v)) for k, v in r["axes"].items() if k != SEED_AXIS))
+            by_cfg.setdefault(cfg, (r, set()))[1].add(_fmt_value(r["axes"][SEED_AXIS]))
+        for cfg, (proto, have) in by_cfg.items():
+            for s in sorted(set(seeds) - have, key=lambda s: _sort_key(seeds[s])):
+                axes = dict(proto["axes"])
+                axes[SEED_AXIS] = seeds[s]
+                name = f"{proto['name']} (seed {s})"
+                extra.append({
+                    "run_id": "", "experiment": exp, "name": name, "axes": axes, "source": "ssflctl",
+                    "state": "missing", "reason": "no run in the workspace", "run_dir": None,
+                    "attempts": [], "final": None, "metrics": None, "unavailable": {}, "retry": {},
+                })
+    return records + extra
+
+
+def long_frame(records: list, metrics: list, by: list):
+    """One row per run and metric (bbox metrics, then per-class AP as metric 'class_AP').
+    Runs without numbers get one row per metric with an empty value, so nothing disappears."""
+    import pandas as pd
+
+    axes = []
+    for r in records:
+        for k in r["axes"]:
+            if k not in axes:
+                axes.append(k)
+    axis_cols = {a: (a if a not in LONG_FIXED else f"axis_{a}") for a in axes}
+    cols = {c: [] for c in ("experiment", "run_id", "name", "source", *axis_cols.values(), "cfg", "dataset",
+                            "state", "reason", "attempts", "attempt", "lr", "retried", "metric", "class",
+                            "value", "evaluator", "note")}
+    for r in records:
+        fin = r.get("final")
+        att = next((a for a in r["attempts"] if a["attempt"] == fin), None)
+        lr = att["lr"] if att else (r["attempts"][-1]["lr"] if r["attempts"] else None)
+        retried = bool(fin and fin > 1 and any(a.get("state") == "nan" for a in r["attempts"]))
+        base = {
+            "experiment": r["experiment"], "run_id": r["run_id"], "name": r["name"], "source": r["source"],
+            "cfg": r["_cfg"], "dataset": r["_ds"], "state": r["state"], "reason": r["reason"],
+            "attempts": len(r["attempts"]), "attempt": fin, "lr": lr, "retried": retried,
+        }
+        for a, c in axis_cols.items():
+            base[c] = r["axes"].get(a)
+        m = r.get("metrics")
+        evaluator = m["evaluator"] if m else None
+        rows = []
+        for k in metrics:
+            if m is None:
+                rows.append((k, "", None, r["state"] if r["state"] != "done" else "no metrics"))
+            elif k in (r.get("unavailable") or {}):
+                rows.append((k, "", None, r["unavailable"][k]))
+            else:
+                v = m["bbox"].get(k)
+                rows.append((k, "", v, "" if v is not None else "no value (-1: no ground truth)"))
+        if m:
+            for cls, v in m["per_class"].items():
+                rows.append(("class_AP", cls, v, "" if v is not None else "no ground truth"))
+        for metric, cls, v, note in rows:
+            for c, val in base.items():
+                cols[c].append(val)
+            cols["metric"].append(metric)
+            cols["class"].append(cls)
+            cols["value"].append(v)
+            cols["evaluator"].append(evaluator)
+            cols["note"].append(note)
+    df = pd.DataFrame(cols)
+    df["value"] = df["value"].astype("float64")
+    df["lr"] = df["lr"].astype("float64")
+    for c in [*axis_cols.values(), "attempts", "attempt"]:
+        vals = [v for v in cols[c] if v is not None]
+        if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            df[c] = df[c].astype("Int64")
+    return df
+
+
+def _state_text(recs: list) -> str:
+    """'failed: NaN after 3 attempts' or '1 failed, 1 running' for the runs behind an empty cell."""
+    states = {}
+    for r in recs:
+        states.setdefault(r["state"], []).append(r)
+    parts = []
+    for st in sorted(states, key=lambda s: NOT_DONE_ORDER.index(s) if s in NOT_DONE_ORDER else 99):
+        rs = states[st]
+        reasons = sorted({r["reason"] for r in rs if r["reason"]})
+        head = st if len(rs) == 1 else f"{len(rs)} {st}"
+        parts.append(f"{head}: {reasons[0]}" if len(reasons) == 1 else head)
+    return "; ".join(parts)
+
+
+def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: str = "") -> Report:
+    """The report's content from run records (see collect)."""
+    metrics = parse_metrics(metrics)
+    base = parse_baseline(baseline)
+    if not records:
+        raise UserError("no runs to report; check the experiment names and --workspace, or pass --workdirs")
+    by = choose_axes(records, list(by or []))
+    records = complete_seed_grid([dict(r) for r in records])
+    # configuration and dataset of every record
+    cfg_vals = {}
+    for r in records:
+        vals = tuple(_axis_value(r, a) for a in by)
+        key = tuple(_fmt_value(v) for v in vals)
+        cfg_vals.setdefault(key, vals)
+        r["_cfg"] = key
+        r["_ds"] = _fmt_value(r["axes"].get(DATASET_AXIS))
+    base_idx = by.index(base[0]) if base and base[0] in by else None
+
+    def cfg_order(key):
+        vals = cfg_vals[key]
+        is_base = base_idx is not None and key[base_idx] == base[1]
+        return (0 if is_base else 1, tuple(_sort_key(v) for v in vals))
+
+    cfgs = sorted(cfg_vals, key=cfg_order)
+    datasets = sorted({r["_ds"] for r in records}, key=lambda d: (d == "", d))
+    df = long_frame(records, metrics, by)
+
+    # ---- pandas: mean, sample std (ddof=1), n over seeds
+    bb = df[(df["metric"] != "class_AP") & df["value"].notna()]
+    agg = bb.groupby(["cfg", "dataset", "metric"], sort=False)["value"].agg(["mean", "std", "count"])
+    stats = agg.to_dict("index")
+    seedvals = bb[bb["metric"] == "AP"].groupby(["cfg", "dataset"], sort=False)["value"].apply(list).to_dict()
+
+    by_cell = {}
+    for r in records:
+        by_cell.setdefault((r["_cfg"], r["_ds"]), []).append(r)
+
+    # ---- main table
+    missing = []
+    show_delta = base_idx is not None and "AP" in metrics
+    columns = list(metrics) + (["ΔAP"] if show_delta else []) + ["n"]
+    groups = [(ds, list(columns)) for ds in datasets]
+    rows = []
+    best = {}
+    for ds in datasets:
+        for k in metrics:
+            disp = [float(pct(stats[(c, ds, k)]["mean"])) for c in cfgs if (c, ds, k) in stats]
+            if len(disp) >= 2:
+                best[(ds, k)] = max(disp)
+    for c in cfgs:
+        cells = []
+        for ds in datasets:
+            recs = by_cell.get((c, ds), [])
+            done = [r for r in recs if r["state"] == "done" and r.get("metrics")]
+            others = [r for r in recs if not (r["state"] == "done" and r.get("metrics"))]
+            retried = any(_lowered_lr(r) for r in done)
+            label = " ".join(x for x in c if x) or "(all)"
+            for j, k in enumerate(metrics):
+                s = stats.get((c, ds, k))
+                if s is not None:
+                    n = int(s["count"])
+                    txt = pct(s["mean"]) if n == 1 else f"{pct(s['mean'])} ± {pct(s['std'])}"
+                    isbest = (ds, k) in best and float(pct(s["mean"])) == best[(ds, k)]
+                    cells.append(Cell(txt, best=isbest, value=s["mean"]))
+                    continue
+                why = sorted({(r.get("unavailable") or {}).get(k) for r in done} - {None})
+                if done and why:
+                    cells.append(Cell(why[0]))
+                elif done:
+                    cells.append(Cell("—"))
+                elif not recs:
+                    cells.append(Cell("—, missing" if j == 0 else "—"))
+                else:
+                    cells.append(Cell(f"—, {_state_text(others)}" if j == 0 else "—"))
+                missing.append(f"{label} / {ds or '-'} / {k}: {cells[-1].text}")
+            if show_delta:
+                cells.append(_delta_cell(c, ds, base_idx, base[1], stats))
+            nd, ne = len(done), len(recs)
+            cells.append(Cell(f"{nd}/{ne}" if nd != ne else f"{nd}", mark=retried))
+            if done and others:
+                missing.append(f"{label} / {ds or '-'}: {nd} of {ne} runs done ({_state_text(others)})")
+        rows.append(([_fmt_value(v) for v in cfg_vals[c]], cells))
+    stub = list(by) if by else ["configuration"]
+    if not by:
+        rows = [(["(all)"], cells) for _, cells in rows]
+    main = Table("Main results (COCO bbox, %)", stub, groups, rows)
+
+    # ---- per-class AP (one table per dataset: rows = classes, columns = configurations)
+    per_class = []
+    pc = df[(df["metric"] == "class_AP")]
+    if len(pc):
+        pcagg = pc.groupby(["dataset", "class", "cfg"], sort=False)["value"].agg(["mean", "std", "count"])
+        pcstats = pcagg.to_dict("index")
+        cfg_labels = [" ".join(x for x in c if x) or "(all)" for c in cfgs]
+        for ds in datasets:
+            classes = []
+            for (d, cls, _c) in pcstats:
+                if d == ds and cls not in classes:
+                    classes.append(cls)
+            if not classes:
+                continue
+            prow = []
+            for cls in classes:
+                cells, vals = [], []
+                for c in cfgs:
+                    s = pcstats.get((ds, cls, c))
+                    if s is None or not s["count"]:
+                        has = (ds, cls, c) in pcstats
+                        cells.append(Cell("n/a (no GT)" if has else "—"))
+                        continue
+                    n = int(s["count"])
+                    txt = pct(s["mean"]) if n == 1 else f"{pct(s['mean'])} ± {pct(s['std'])}"
+                    cells.append(Cell(txt, value=s["mean"]))
+                    vals.append(float(pct(s["mean"])))
+                if len(vals) >= 2:
+                    for cell in cells:
+                        if cell.value is not None and float(pct(cell.value)) == max(vals):
+                            cell.best = True
+                prow.append(([cls], cells))
+            per_class.append(Table(f"Per-class AP{' — ' + ds if ds else ''} (%)", ["class"], [("", cfg_labels)], prow))
+
+    # ---- runs that needed a lower lr
+    retries = []
+    for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)))):
+        atts = r["attempts"]
+        if len(atts) < 2 and not any(a.get("state") == "nan" for a in atts):
+            continue
+        steps = []
+        for a in atts:
+            st = a.get("state") or "?"
+            why = a.get("reason") or ""
+            steps.append(f"attempt {a['attempt']} lr {_fmt_lr(a['lr'])}: {st}{' (' + why + ')' if why and st != 'done' else ''}")
+        retries.append(f"{r['run_id'] or r['name']}: " + " → ".join(steps))
+
+    # ---- gaps: every run that is not done
+    grow = []
+    for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)), r["name"])):
+        if r["state"] == "done" and r.get("metrics"):
+            continue
+        seed = r["axes"].get(SEED_AXIS)
+        grow.append(([r["run_id"] or "—"], [Cell(" ".join(x for x in r["_cfg"] if x) or "(all)"),
+                                             Cell(r["_ds"] or "—"), Cell(_fmt_value(seed) or "—"),
+                                             Cell(r["state"]), Cell(r["reason"] or "—")]))
+    gaps = Table("Runs without results", ["run"], [("", ["configuration", "dataset", "seed", "state", "reason"])], grow,
+                 numeric=False)
+
+    # ---- summary and notes
+    counts = {}
+    for r in records:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    order = ["done"] + list(NOT_DONE_ORDER)
+    parts = [f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: order.index(s) if s in order else 99)]
+    exps = sorted({r["experiment"] for r in records if r["experiment"]})
+    summary = [
+        f"Experiments: {', '.join(exps) or '—'}. Runs: {len(records)} ({', '.join(parts)}).",
+        "COCO bbox metrics in %: mean ± sample std (ddof=1) over seeds; n = runs with results / runs.",
+    ]
+    notes = []
+    if show_delta:
+        summary.append(f"ΔAP: AP points against the baseline {base[0]}={base[1]} with the other axes equal. "
+                       "Bold: the best value of each column.")
+    elif base:
+        notes.append(f"No baseline: no configuration has {base[0]}={base[1]} "
+                     f"(axes defining configurations: {', '.join(by) or 'none'}).")
+        summary.append("Bold: the best value of each column.")
+    else:
+        summary.append("Bold: the best value of each column.")
+    if any(cell.mark for _, cells in rows for cell in cells):
+        notes.append("†: at least one run of this cell finished only after its learning rate was lowered "
+                     "(see the list of retried runs).")
+    if any(r.get("unavailable") for r in records):
+        notes.append("n/a (CocoMetric): the work dir has only mmdet CocoMetric numbers (AP, AP50, AP75, APs, APm, "
+                     "APl); the AR numbers need a pycocotools summary in its log.")
+    rep = Report(title or _title(exps), summary, main, per_class, retries, gaps, notes, df, missing,
+                 configs=[(" ".join(x for x in c if x) or "(all)", dict(zip(by, cfg_vals[c]))) for c in cfgs],
+                 datasets=datasets, by=by, records=records)
+    rep._seedvals = seedvals  # AP per seed for the spread plot
+    rep._cfg_keys = cfgs
+    return rep
+
+
+def _lowered_lr(r: dict) -> bool:
+    """The run's results come from an attempt at a lower lr than its first attempt."""
+    atts = {a["attempt"]: a for a in r["attempts"]}
+    first, fin = atts.get(1), atts.get(r.get("final"))
+    if not first or not fin or fin is first:
+        return False
+    if first.get("lr") is not None and fin.get("lr") is not None:
+        return fin["lr"] < first["lr"]
+    return any(a.get("state") == "nan" for a in r["attempts"])
+
+
+def _delta_cell(c, ds, base_idx, base_value, stats) -> Cell:
+    if c[base_idx] == base_value:
+        return Cell("baseline")
+    bc = list(c)
+    bc[base_idx] = base_value
+    b = stats.get((tuple(bc), ds, "AP"))
+    s = stats.get((c, ds, "AP"))
+    if b is None or s is None:
+        return Cell("—")
+    d = (s["mean"] - b["mean"]) * 100
+    d = 0.0 if abs(d) < 0.05 else d
+    return Cell(f"{d:+.1f}", value=d / 100)
+
+
+def _title(exps: list) -> str:
+    return "ssflctl report" + (": " + ", ".join(exps) if exps else "")
+
+
+def direct_stats(records: list, metric: str = "AP") -> dict:
+    """Helper for checks: {(cfg, dataset): (mean, std, n)} computed with plain math (no pandas)."""
+    out = {}
+    for r in records:
+        if r["state"] != "done" or not r.get("metrics"):
+            continue
+        v = r["metrics"]["bbox"].get(metric)
+        if v is not None:
+            out.setdefault((r["_cfg"], r["_ds"]), []).append(v)
+    res = {}
+    for k, vs in out.items():
+        n = len(vs)
+        mean = sum(vs) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in vs) / (n - 1)) if n > 1 else float("nan")
+        res[k] = (mean, std, n)
+    return res
