@@ -457,4 +457,4 @@ def print_summary(summary: Summary, console) -> None:
     for s in summary.splits:
         lines.append("\t".join([s.split, str(s.images), str(s.empty_images), *[str(s.instances[n]) for n in names],
                                 str(sum(s.crowd.values())), f"{s.images_per_s:.1f}", s.out_file]))
-    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+    console.file.write("\n".join(lines) + "\n")  # tab-separated, for scripts

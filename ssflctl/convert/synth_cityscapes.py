@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -258,6 +259,12 @@ def render_rgb(objects: List[dict], W: int, H: int, rng, noise: bool = True):
 
 def _write_image(args) -> str:
     """Write one image and its gtFine files. ``args`` is picklable for a process pool."""
+    with warnings.catch_warnings():  # Pillow 12 warns that saving mode I as PNG goes away in 13
+        warnings.filterwarnings("ignore", "Saving I mode images as PNG", DeprecationWarning)
+        return _write_image_now(args)
+
+
+def _write_image_now(args) -> str:
     (root, split, city, index, W, H, seed, empty, all_cases, fast, color) = args
     from cityscapesscripts.helpers.annotation import Annotation
     from cityscapesscripts.preparation import json2instanceImg, json2labelImg

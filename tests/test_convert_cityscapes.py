@@ -1,0 +1,447 @@
+"""`ssflctl convert cityscapes`: equivalence with MMDetection's converter, bad input, safety.
+
+Tests marked ``unit`` need only the light stack plus cityscapesscripts (the ``test`` extra): they
+compare against an in-test re-implementation of the reference's per-instance algorithm. The test
+marked ``training`` runs the reference script itself from the installed mmdet package (it needs
+mmcv and mmengine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+unit = pytest.mark.unit
+training = pytest.mark.training
+
+SIZE = (320, 160)  # (width, height): small, but every case of the generator is present
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from ssflctl.convert.synth_cityscapes import generate
+
+    root = tmp_path_factory.mktemp("cs") / "cityscapes"
+    # train: image 0 has every special case, image 2 has no instances; 8 images over two cities
+    generate(root, n_train=8, n_val=3, n_test=2, size=SIZE, seed=3, fast=True)
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("annotations"))
+    return dst
+
+
+def _load(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def reference_annotations(inst: np.ndarray):
+    """The reference's algorithm, verbatim except for mmcv: one full Fortran-order mask per instance."""
+    import cityscapesscripts.helpers.labels as CSLabels
+    import pycocotools.mask as maskUtils
+
+    out = []
+    for inst_id in np.unique(inst[inst >= 24]):
+        label_id = inst_id // 1000 if inst_id >= 1000 else inst_id
+        label = CSLabels.id2label[label_id]
+        if not label.hasInstances or label.ignoreInEval:
+            continue
+        mask = np.asarray(inst == inst_id, dtype=np.uint8, order="F")
+        rle = maskUtils.encode(mask[:, :, None])[0]
+        rle["counts"] = rle["counts"].decode()
+        out.append(dict(iscrowd=int(inst_id < 1000), category_id=label.id, bbox=maskUtils.toBbox(rle).tolist(),
+                        area=int(maskUtils.area(rle)), segmentation=rle))
+    return out
+
+
+def _decode(seg):
+    import pycocotools.mask as maskUtils
+
+    return maskUtils.decode({"size": seg["size"], "counts": seg["counts"].encode()})
+
+
+def assert_same_dataset(ours: dict, ref: dict):
+    """Every image and annotation field equal (ids aside), decoded masks included."""
+    assert ours["categories"] == ref["categories"]
+    ref_imgs = {im["file_name"]: im for im in ref["images"]}
+    our_imgs = {im["file_name"]: im for im in ours["images"]}
+    assert sorted(ref_imgs) == sorted(our_imgs)
+    ref_anns, our_anns = {}, {}
+    for anns, imgs, dst in ((ref.get("annotations", []), ref["images"], ref_anns),
+                            (ours["annotations"], ours["images"], our_anns)):
+        by_id = {im["id"]: im["file_name"] for im in imgs}
+        for a in anns:
+            dst.setdefault(by_id[a["image_id"]], []).append(a)
+    n = 0
+    for name, rim in ref_imgs.items():
+        oim = our_imgs[name]
+        for key in ("file_name", "height", "width", "segm_file"):
+            assert oim[key] == rim[key], (name, key)
+        ra, oa = ref_anns.get(name, []), our_anns.get(name, [])
+        assert len(oa) == len(ra), name
+        for r, o in zip(ra, oa):
+            for key in ("iscrowd", "category_id", "bbox", "area", "segmentation"):
+                assert o[key] == r[key], (name, key)
+            assert np.array_equal(_decode(o["segmentation"]), _decode(r["segmentation"]))
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# pure pieces
+
+
+@unit
+def test_label_table_matches_cityscapesscripts():
+    import cityscapesscripts.helpers.labels as CSLabels
+
+    from ssflctl.convert import cityscapes_labels as L
+
+    assert [tuple(x) for x in L.LABELS] == [tuple(x) for x in CSLabels.labels]
+    assert [c["id"] for c in L.CATEGORIES] == [24, 25, 26, 27, 28, 31, 32, 33]
+    assert [c["name"] for c in L.CATEGORIES] == ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+
+
+@unit
+def test_rle_equals_pycocotools_on_random_maps():
+    import pycocotools.mask as maskUtils
+
+    from ssflctl.convert.cityscapes import annotate, encode_instances
+
+    rng = np.random.default_rng(0)
+    values = [0, 7, 23, 24, 26, 33, 24000, 24005, 26000, 26001, 29000, 30001, 33000, 11000]
+    shapes = [(1, 1), (1, 9), (9, 1), (2, 2), (7, 13), (13, 7), (31, 64)]
+    for k in range(400):
+        h, w = shapes[k % len(shapes)]
+        inst = rng.choice(values, size=(h, w)).astype(np.uint16 if k % 2 else np.int32)
+        if k % 7 == 0:
+            inst[:] = 26000  # one instance covering everything (no leading zeros, no tail)
+        if k % 11 == 0:
+            inst[:, : w // 2] = 0
+        ids, counts = encode_instances(inst)
+        assert sorted(set(ids.tolist())) == sorted(set(int(v) for v in np.unique(inst) if v >= 24))
+        for iid, cnt in zip(ids.tolist(), counts):
+            rle = maskUtils.frPyObjects({"counts": cnt, "size": [h, w]}, h, w)
+            assert np.array_equal(maskUtils.decode(rle), (inst == iid).astype(np.uint8))
+            assert rle["counts"] == maskUtils.encode(np.asfortranarray((inst == iid).astype(np.uint8)))["counts"]
+        anns, problems = annotate(inst)
+        assert problems == []
+        assert anns == reference_annotations(inst)
+
+
+@unit
+def test_unknown_label_value_is_reported():
+    from ssflctl.convert.cityscapes import annotate
+
+    inst = np.zeros((4, 4), np.uint16)
+    inst[1, 1] = 40001  # label 40 does not exist
+    inst[2, 2] = 26000
+    anns, problems = annotate(inst)
+    assert len(anns) == 1 and anns[0]["category_id"] == 26
+    assert problems and "40001" in problems[0] and "label id 40" in problems[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the generator
+
+
+@unit
+def test_generator_layout_and_cases(synth):
+    from PIL import Image
+
+    from ssflctl.convert.synth_cityscapes import RGB_COLORS
+
+    imgs = sorted((synth / "leftImg8bit").glob("*/*/*_leftImg8bit.png"))
+    assert len(imgs) == 13
+    assert {p.parent.parent.name for p in imgs} == {"train", "val", "test"}
+    for img in imgs:
+        stem = img.name[: -len("_leftImg8bit.png")]
+        gt = synth / "gtFine" / img.parent.parent.name / img.parent.name
+        for suffix in ("_gtFine_polygons.json", "_gtFine_instanceIds.png", "_gtFine_labelIds.png"):
+            assert (gt / f"{stem}{suffix}").is_file()
+        poly = _load(gt / f"{stem}_gtFine_polygons.json")
+        assert (poly["imgWidth"], poly["imgHeight"]) == SIZE
+        assert Image.open(img).size == SIZE
+    gt0 = synth / "gtFine" / "train" / "aachen"
+    inst = np.asarray(Image.open(gt0 / "aachen_000000_000019_gtFine_instanceIds.png"))
+    labels = np.asarray(Image.open(gt0 / "aachen_000000_000019_gtFine_labelIds.png"))
+    ids = set(np.unique(inst).tolist())
+    assert {26, 24} <= ids  # crowd groups (cargroup, persongroup)
+    assert any(i // 1000 == 29 for i in ids) and any(i // 1000 == 30 for i in ids)  # caravan, trailer
+    assert np.array_equal(np.where(inst >= 1000, inst // 1000, inst), labels)  # consistent label images
+    poly = _load(gt0 / "aachen_000000_000019_gtFine_polygons.json")
+    names = [o["label"] for o in poly["objects"]]
+    assert "license plate" in names and any(o.get("deleted") for o in poly["objects"])
+    # the hidden car got an instance number but no pixels: ids are not contiguous
+    cars = sorted(i for i in ids if i // 1000 == 26)
+    assert len(cars) < names.count("car")
+    # an image without instances
+    empty = np.asarray(Image.open(gt0 / "aachen_000002_000019_gtFine_instanceIds.png"))
+    assert empty.max() < 24
+    # the RGB image shows the objects in their class colour (the same drawing order as the labels)
+    rgb = np.asarray(Image.open(synth / "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png")).astype(int)
+    for iid in (i for i in ids if i >= 1000 and (inst == i).sum() > 200):
+        label = {24: "person", 25: "rider", 26: "car", 27: "truck", 28: "bus", 29: "caravan", 30: "trailer",
+                 31: "train", 32: "motorcycle", 33: "bicycle"}[iid // 1000]
+        pix = rgb[inst == iid]
+        close = np.abs(pix - np.array(RGB_COLORS[label])).max(axis=1) < 60
+        assert close.mean() > 0.3, (iid, label)
+
+
+@unit
+def test_generator_is_deterministic(tmp_path):
+    from ssflctl.convert.synth_cityscapes import generate
+
+    a = generate(tmp_path / "a", 2, 0, 0, size=(64, 32), seed=5, fast=True)
+    b = generate(tmp_path / "b", 2, 0, 0, size=(64, 32), seed=5, fast=True)
+    for f in sorted(a.rglob("*.json")) + sorted(a.rglob("*Ids.png")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f
+
+
+# ---------------------------------------------------------------------------------------------
+# the converter on generated data
+
+
+@unit
+def test_convert_matches_reference_algorithm(synth, tmp_path):
+    from PIL import Image
+
+    from ssflctl.convert.cityscapes import convert
+
+    out = tmp_path / "ann"
+    summary = convert(synth, out, nproc=1, progress=False)
+    total = 0
+    for split in ("train", "val", "test"):
+        doc = _load(out / f"instancesonly_filtered_gtFine_{split}.json")
+        names = [im["file_name"] for im in doc["images"]]
+        assert names == sorted(names)  # deterministic order
+        assert [im["id"] for im in doc["images"]] == list(range(1, len(names) + 1))
+        assert [a["id"] for a in doc["annotations"]] == list(range(1, len(doc["annotations"]) + 1))
+        # build the reference's output for these images with the reference algorithm
+        images, anns = [], []
+        for im in doc["images"]:
+            city, name = im["file_name"].split("/")
+            inst_file = synth / "gtFine" / split / city / name.replace("leftImg8bit.png", "gtFine_instanceIds.png")
+            inst = np.asarray(Image.open(inst_file))
+            images.append(dict(file_name=im["file_name"], height=inst.shape[0], width=inst.shape[1], id=im["id"],
+                               segm_file=im["file_name"].replace("leftImg8bit.png", "gtFine_labelIds.png")))
+            for a in reference_annotations(inst):
+                a["image_id"] = im["id"]
+                anns.append(a)
+        ref = {"images": images, "categories": doc["categories"], "annotations": anns}
+        total += assert_same_dataset(doc, ref)
+        s = next(x for x in summary.splits if x.split == split)
+        assert s.images == len(names)
+        assert s.annotations == len(doc["annotations"])
+        assert sum(s.crowd.values()) == sum(a["iscrowd"] for a in doc["annotations"])
+        with_anns = {a["image_id"] for a in doc["annotations"]}
+        assert s.empty_images == len(names) - len(with_anns)
+        cats = {a["category_id"] for a in doc["annotations"]}
+        assert not cats & {29, 30}  # caravan, trailer are ignored
+    train = _load(out / "instancesonly_filtered_gtFine_train.json")
+    assert any(a["iscrowd"] for a in train["annotations"])
+    assert any(a["area"] <= 4 for a in train["annotations"])  # tiny objects kept
+    assert next(s for s in summary.splits if s.split == "train").empty_images >= 1
+    assert total > 30
+
+
+@unit
+def test_nproc_2_gives_identical_files(synth, tmp_path):
+    from ssflctl.convert.cityscapes import convert
+
+    convert(synth, tmp_path / "a", nproc=1, splits=["train", "val"], progress=False)
+    convert(synth, tmp_path / "b", nproc=2, splits=["train", "val"], progress=False)
+    for split in ("train", "val"):
+        name = f"instancesonly_filtered_gtFine_{split}.json"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert not (tmp_path / "a" / "instancesonly_filtered_gtFine_test.json").exists()
+
+
+@unit
+def test_pillow_decoder_gives_identical_files(synth, tmp_path, monkeypatch):
+    from ssflctl.convert import cityscapes
+
+    cityscapes.convert(synth, tmp_path / "a", splits=["val"], progress=False)
+    monkeypatch.setenv("SSFLCTL_DECODER", "pillow")
+    monkeypatch.setattr(cityscapes, "_READ", None)
+    s = cityscapes.convert(synth, tmp_path / "b", splits=["val"], progress=False)
+    assert s.decoder == "pillow"
+    name = "instancesonly_filtered_gtFine_val.json"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@unit
+def test_cli_summary_force_and_no_overwrite(synth, tmp_path, cli_env):
+    out = tmp_path / "ann"
+    proc = run_cli("convert", "cityscapes", synth, "--out-dir", out, "--splits", "val,test", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    val = out / "instancesonly_filtered_gtFine_val.json"
+    doc = _load(val)
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("val"))
+    assert row.split("\t")[1] == str(len(doc["images"]))
+    assert "person" in proc.stdout and "crowd" in proc.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    assert val.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes
+    val.write_text("previous")
+    proc = run_cli("convert", "cityscapes", synth, "--out-dir", out, "--splits", "val", env=cli_env)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert val.read_text() == "previous"
+    proc = run_cli("convert", "cityscapes", synth, "--out-dir", out, "--splits", "val", "--force", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert _load(val) == doc
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: every bad file named, exit 2, nothing written, prior outputs untouched
+
+
+def _bad_copy(synth, tmp_path):
+    root = _copy(synth, tmp_path / "bad")
+    tr = root / "gtFine" / "train"
+    li = root / "leftImg8bit" / "train"
+    (tr / "aachen" / "aachen_000000_000019_gtFine_instanceIds.png").unlink()  # missing gtFine file
+    (tr / "bochum" / "bochum_000001_000019_gtFine_labelIds.png").unlink()  # missing labelIds
+    trunc = tr / "aachen" / "aachen_000002_000019_gtFine_instanceIds.png"
+    trunc.write_bytes(trunc.read_bytes()[:200])  # truncated PNG
+    (tr / "bochum" / "bochum_000003_000019_gtFine_instanceIds.png").write_bytes(b"not a png at all")
+    from PIL import Image
+
+    small = li / "aachen" / "aachen_000004_000019_leftImg8bit.png"
+    Image.new("RGB", (SIZE[0] // 2, SIZE[1] // 2)).save(small)  # size mismatch
+    shutil.copy(li / "bochum" / "bochum_000005_000019_leftImg8bit.png", li / "bochum" / "bochum_5_leftImg8bit.png")
+    shutil.copy(li / "bochum" / "bochum_000005_000019_leftImg8bit.png", li / "bochum" / "picture.png")
+    (li / "bochum" / ".DS_Store").write_text("ignored")
+    for p in (root / "leftImg8bit" / "test").glob("*/*.png"):  # empty split
+        p.unlink()
+    expected = [
+        ("aachen_000000_000019_gtFine_instanceIds.png", "missing"),
+        ("bochum_000001_000019_gtFine_labelIds.png", "missing"),
+        ("aachen_000002_000019_gtFine_instanceIds.png", "truncated"),
+        ("bochum_000003_000019_gtFine_instanceIds.png", "unreadable"),
+        ("aachen_000004_000019_gtFine_instanceIds.png", "does not match"),
+        ("bochum_5_leftImg8bit.png", "unexpected file name"),
+        ("picture.png", "unexpected file name"),
+        (str(Path("leftImg8bit") / "test"), "no images"),
+    ]
+    return root, expected
+
+
+@unit
+def test_bad_input_reports_every_file(synth, tmp_path):
+    from ssflctl.convert.cityscapes import convert
+    from ssflctl.errors import UserError
+
+    root, expected = _bad_copy(synth, tmp_path)
+    out = tmp_path / "ann"
+    out.mkdir()
+    with pytest.raises(UserError) as err:
+        convert(root, out, nproc=1, force=True, progress=False)
+    msg = str(err.value)
+    lines = msg.splitlines()
+    # one line per bad file (the size mismatch shows in both gtFine files of that image)
+    assert lines[0].startswith(f"{len(lines) - 1} bad input files") and "nothing written" in lines[0]
+    assert len(lines) - 1 == len(expected) + 1
+    for name, why in expected:
+        hit = [l for l in lines if name in l]
+        assert hit and why in hit[0], (name, why, msg)
+    assert ".DS_Store" not in msg
+    assert list(out.iterdir()) == []  # no partial JSON, not even for the good val split
+
+
+@unit
+def test_bad_input_cli_exit_and_prior_outputs_untouched(synth, tmp_path, cli_env):
+    root, expected = _bad_copy(synth, tmp_path)
+    out = tmp_path / "ann"
+    out.mkdir()
+    for split in ("train", "val", "test"):
+        (out / f"instancesonly_filtered_gtFine_{split}.json").write_text(f"previous {split}")
+    proc = run_cli("convert", "cityscapes", root, "--out-dir", out, "--nproc", "2", "--force", env=cli_env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    for name, why in expected:
+        assert name in proc.stderr, name
+    for split in ("train", "val", "test"):
+        assert (out / f"instancesonly_filtered_gtFine_{split}.json").read_text() == f"previous {split}"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"instancesonly_filtered_gtFine_{s}.json" for s in ("train", "val", "test"))
+
+
+@unit
+def test_missing_root_parts_and_split(synth, tmp_path):
+    from ssflctl.convert.cityscapes import convert
+    from ssflctl.errors import UserError
+
+    with pytest.raises(UserError, match="leftImg8bit"):
+        convert(tmp_path, tmp_path / "o", progress=False)
+    with pytest.raises(UserError, match=r"missing split directory.*--splits"):
+        convert(synth, tmp_path / "o", splits=["train_extra"], progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+@unit
+def test_interrupted_conversion_leaves_previous_file(synth, tmp_path, monkeypatch):
+    from ssflctl.convert import cityscapes
+
+    out = tmp_path / "ann"
+    out.mkdir()
+    target = out / "instancesonly_filtered_gtFine_train.json"
+    target.write_text("previous")
+    calls = {"n": 0}
+    real = cityscapes.load_image
+
+    def dying(task):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(cityscapes, "load_image", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cityscapes.convert(synth, out, splits=["train"], force=True, progress=False)
+    assert target.read_text() == "previous"
+    assert [p.name for p in out.iterdir()] == [target.name]  # no temp files left behind
+
+
+# ---------------------------------------------------------------------------------------------
+# the real reference script
+
+
+def _reference_script():
+    import mmdet
+
+    path = Path(mmdet.__file__).parent / ".mim" / "tools" / "dataset_converters" / "cityscapes.py"
+    if not path.is_file():
+        pytest.skip(f"{path} is not shipped with this mmdet install")
+    return path
+
+
+@training
+def test_equivalent_to_mmdet_reference_script(synth, tmp_path):
+    from ssflctl.convert.cityscapes import convert
+
+    script = _reference_script()
+    ref_out = tmp_path / "ref"
+    proc = subprocess.run([sys.executable, str(script), str(synth), "--nproc", "1", "-o", str(ref_out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ours = tmp_path / "ours"
+    convert(synth, ours, nproc=2, progress=False)
+    n = 0
+    for split in ("train", "val", "test"):
+        name = f"instancesonly_filtered_gtFine_{split}.json"
+        ref, doc = _load(ref_out / name), _load(ours / name)
+        n += assert_same_dataset(doc, ref)
+        assert len(doc["annotations"]) == len(ref.get("annotations", []))
+    assert n > 30
