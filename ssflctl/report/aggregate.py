@@ -188,7 +188,7 @@ def complete_seed_grid(records: list) -> list:
             for s in sorted(set(seeds) - have, key=lambda s: _sort_key(seeds[s])):
                 axes = dict(proto["axes"])
                 axes[SEED_AXIS] = seeds[s]
-                name = f"{proto['name']} (seed {s})"
+                name = " ".join(f"{k}={_fmt_value(v)}" for k, v in axes.items())
                 extra.append({
                     "run_id": "", "experiment": exp, "name": name, "axes": axes, "source": "ssflctl",
                     "state": "missing", "reason": "no run in the workspace", "run_dir": None,
@@ -286,6 +286,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
         r["_cfg"] = key
         r["_ds"] = _fmt_value(r["axes"].get(DATASET_AXIS))
     base_idx = by.index(base[0]) if base and base[0] in by else None
+    if base_idx is not None and not any(k[base_idx] == base[1] for k in cfg_vals):
+        base_idx = None  # nothing to compare against: say so in the notes
 
     def cfg_order(key):
         vals = cfg_vals[key]

@@ -1,0 +1,501 @@
+"""`ssflctl report`: golden outputs, statistics against pandas, gaps, --strict, the registry, outside
+mmdet work dirs (hand-made and written by a real mmengine run), plots, and the HTML page in Chromium.
+
+Regenerate the golden files (then READ the diff) with:
+    SSFLCTL_REGEN_GOLDEN=1 pytest tests/test_report.py -k golden
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+GOLDEN = REPO / "tests" / "golden" / "report"
+GOLDEN_WS = GOLDEN / "ws"
+EXPECTED = GOLDEN / "expected"
+REGEN = os.environ.get("SSFLCTL_REGEN_GOLDEN") == "1"
+
+unit = pytest.mark.unit
+
+SUMMARY_002 = """
+ Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.224
+ Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ] = 0.413
+ Average Precision  (AP) @[ IoU=0.75      | area=   all | maxDets=100 ] = 0.223
+ Average Precision  (AP) @[ IoU=0.50:0.95 | area= small | maxDets=100 ] = 0.005
+ Average Precision  (AP) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ] = 0.064
+ Average Precision  (AP) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = 0.290
+ Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=  1 ] = 0.300
+ Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets= 10 ] = 0.397
+ Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.400
+ Average Recall     (AR) @[ IoU=0.50:0.95 | area= small | maxDets=100 ] = -1.000
+ Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ] = 0.212
+ Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = 0.494
+"""
+
+
+# ------------------------------------------------------------------------------------ golden
+
+
+@unit
+@pytest.mark.parametrize("fmt,suffix", [("markdown", "md"), ("latex", "tex"), ("csv", "csv"), ("json", "json")])
+def test_golden_outputs(fmt, suffix):
+    from ssflctl.report import build_report
+
+    text = build_report(GOLDEN_WS, fmt=fmt)
+    path = EXPECTED / f"report.{suffix}"
+    if REGEN:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"{path} missing: run with SSFLCTL_REGEN_GOLDEN=1 once and read it"
+    assert text == path.read_text(encoding="utf-8")
+
+
+def _direct_frame():
+    """The fixture's numbers read straight from the files with pandas (no ssflctl code)."""
+    import pandas as pd
+
+    rows = []
+    for run_dir in sorted((GOLDEN_WS / "runs").iterdir()):
+        rj = json.loads((run_dir / "run.json").read_text())
+        attempts = sorted(run_dir.glob("attempt-*/metrics.json"), key=lambda p: int(p.parent.name[8:]))
+        if not attempts:
+            continue
+        m = json.loads(attempts[-1].read_text())
+        rows.append({**rj["axes"], "run_id": rj["run_id"], **m["bbox"]})
+    return pd.DataFrame(rows)
+
+
+@unit
+def test_means_and_stds_equal_direct_pandas():
+    from ssflctl.report import make_report
+
+    df = _direct_frame()
+    direct = df.groupby(["loss", "dataset"])[["AP", "AP75", "ARl"]].agg(["mean", "std", "count"])
+    rep = make_report(GOLDEN_WS)
+    rows = {tuple(stub): cells for stub, cells in rep.main.rows}
+    cols = rep.main.flat_columns()
+    checked = 0
+    for (loss, ds), r in direct.iterrows():
+        for metric in ("AP", "AP75", "ARl"):
+            mean, std, n = r[(metric, "mean")], r[(metric, "std")], int(r[(metric, "count")])
+            cell = rows[(loss,)][cols.index(f"{ds} {metric}")]
+            assert cell.value == pytest.approx(mean, rel=1e-12, abs=0)
+            want = f"{mean * 100:.1f}" if n == 1 else f"{mean * 100:.1f} ± {std * 100:.1f}"
+            assert cell.text == want, (loss, ds, metric)
+            checked += 1
+    assert checked == 3 * 5  # five (loss, dataset) cells have numbers; gfl/coco has none
+    # the failed/running/pending runs are not averaged in: gfl/cityscapes has 2 of 3 seeds
+    assert rows[("gfl",)][cols.index("cityscapes n")].text == "2/3"
+    assert rows[("focal",)][cols.index("coco n")].text == "2/3"  # seed 3 never submitted
+    # the delta is the difference of the means, in points
+    d = (direct.loc[("ssfl", "coco"), ("AP", "mean")] - direct.loc[("focal", "coco"), ("AP", "mean")]) * 100
+    assert rows[("ssfl",)][cols.index("coco ΔAP")].text == f"{d:+.1f}"
+
+
+@unit
+def test_long_csv_and_json_keep_full_precision():
+    import pandas as pd
+    from io import StringIO
+
+    from ssflctl.report import build_report
+
+    df = _direct_frame()
+    csv = pd.read_csv(StringIO(build_report(GOLDEN_WS, fmt="csv")))
+    js = pd.DataFrame(json.loads(build_report(GOLDEN_WS, fmt="json")))
+    for frame in (csv, js):
+        ap = frame[(frame["metric"] == "AP") & frame["value"].notna()].set_index("run_id")["value"]
+        assert len(ap) == len(df) == 13
+        for _, r in df.iterrows():
+            assert ap[r["run_id"]] == r["AP"]  # exact, not rounded
+        # every run is there, with or without numbers: 18 runs x 12 metrics
+        assert len(frame[frame["metric"] == "AP"]) == 18
+        states = frame[frame["metric"] == "AP"]["state"].value_counts().to_dict()
+        assert states == {"done": 13, "failed": 2, "running": 1, "pending": 1, "missing": 1}
+        assert set(frame[frame["metric"] == "class_AP"]["class"]) == {"person", "car", "train", "dog"}
+
+
+@unit
+def test_gaps_are_shown_never_dropped():
+    from ssflctl.report import build_report
+
+    md = build_report(GOLDEN_WS)
+    assert "—, failed: NaN after 3 attempts; running: epoch 7/12; pending: not submitted" in md
+    assert "| gfl-cityscapes-s3-71be12f6 | gfl | cityscapes | 3 | failed | RuntimeError: CUDA out of memory |" in md
+    assert "| — | focal | coco | 3 | missing | no run in the workspace |" in md
+    # the retried run is marked and explained
+    assert "3†" in md
+    assert ("ssfl-cityscapes-s2-6a7a524f: attempt 1 lr 0.01: nan (NaN in loss\\_cls at iter 340) → "
+            "attempt 2 lr 0.001: done") in md
+    # best values bold; baseline row first
+    lines = [ln for ln in md.splitlines() if ln.startswith("| focal") or ln.startswith("| ssfl")]
+    assert lines[0].startswith("| focal") and "baseline" in lines[0]
+    assert "**36.8 ± 0.5**" in md
+
+
+@unit
+def test_state_text_and_single_seed():
+    from ssflctl.report.aggregate import _state_text
+
+    f = {"state": "failed", "reason": "NaN after 3 attempts"}
+    assert _state_text([f]) == "failed: NaN after 3 attempts"
+    assert _state_text([f, dict(f)]) == "2 failed: NaN after 3 attempts"
+    assert _state_text([f, {"state": "queued", "reason": ""}]) == "failed: NaN after 3 attempts; queued"
+
+
+def _copy_ws(tmp_path, keep):
+    ws = tmp_path / "ws"
+    for d in (GOLDEN_WS / "runs").iterdir():
+        if keep(d.name):
+            shutil.copytree(d, ws / "runs" / d.name)
+    return ws
+
+
+@unit
+def test_strict_exit_code(tmp_path, capsys):
+    from ssflctl.report import main
+
+    assert main(GOLDEN_WS, [], fmt="csv", strict=True) == 1
+    assert "--strict: " in capsys.readouterr().err
+    ws = _copy_ws(tmp_path, lambda n: n.startswith(("focal-cityscapes", "ssfl-cityscapes")))
+    assert main(ws, [], fmt="markdown", strict=True) == 0
+    out = capsys.readouterr().out
+    assert "| focal |" in out and "| ssfl |" in out and "Runs without results" not in out
+
+
+@unit
+def test_options_baseline_metrics_by():
+    from ssflctl.errors import UserError
+    from ssflctl.report import make_report
+    from ssflctl.report.writers import markdown
+
+    rep = make_report(GOLDEN_WS, baseline="loss=ssfl", metrics="ap,AP50")
+    assert rep.main.flat_columns() == ["cityscapes AP", "cityscapes AP50", "cityscapes ΔAP", "cityscapes n",
+                                       "coco AP", "coco AP50", "coco ΔAP", "coco n"]
+    assert rep.main.rows[0][0] == ["ssfl"]
+    rep = make_report(GOLDEN_WS, baseline="loss=nope", metrics="AP")
+    assert "ΔAP" not in " ".join(rep.main.flat_columns())
+    assert "No baseline: no configuration has loss=nope" in markdown(rep)
+    rep = make_report(GOLDEN_WS, by=["loss", "lr"], metrics="AP")
+    assert rep.main.stub == ["loss", "lr"] and rep.main.rows[0][0] == ["focal", "0.01"]
+    for kw in ({"baseline": "focal"}, {"metrics": "mAP"}, {"by": ["optimizer"]}):
+        with pytest.raises(UserError):
+            make_report(GOLDEN_WS, **kw)
+    with pytest.raises(UserError, match="known experiments: ssfl_vs_fl"):
+        make_report(GOLDEN_WS, ["other"])
+
+
+@unit
+def test_cli_out_writes_figures_and_refuses_overwrite(tmp_path):
+    out = tmp_path / "report" / "index.md"
+    proc = run_cli("report", "-w", GOLDEN_WS, "--out", out, "--metrics", "AP,AP50")
+    assert proc.returncode == 0, proc.stderr
+    md = out.read_text()
+    pngs = sorted(p.name for p in out.parent.glob("*.png"))
+    assert "ap_by_config.png" in pngs and "loss_ssfl_cityscapes.png" in pngs
+    for name in pngs:
+        assert f"]({name})" in md
+    from PIL import Image
+
+    with Image.open(out.parent / "loss_ssfl_cityscapes.png") as im:
+        hist = im.convert("L").histogram()
+        assert im.size[0] > 300 and sum(1 for h in hist if h) > 10  # drawn, not blank
+    again = run_cli("report", "-w", GOLDEN_WS, "--out", out)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    forced = run_cli("report", "-w", GOLDEN_WS, "--out", out, "--force", "--metrics", "AP")
+    assert forced.returncode == 0 and out.read_text() != md
+    stdout = run_cli("report", "-w", GOLDEN_WS, "--metrics", "AP")
+    assert stdout.returncode == 0 and stdout.stdout.startswith("# ssflctl report: ssfl_vs_fl")
+    bad = run_cli("report", "-w", tmp_path / "empty")
+    assert bad.returncode == 2 and "no runs" in bad.stderr
+
+
+@unit
+def test_importing_report_is_light():
+    code = ("import sys, ssflctl.report, ssflctl.report.collect, ssflctl.report.writers, ssflctl.report.plots; "
+            "print([m for m in ('pandas', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+@unit
+def test_registry_fixture(tmp_path):
+    store = pytest.importorskip("ssflctl.store")
+    from ssflctl.report import make_report
+
+    ws = _copy_ws(tmp_path, lambda n: n.startswith(("focal-", "ssfl-")))
+    with store.Registry(ws) as reg:
+        reg.upsert_experiment("ssfl_vs_fl")
+        for d in sorted((ws / "runs").iterdir()):
+            rj = json.loads((d / "run.json").read_text())
+            reg.ensure_run(rj["run_id"], "ssfl_vs_fl", rj["name"], rj["axes"])
+            reg.update_run(rj["run_id"], state="done")
+            for a in sorted(d.glob("attempt-*")):
+                meta = json.loads((a / "attempt.json").read_text())
+                reg.upsert_attempt(rj["run_id"], meta["attempt"], lr=meta["lr"], state="done")
+        # a run the registry knows but that has no directory yet (queued on Slurm)
+        reg.ensure_run("gfl-coco-s1-deadbeef", "ssfl_vs_fl", "gfl-coco-s1",
+                       {"loss": "gfl", "dataset": "coco", "seed": 1, "lr": 0.01})
+        reg.update_run("gfl-coco-s1-deadbeef", state="queued", reason="slurm job 4242 pending (Priority)",
+                       job_id="4242")
+        # the registry says done but the files have no metrics: must not pass as done
+        reg.update_run("focal-cityscapes-s1-1796d5be", state="done")
+    shutil.rmtree(ws / "runs" / "focal-cityscapes-s1-1796d5be" / "attempt-1")
+    rep = make_report(ws, metrics="AP")
+    gaps = {r[0][0]: [c.text for c in r[1]] for r in rep.gaps.rows}
+    assert gaps["gfl-coco-s1-deadbeef"][3:] == ["queued", "slurm job 4242 pending (Priority)"]
+    assert gaps["focal-cityscapes-s1-1796d5be"][3] == "failed"
+    assert "no metrics.json" in gaps["focal-cityscapes-s1-1796d5be"][4]
+    cols = rep.main.flat_columns()
+    row = {tuple(s): c for s, c in rep.main.rows}
+    # seeds 2 and 3 of gfl/coco were never registered: they show up as missing, not as nothing
+    assert row[("gfl",)][cols.index("coco AP")].text == ("—, queued: slurm job 4242 pending (Priority); "
+                                                         "2 missing: no run in the workspace")
+    assert row[("focal",)][cols.index("cityscapes n")].text == "2/3"
+
+
+# ------------------------------------------------------------------------------- outside work dirs
+
+
+@unit
+def test_parse_pycocotools_summary_and_scalars(tmp_path):
+    from ssflctl.report.collect import parse_coco_summaries, read_scalars
+
+    sums = parse_coco_summaries("epoch 1\n" + SUMMARY_002 + "\nepoch 2\n" + SUMMARY_002.replace("0.224", "0.229"))
+    assert len(sums) == 2 and len(sums[1]) == 12
+    assert sums[1]["AP"] == 0.229 and sums[0]["AR1"] == 0.3 and sums[0]["ARs"] is None and sums[0]["ARl"] == 0.494
+    p = tmp_path / "scalars.json"
+    p.write_text('{"loss": NaN, "iter": 1}\n{"loss": nan, "lr": 0.01, "iter": 2}\n{"loss": -inf, "iter": 3}\n'
+                 'not json\n{"loss": 1.5, "iter": 4}\n')
+    recs = read_scalars(p)
+    assert [r["iter"] for r in recs] == [1, 2, 3, 4]
+    assert math.isnan(recs[0]["loss"]) and math.isnan(recs[1]["loss"]) and recs[2]["loss"] == -math.inf
+
+
+def _handmade_workdir(root: Path, name: str, with_summary: bool) -> Path:
+    wd = root / name
+    ts = wd / "20240101_101010"
+    (ts / "vis_data").mkdir(parents=True)
+    log = ["2024/01/01 10:10:10 - mmengine - INFO - \n    seed: 3407\n",
+           "Epoch(train) [1][50/100] lr: 1.0000e-02 loss: 1.2"]
+    if with_summary:
+        log.append(SUMMARY_002)
+        log.append("+----------+-------+--------+\n| category | mAP   | mAP_50 |\n+----------+-------+--------+\n"
+                   "| person   | 0.31  | 0.5    |\n| car      | nan   | nan    |\n+----------+-------+--------+")
+    (ts / "20240101_101010.log").write_text("\n".join(log) + "\n")
+    (ts / "vis_data" / "scalars.json").write_text(
+        '{"lr": 0.01, "loss": 1.2, "iter": 50, "epoch": 1, "step": 50}\n'
+        '{"lr": 0.01, "loss": NaN, "iter": 100, "epoch": 1, "step": 100}\n'
+        '{"coco/bbox_mAP": 0.301, "coco/bbox_mAP_50": 0.5, "coco/bbox_mAP_75": 0.31, "coco/bbox_mAP_s": -1.0, '
+        '"coco/bbox_mAP_m": 0.2, "coco/bbox_mAP_l": 0.4, "coco/person_precision": 0.33, "step": 1}\n')
+    return wd
+
+
+@unit
+def test_handmade_workdirs(tmp_path):
+    from ssflctl.errors import UserError
+    from ssflctl.report import make_report
+
+    a = _handmade_workdir(tmp_path, "retinanet_fl", with_summary=True)
+    b = _handmade_workdir(tmp_path, "retinanet_ssfl", with_summary=False)
+    rep = make_report(tmp_path / "nows", workdirs=[a, b])
+    cols = rep.main.flat_columns()
+    rows = {tuple(s): c for s, c in rep.main.rows}
+    fl, ssfl = rows[("retinanet_fl",)], rows[("retinanet_ssfl",)]
+    assert fl[cols.index("AP")].text == "22.4" and fl[cols.index("AR1")].text == "30.0"
+    assert fl[cols.index("ARs")].text == "—"  # -1 in the summary: no ground truth of that size
+    assert ssfl[cols.index("AP")].text == "30.1" and ssfl[cols.index("APs")].text == "—"
+    assert ssfl[cols.index("AR1")].text == "n/a (CocoMetric)"
+    pcs = {r[0][0]: [c.text for c in r[1]] for r in rep.per_class[0].rows}
+    assert pcs["person"] == ["31.0", "33.0"] and pcs["car"][0] == "n/a (no GT)"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no <timestamp>/ log directory"):
+        make_report(tmp_path / "nows", workdirs=[empty])
+    with pytest.raises(UserError, match="not a directory"):
+        make_report(tmp_path / "nows", workdirs=[tmp_path / "absent"])
+
+
+# --------------------------------------------------------------------- a real mmengine work dir
+
+MMENGINE_SCRIPT = r'''
+import json, sys, io, contextlib
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from mmengine.model import BaseModel
+from mmengine.evaluator import BaseMetric
+from mmengine.runner import Runner
+from mmengine.logging import MMLogger
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+GT = {"images": [{"id": i, "width": 100, "height": 100} for i in range(4)],
+      "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}],
+      "annotations": [{"id": i + 1, "image_id": i, "category_id": 1 + i % 2, "bbox": [10, 10, 30 + i, 40],
+                       "area": (30 + i) * 40, "iscrowd": 0} for i in range(4)]}
+
+
+class Toy(Dataset):
+    def __len__(self):
+        return 16
+    def __getitem__(self, i):
+        x = torch.tensor([float(i % 4)])
+        return dict(inputs=x, target=2 * x + 1)
+
+
+class ToyModel(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+    def forward(self, inputs, target=None, mode="tensor"):
+        x = torch.stack(inputs) if isinstance(inputs, list) else inputs
+        t = torch.stack(target) if isinstance(target, list) else target
+        y = self.lin(x)
+        if mode == "loss":
+            return {"loss": ((y - t) ** 2).mean()}
+        return [float(v) for v in (y - t).abs().flatten()]
+
+
+class ToyCocoMetric(BaseMetric):
+    """Reports CocoMetric-style keys; with summary=True logs pycocotools' summary like mmdet does."""
+    default_prefix = "coco"
+    def __init__(self, summary, **kw):
+        super().__init__(**kw)
+        self.summary = summary
+    def process(self, data_batch, data_samples):
+        self.results.extend(data_samples)
+    def compute_metrics(self, results):
+        err = float(np.mean(results))
+        gt = COCO()
+        gt.dataset = GT
+        gt.createIndex()
+        dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9,
+                 "bbox": [a["bbox"][0] + min(err, 5.0), a["bbox"][1], a["bbox"][2], a["bbox"][3]]}
+                for a in GT["annotations"]]
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ev.evaluate(); ev.accumulate(); ev.summarize()
+        if self.summary:
+            MMLogger.get_current_instance().info("\n" + buf.getvalue())
+        s = ev.stats
+        return {"bbox_mAP": round(float(s[0]), 3), "bbox_mAP_50": round(float(s[1]), 3),
+                "bbox_mAP_75": round(float(s[2]), 3), "bbox_mAP_s": round(float(s[3]), 3),
+                "bbox_mAP_m": round(float(s[4]), 3), "bbox_mAP_l": round(float(s[5]), 3)}
+
+
+work_dir, summary = sys.argv[1], sys.argv[2] == "1"
+loader = dict(dataset=Toy(), batch_size=4, sampler=dict(type="DefaultSampler", shuffle=False),
+              collate_fn=dict(type="default_collate"))
+runner = Runner(model=ToyModel(), work_dir=work_dir, train_dataloader=loader, val_dataloader=loader,
+                optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01)),
+                train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1), val_cfg=dict(),
+                val_evaluator=ToyCocoMetric(summary),
+                default_hooks=dict(logger=dict(type="LoggerHook", interval=1), checkpoint=dict(type="CheckpointHook", interval=10)),
+                randomness=dict(seed=3407), env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
+                launcher="none")
+runner.train()
+'''
+
+
+@pytest.fixture(scope="module")
+def mmengine_workdirs(tmp_path_factory):
+    pytest.importorskip("mmengine")
+    root = tmp_path_factory.mktemp("mmengine_wd")
+    script = root / "toy_train.py"
+    script.write_text(MMENGINE_SCRIPT)
+    out = {}
+    for name, summary in (("toy_with_summary", "1"), ("toy_cocometric", "0")):
+        proc = subprocess.run([sys.executable, str(script), str(root / name), summary], capture_output=True,
+                              text=True, cwd=root, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.training
+def test_real_mmengine_workdirs(mmengine_workdirs, tmp_path):
+    from ssflctl.report import make_report, render
+    from ssflctl.report.collect import read_scalars
+
+    a, b = mmengine_workdirs["toy_with_summary"], mmengine_workdirs["toy_cocometric"]
+    ts = sorted(p for p in b.iterdir() if p.is_dir())[-1]
+    recs = read_scalars(ts / "vis_data" / "scalars.json")
+    last = [r for r in recs if "coco/bbox_mAP" in r][-1]
+    rep = make_report(tmp_path / "nows", workdirs=[a, b])
+    cols = rep.main.flat_columns()
+    rows = {tuple(s): c for s, c in rep.main.rows}
+    assert rows[("toy_cocometric",)][cols.index("AP")].text == f"{last['coco/bbox_mAP'] * 100:.1f}"
+    assert rows[("toy_cocometric",)][cols.index("AR10")].text == "n/a (CocoMetric)"
+    with_sum = rows[("toy_with_summary",)]
+    # the pycocotools summary in the text log gives all 12 numbers, AR@1 included
+    assert all(c.text != "n/a (CocoMetric)" for c in with_sum)
+    assert with_sum[cols.index("AR1")].text.replace(".", "").isdigit()
+    assert {r["axes"].get("seed") for r in rep.records} == {3407}
+    md = render(rep, "markdown")
+    assert "toy_with_summary" in md and "n/a (CocoMetric)" in md
+
+
+# -------------------------------------------------------------------------------------- browser
+
+_PROBE = """<script>window.addEventListener('load', function () {
+  var d = document.createElement('pre'); d.id = 'probe';
+  d.textContent = JSON.stringify({images: Array.from(document.images).map(function (i) {
+    return i.complete ? i.naturalWidth : 0; }), tables: document.querySelectorAll('table').length});
+  document.body.appendChild(d); });</script></body>"""
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chrome_args(tmp_path):
+    return [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1400,2000"]
+
+
+@pytest.mark.browser
+def test_html_report_in_headless_chromium(tmp_path):
+    out = tmp_path / "site" / "index.html"
+    proc = run_cli("report", "-w", GOLDEN_WS, "--format", "html", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(out.parent.glob("*.png"))  # self-contained: figures inline
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "<style>" in page and "http" not in page.lower()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", _PROBE, 1))
+    dom = subprocess.run(_chrome_args(tmp_path) + ["--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    start = dom.stdout.index('<pre id="probe">') + len('<pre id="probe">')
+    info = json.loads(dom.stdout[start: dom.stdout.index("</pre>", start)])
+    assert info["tables"] >= 4  # main, gaps, two per-class
+    assert len(info["images"]) >= 2 and all(w > 0 for w in info["images"]), info
+    assert 'id="main"' in dom.stdout and "ssfl_vs_fl" in dom.stdout
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(_chrome_args(tmp_path) + [f"--screenshot={shot}", out.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        gray = im.convert("L")
+        assert im.size == (1400, 2000)
+        lo, hi = gray.getextrema()
+        assert hi - lo > 100  # text and figures, not a blank page
+        assert sum(gray.histogram()[:128]) > 2000  # enough dark pixels: tables and plots drawn
+    if os.environ.get("SSFLCTL_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["SSFLCTL_KEEP_SCREENSHOT"])
