@@ -147,10 +147,13 @@ def _stuff(rng, W, H) -> List[dict]:
     return objs, horizon
 
 
-def _object(rng, W, H, horizon, label, near: Optional[Tuple[int, int, int, int]] = None):
+def _object(rng, W, H, horizon, label, near: Optional[Tuple[int, int, int, int]] = None, dense: bool = False):
     base = label[: -len("group")] if label.endswith("group") else label
     hmin, hmax, aspect = SHAPES[base]
-    h = max(2, int(H * rng.uniform(hmin, hmax)))
+    if dense:  # many small, distant objects, as in real street scenes
+        h = max(2, int(H * np.exp(rng.uniform(np.log(hmin / 4), np.log(hmax)))))
+    else:
+        h = max(2, int(H * rng.uniform(hmin, hmax)))
     w = max(2, int(h * aspect * rng.uniform(0.8, 1.2)))
     if label.endswith("group"):
         w = int(w * rng.uniform(2.0, 3.5))
@@ -174,13 +177,15 @@ def make_scene(rng, W: int, H: int, empty: bool = False, all_cases: bool = False
         return objs
     names = list(CLASS_WEIGHTS)
     p = np.array([CLASS_WEIGHTS[n] for n in names])
-    n_obj = int(rng.integers(3, 9))
+    # full-size images get about as many instances as real Cityscapes frames (train: 17.6 per image)
+    dense = W * H >= 1024 * 512
+    n_obj = int(rng.integers(8, 26)) if dense else int(rng.integers(3, 9))
     inst: List[Tuple[dict, tuple]] = []
     labels = [str(rng.choice(names, p=p / p.sum())) for _ in range(n_obj)]
     if all_cases:
         labels += ["caravan", "trailer", "car", "person"]
     for lab in labels:
-        inst.append(_object(rng, W, H, horizon, lab))
+        inst.append(_object(rng, W, H, horizon, lab, dense=dense))
     if all_cases or rng.random() < 0.3:  # a crowd region
         inst.append(_object(rng, W, H, horizon, str(rng.choice(GROUPS)) if not all_cases else "cargroup"))
     if all_cases:
@@ -361,7 +366,7 @@ def cached(
     cache_dir: Optional[os.PathLike] = None,
 ) -> Path:
     """``generate`` into a cache folder keyed by the parameters (reused when complete)."""
-    key = json.dumps([n_train, n_val, n_test, list(size), seed, fast, 1])
+    key = json.dumps([n_train, n_val, n_test, list(size), seed, fast, 2])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     base = Path(cache_dir or os.environ.get("SSFLCTL_CACHE") or Path(tempfile.gettempdir()) / "ssflctl-cache")
     root = base / f"synth-cityscapes-{digest}"
