@@ -483,6 +483,7 @@ def load(path) -> Experiment:
                 if isinstance(val, (list, dict)):
                     v.fail(kl, f"matrix.{rule}[{i}].{k}", f"expected one value, got {_kind(val)}")
                 _check_plain(v, val, kl, f"matrix.{rule}[{i}].{k}")
+            v.lines[f"matrix.{rule}[{i}]"] = iln
             (include if rule == "include" else exclude).append(dict(m))
 
     # executor
@@ -738,7 +739,7 @@ def expand(exp: Experiment, check_paths: bool = True, dry_run: bool = False) -> 
     runs: List[RunSpec] = []
     seen: Dict[str, str] = {}
     for cell, origin in cells:
-        where = exp.lines.get(origin.split("[")[0] if origin == "matrix" else "matrix.include", exp.lines.get("matrix", 1))
+        where = exp.lines.get(origin, exp.lines.get("matrix", 1))
         ds = None
         if "dataset" in cell:
             ds = exp.datasets.get(cell["dataset"]) if isinstance(cell["dataset"], str) else None

@@ -216,6 +216,14 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[
         state, reason = r["state"], r["reason"]
         if r["state"] == "submitting" and _claim_abandoned(r):
             state, reason = "failed", "a submit was interrupted before the job was launched; submit again"
+        elif r["state"] == "done":  # results must still be there (deleted/corrupted -> resubmittable)
+            last = attempts[-1] if attempts else None
+            ok = last is not None and (last["outcome"] or {}).get("outcome") == "done" and (
+                last["metrics"] is not None or not test)
+            if not ok:
+                what = "metrics.json" if last is not None and (last["outcome"] or {}).get("outcome") == "done" \
+                    else "outcome.json"
+                state, reason = "failed", f"results missing: no {what} in {last['dir'] if last else rdir}"
         elif r["state"] in ("queued", "running", "unknown", "failed") and r["job_id"]:
             if r["backend"] == "local":
                 local_state = _local_state(registry, r)

@@ -1,0 +1,152 @@
+"""The registry: schema, list_runs contract, events on state changes, concurrent writers, reconcile."""
+import json
+import multiprocessing as mp
+import os
+import sqlite3
+
+import pytest
+
+from ssflctl.atomic import write_json
+from ssflctl.store import Registry
+from ssflctl import supervise
+
+pytestmark = pytest.mark.unit
+
+
+def test_wal_and_list_runs_contract(tmp_path):
+    with Registry(tmp_path) as reg:
+        assert reg.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        reg.upsert_experiment("exp", "/x/exp.yaml")
+        reg.ensure_run("a-12345678", "exp", "a", {"loss": "focal", "seed": 1})
+        reg.update_run("a-12345678", state="queued", job_id="7_0", backend="slurm", attempt=1)
+        reg.upsert_attempt("a-12345678", 1, lr=0.01, state="queued", job_id="7_0")
+        runs = reg.list_runs("exp")
+    assert len(runs) == 1
+    r = runs[0]
+    for key in ("run_id", "experiment", "name", "axes", "state", "reason", "job_id", "attempts"):
+        assert key in r
+    assert r["axes"] == {"loss": "focal", "seed": 1} and r["state"] == "queued" and r["job_id"] == "7_0"
+    assert r["attempts"] == [{"attempt": 1, "lr": 0.01, "state": "queued", "reason": None, "job_id": "7_0",
+                              "started_at": None, "ended_at": None}]
+    with Registry(tmp_path) as reg:  # reopening keeps everything; events record every change
+        kinds = [(e["kind"], e["old_state"], e["new_state"]) for e in reg.events("a-12345678")]
+        assert kinds == [("registered", None, "pending"), ("state", "pending", "queued")]
+        assert reg.update_run("a-12345678", state="queued") is False
+        assert len(reg.events("a-12345678")) == 2
+        with pytest.raises(ValueError):
+            reg.update_run("a-12345678", state="bogus")
+
+
+def test_transaction_rolls_back(tmp_path):
+    with Registry(tmp_path) as reg:
+        reg.upsert_experiment("exp")
+        with pytest.raises(RuntimeError):
+            with reg.transaction():
+                reg.ensure_run("r-1", "exp", "r", {})
+                raise RuntimeError("boom")
+        assert reg.list_runs() == []
+
+
+def _claimer(ws, q, start):
+    start.wait()
+    reg = Registry(ws)
+    got = []
+    with reg.transaction():
+        for i in range(20):
+            row = reg.get_run(f"r-{i}")
+            if row["state"] == "pending":
+                reg.update_run(f"r-{i}", state="submitting", claim_pid=os.getpid())
+                got.append(i)
+    q.put(got)
+
+
+def test_concurrent_claims_are_exclusive(tmp_path):
+    with Registry(tmp_path) as reg:
+        reg.upsert_experiment("exp")
+        for i in range(20):
+            reg.ensure_run(f"r-{i}", "exp", f"r{i}", {"i": i})
+    ctx = mp.get_context("spawn")
+    q, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_claimer, args=(str(tmp_path), q, start)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    claimed = sorted(i for r in results for i in r)
+    assert claimed == list(range(20))  # each exactly once
+    with Registry(tmp_path) as reg:
+        assert {r["state"] for r in reg.list_runs()} == {"submitting"}
+
+
+def _run(reg, ws, run_id, state="done", backend="local", attempt=1, outcome="done", metrics=True):
+    reg.upsert_experiment("exp")
+    reg.ensure_run(run_id, "exp", run_id, {"seed": 1})
+    reg.update_run(run_id, state=state, backend=backend, job_id="local-1_0", attempt=attempt)
+    rdir = ws / "runs" / run_id
+    write_json(rdir / "run.json", {"run_id": run_id, "test": True, "retry": {"max_attempts": 3}})
+    adir = rdir / f"attempt-{attempt}"
+    write_json(adir / "attempt.json", {"attempt": attempt, "lr": 0.001, "reason": "after NaN in loss_cls at epoch 3"})
+    if outcome:
+        write_json(adir / "outcome.json", {"outcome": outcome, "reason": f"{outcome} reason", "finished_at": None})
+    if metrics:
+        write_json(adir / "metrics.json", {"bbox": {"AP": 0.3}})
+    return rdir
+
+
+def test_reconcile_lost_results_and_abandoned_claims(tmp_path):
+    ws = tmp_path
+    with Registry(ws) as reg:
+        rdir = _run(reg, ws, "ok-00000001")
+        _run(reg, ws, "lost-00000002")
+        (ws / "runs" / "lost-00000002" / "attempt-1" / "metrics.json").unlink()
+        # a claim whose submitting process is gone (killed between claim and launch)
+        reg.ensure_run("claimed-00000003", "exp", "claimed", {})
+        reg.update_run("claimed-00000003", state="submitting", claim_pid=2 ** 22 + 12345,
+                       claim_host=__import__("socket").gethostname())
+        # a local job whose runner vanished
+        reg.ensure_run("gone-00000004", "exp", "gone", {})
+        reg.update_run("gone-00000004", state="running", backend="local", job_id="local-999999_0",
+                       submission_id="nosuch")
+        supervise.reconcile(reg, ws)
+        states = {r["run_id"]: (r["state"], r["reason"]) for r in reg.list_runs()}
+    assert states["ok-00000001"][0] == "done"
+    assert states["lost-00000002"][0] == "failed"
+    assert states["claimed-00000003"][0] == "failed" and "interrupted" in states["claimed-00000003"][1]
+    assert states["gone-00000004"][0] == "unknown"  # never "done"
+
+
+def test_local_task_state_lost_runner(tmp_path):
+    from ssflctl.launch import local
+
+    (tmp_path / "tasks").mkdir()
+    write_json(tmp_path / "runner.json", {"pid": 2 ** 22 + 4321})
+    write_json(tmp_path / "tasks" / "0.json", {"state": "running", "pid": 2 ** 22 + 4322})
+    write_json(tmp_path / "tasks" / "1.json", {"state": "done", "returncode": 0})
+    assert local.task_state(tmp_path, 0)["state"] == "lost"
+    assert local.task_state(tmp_path, 1)["state"] == "done"
+    assert local.task_state(tmp_path, 2)["state"] == "missing"
+    assert local.parse_job_id("local-12_3") == (12, 3) and local.parse_job_id("17_0") is None
+
+
+def test_parse_sacct_arrays():
+    from ssflctl.launch.slurm import parse_sacct
+
+    text = "16_0|COMPLETED|0:0|00:00:02\n16_[1-3%2]|PENDING|0:0|00:00:00\n17|CANCELLED by 0|0:15|00:00:01\n"
+    st = parse_sacct(text)
+    assert st["16_0"]["state"] == "COMPLETED"
+    assert [st[f"16_{i}"]["state"] for i in (1, 2, 3)] == ["PENDING"] * 3
+    assert st["17"]["state"] == "CANCELLED"
+
+
+def test_decide_slurm_states():
+    row = {"backend": "slurm", "job_id": "5_0", "test_job_id": "6_0", "attempt": 1, "submitted_at": None}
+    dec = lambda sched, attempts=(): supervise.decide(row, list(attempts), True, sched)  # noqa: E731
+    assert dec({"5_0": {"state": "PENDING"}})[0] == "queued"
+    assert dec({"5_0": {"state": "RUNNING"}})[0] == "running"
+    assert dec({"5_0": {"state": "COMPLETED"}, "6_0": {"state": "RUNNING"}}) == ("running", "testing")
+    assert dec({"5_0": {"state": "FAILED", "exit_code": "1:0"}})[0] == "failed"
+    assert dec({"5_0": {"state": "CANCELLED"}})[0] == "cancelled"
+    assert dec({})[0] == "unknown"
+    assert dec({"5_0": {"state": "COMPLETED"}, "6_0": {"state": "COMPLETED"}})[0] == "failed"  # no metrics.json
