@@ -130,6 +130,7 @@ class NanGuardHook(_HookBase):  # type: ignore[misc,valid-type]
         self.history: Dict[str, deque] = {}
         self.last_finite_iter: Optional[int] = None
         self.tripped: Optional[Dict[str, Any]] = None
+        self._t0 = float("inf")
 
     # -- reading the values ---------------------------------------------------------------
     def _values(self, runner, outputs) -> Dict[str, float]:
@@ -164,6 +165,7 @@ class NanGuardHook(_HookBase):  # type: ignore[misc,valid-type]
     def before_train(self, runner) -> None:
         self.history = {}
         self.tripped = None
+        self._t0 = time.time()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         vals = self._values(runner, outputs)
@@ -184,7 +186,14 @@ class NanGuardHook(_HookBase):  # type: ignore[misc,valid-type]
         self.tripped = record
         path = Path(self.out_file) if self.out_file else Path(runner.work_dir) / NAN_FILE
         record["file"] = str(path)
-        atomic.write_json(path, record)
+        # In a distributed run every rank has a guard; the first rank to trip (the earliest
+        # iteration) keeps its record, a nan.json left by an earlier start is replaced.
+        try:
+            fresh = path.stat().st_mtime >= getattr(self, "_t0", float("inf"))
+        except FileNotFoundError:
+            fresh = False
+        if not fresh:
+            atomic.write_json(path, record)
         logger = getattr(runner, "logger", None)
         if logger is not None:
             parts = "  ".join(f"{k}: {vals[k]}" for k in vals)

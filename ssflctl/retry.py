@@ -165,6 +165,14 @@ def clean_checkpoint(attempt_dir, nan_iter: Optional[int]) -> Optional[str]:
     for c in logs.list_checkpoints(attempt_dir):
         if c["iter"] is not None and c["iter"] <= limit:
             best = c
+    if best is None:
+        # an attempt that itself resumed another attempt's (clean) checkpoint and went NaN before
+        # saving one of its own: that starting checkpoint is still the last clean one
+        start = (atomic.read_json(Path(attempt_dir) / "attempt.json") or {}).get("resume_from")
+        if start and Path(start).is_file():
+            meta = logs.read_checkpoint_meta(start) or {}
+            if meta.get("iter") is not None and int(meta["iter"]) <= limit:
+                return str(start)
     return best["path"] if best else None
 
 

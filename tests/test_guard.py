@@ -69,7 +69,7 @@ def _register():
 
 
 def _cfg(work_dir: Path, lr: float, *, guard: bool, name: str, resume_from=None, override=False,
-         epochs=EPOCHS):
+         epochs=EPOCHS, by_epoch=True):
     from mmengine.config import Config
     hooks = []
     if guard:
@@ -97,6 +97,11 @@ def _cfg(work_dir: Path, lr: float, *, guard: bool, name: str, resume_from=None,
         default_scope="mmengine",
         log_level="INFO",
     )
+    if not by_epoch:  # iteration-based loop: checkpoints every 4 iterations, a log line every 3
+        cfg.update(train_cfg=dict(by_epoch=False, max_iters=epochs * 4),
+                   default_hooks=dict(logger=dict(type="LoggerHook", interval=3),
+                                      checkpoint=dict(type="CheckpointHook", interval=4, by_epoch=False)),
+                   log_processor=dict(window_size=3, by_epoch=False))
     if resume_from:
         cfg.update(resume=True, load_from=str(resume_from))
     return Config(cfg)
@@ -288,3 +293,24 @@ def test_custom_imports_registers_the_hooks(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["NanGuardHook", "65", "LrOverrideHook"]
+
+
+def test_guard_in_an_iteration_based_loop(runs, tmp_path):
+    from ssflctl.guard import NonFiniteLossError
+    _, exc = _train(_cfg(tmp_path / "iters", LR, guard=True, name="iters", by_epoch=False))
+    assert isinstance(exc, NonFiniteLossError)
+    rec = exc.record
+    first = logs.nonfinite_in_scalars(logs.scalar_files(runs["unguarded"])[0])
+    assert rec["iter"] == first["iter"] and rec["epoch"] is None
+    assert "epoch" not in rec["reason"] and f"iter {rec['iter']} (lr 3)" in rec["reason"]
+    cks = logs.list_checkpoints(tmp_path / "iters")
+    assert [c["name"] for c in cks] == [f"iter_{i}.pth" for i in range(4, rec["iter"], 4)]
+    assert [c["iter"] for c in cks] == list(range(4, rec["iter"], 4))
+    # mmengine's "Iter(train) [ 9/40]" lines parse; the guard's own line names the NaN iteration
+    (log,) = logs.text_logs(tmp_path / "iters")
+    lines = logs.read_text_log(log)
+    assert [r["iter"] for r in lines if not r.get("guard")][:2] == [3, 6]
+    assert lines[0]["max_iters"] == EPOCHS * 4
+    (tmp_path / "iters" / "nan.json").unlink()
+    hit = logs.find_nonfinite(tmp_path / "iters")
+    assert hit["iter"] == rec["iter"] and hit["key"] == "loss_cls"

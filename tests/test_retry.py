@@ -89,3 +89,15 @@ def test_other_outcomes(tmp_path):
     assert decide(pol, tmp_path, 1, 0.01, {"outcome": "done"}).action == "stop"
     assert decide(RetryPolicy.from_dict({"on_preempt": "fail"}), tmp_path, 1, 0.01,
                   {"outcome": "timeout"}).action == "stop"
+
+
+def test_clean_checkpoint_falls_back_to_the_attempts_own_start(tmp_path):
+    prev = tmp_path / "attempt-1"
+    prev.mkdir()
+    _ckpt(prev / "epoch_2.pth", 16, 2)
+    cur = tmp_path / "attempt-2"
+    cur.mkdir()
+    (cur / "attempt.json").write_text(json.dumps({"resume_from": str(prev / "epoch_2.pth")}))
+    # attempt 2 resumed epoch_2 (iter 16) and went NaN at iter 19 before saving anything
+    assert retry.clean_checkpoint(cur, 19) == str(prev / "epoch_2.pth")
+    assert retry.clean_checkpoint(cur, 17) is None  # its start gave the NaN itself
