@@ -388,6 +388,33 @@ def test_missing_root_parts_and_split(synth, tmp_path):
     with pytest.raises(UserError, match=r"missing split directory.*--splits"):
         convert(synth, tmp_path / "o", splits=["train_extra"], progress=False)
     assert not (tmp_path / "o").exists()
+    # images without their gtFine split: one line for the folder, not one per image
+    root = tmp_path / "nogt"
+    shutil.copytree(synth / "leftImg8bit" / "val", root / "leftImg8bit" / "extra")
+    (root / "gtFine").mkdir()
+    with pytest.raises(UserError) as err:
+        convert(root, tmp_path / "o", splits=["extra"], progress=False)
+    assert str(err.value).count("\n") == 1 and "gtFine/extra: missing split directory" in str(err.value)
+
+
+@unit
+def test_progress_bar_and_summary_table(synth, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from ssflctl.convert.cityscapes import convert, print_summary
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=200)
+    summary = convert(synth, tmp_path / "o", splits=["train"], progress=True, console=console)
+    assert "images/s" in buf.getvalue() and "train" in buf.getvalue()
+    table = io.StringIO()
+    print_summary(summary, Console(file=table, force_terminal=True, width=250))
+    text = table.getvalue()
+    s = summary.splits[0]
+    assert s.images == 8 and s.empty_images >= 1 and sum(s.crowd.values()) >= 1
+    assert "bicycle" in text and "crowd" in text and str(s.instances["car"]) in text
 
 
 @unit

@@ -285,6 +285,8 @@ def collect_split(root: Path, split: str) -> Tuple[List[tuple], List[str]]:
     problems: List[str] = []
     if not img_dir.is_dir():
         return [], [f"{img_dir}: missing split directory (convert only the splits you have, e.g. --splits train,val)"]
+    if not gt_dir.is_dir():
+        return [], [f"{gt_dir}: missing split directory (the gtFine annotations of {img_dir}); download gtFine_trainvaltest"]
     tasks = []
     for city_dir in sorted(p for p in img_dir.iterdir() if not p.name.startswith(".")):
         if not city_dir.is_dir():
@@ -313,7 +315,7 @@ def collect_split(root: Path, split: str) -> Tuple[List[tuple], List[str]]:
 # the conversion
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, console=None):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     from rich.text import Text
@@ -324,7 +326,7 @@ def _progress(enabled: bool):
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False, console=console,
     )
 
 
@@ -347,6 +349,7 @@ def convert(
     splits: Sequence[str] = DEFAULT_SPLITS,
     force: bool = False,
     progress: bool = True,
+    console=None,
 ) -> Summary:
     """Convert ``splits`` of the Cityscapes ``root``; write ``out_dir/instancesonly_filtered_gtFine_<split>.json``.
 
@@ -374,7 +377,7 @@ def convert(
     decoder = _decoder()[0]
     results: Dict[str, bytes] = {}
     summaries: List[SplitSummary] = []
-    with _progress(progress) as bar:
+    with _progress(progress, console) as bar:
         for split in splits:
             tasks = listing[split][0]
             ts = time.perf_counter()
@@ -428,7 +431,8 @@ def main(root, out_dir, nproc: int, splits: Sequence[str], force: bool) -> Summa
     from rich.console import Console
 
     console = Console(stderr=True)
-    summary = convert(root, out_dir, nproc=nproc, splits=splits, force=force, progress=console.is_terminal)
+    summary = convert(root, out_dir, nproc=nproc, splits=splits, force=force, progress=console.is_terminal,
+                      console=console)
     print_summary(summary, Console())
     return summary
 
