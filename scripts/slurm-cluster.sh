@@ -81,20 +81,28 @@ pid_of() {  # pid_of PIDFILE COMM -> prints the pid if that daemon is running
 }
 running() { pid_of "$1" "$2" >/dev/null; }
 
-stop_pidfile() {  # stop_pidfile PIDFILE COMM: SIGTERM, wait up to 20 s, then SIGKILL
-  local pid i
-  pid=$(pid_of "$1" "$2") || { rm -f "$1"; return 0; }
-  kill -TERM "$pid" 2>/dev/null || true
+stop_daemons() {  # stop_daemons PIDFILE:COMM...: SIGTERM them all, wait up to 20 s, then SIGKILL
+  local d pid pids=() i alive
+  for d in "$@"; do
+    if pid=$(pid_of "${d%%:*}" "${d##*:}"); then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+    rm -f "${d%%:*}"
+  done
   for i in $(seq 1 200); do
-    [ -d "/proc/$pid" ] || break
+    alive=0
+    for pid in "${pids[@]}"; do [ -d "/proc/$pid" ] && alive=1; done
+    [ $alive = 0 ] && return 0
     sleep 0.1
   done
-  if [ -d "/proc/$pid" ]; then
-    say "$2 ($pid) did not stop in 20 s; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-    sleep 0.5
-  fi
-  rm -f "$1"
+  for pid in "${pids[@]}"; do
+    if [ -d "/proc/$pid" ]; then
+      say "$(cat "/proc/$pid/comm" 2>/dev/null) ($pid) did not stop in 20 s; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  sleep 0.5
 }
 
 wait_for() {  # wait_for SECONDS CMD...: retry CMD every 0.2 s
@@ -145,7 +153,10 @@ write_configs() {  # sets CONF_CHANGED=1 if a Slurm config changed
     die "$ETC/slurm.conf exists and was not written by this script (a real cluster?); not touching it. Set SSFLCTL_SLURM_FORCE=1 to overwrite it." " "
   fi
   mkdir -p "$ETC" "$STATE/run" "$STATE/slurmctld" "$STATE/slurmd" "$STATE/dev" "$STATE/mysql-run" "$LOGS"
-  chmod 755 "$STATE" "$LOGS"
+  chmod 755 "$STATE"
+  # slurmctld/slurmdbd (SlurmUser) chdir to their log directory and want to write there (core files);
+  # sticky so that munged still accepts it as a secure log directory
+  chown "root:$SLURM_USER" "$LOGS"; chmod 1775 "$LOGS"
   if [ ! -s "$STATE/db.pass" ]; then
     (umask 077; head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$STATE/db.pass")
   fi
@@ -287,9 +298,8 @@ cmd_up() {
   write_configs
   if [ "$CONF_CHANGED" = 1 ]; then
     # a changed config: restart Slurm's daemons so that they all read it
-    stop_pidfile "$STATE/run/slurmd.pid" slurmd
-    stop_pidfile "$STATE/run/slurmctld.pid" slurmctld
-    stop_pidfile "$STATE/run/slurmdbd.pid" slurmdbd
+    stop_daemons "$STATE/run/slurmd.pid:slurmd" "$STATE/run/slurmctld.pid:slurmctld"
+    stop_daemons "$STATE/run/slurmdbd.pid:slurmdbd"
   fi
   start_munge
   start_mariadb
@@ -304,11 +314,10 @@ cmd_up() {
 
 cmd_down() {
   need_root
-  stop_pidfile "$STATE/run/slurmd.pid" slurmd
-  stop_pidfile "$STATE/run/slurmctld.pid" slurmctld
-  stop_pidfile "$STATE/run/slurmdbd.pid" slurmdbd
-  stop_pidfile "$STATE/mysql-run/mysqld.pid" mariadbd
-  stop_pidfile "$MUNGE_PID" munged
+  # in dependency order: slurmctld reports to slurmdbd, which needs MariaDB and munge
+  stop_daemons "$STATE/run/slurmd.pid:slurmd" "$STATE/run/slurmctld.pid:slurmctld"
+  stop_daemons "$STATE/run/slurmdbd.pid:slurmdbd"
+  stop_daemons "$STATE/mysql-run/mysqld.pid:mariadbd" "$MUNGE_PID:munged"
   echo "slurm cluster down (state kept in $STATE, logs in $LOGS)"
 }
 
@@ -325,9 +334,15 @@ cmd_status() {
   return $rc
 }
 
+lock() {  # one up/down at a time (test sessions that run in parallel all call `up`)
+  mkdir -p /run/lock
+  exec 9>/run/lock/ssflctl-slurm.lock
+  flock -w 300 9 || die "another slurm-cluster.sh has held /run/lock/ssflctl-slurm.lock for 300 s" " "
+}
+
 case "${1:-}" in
-  up) cmd_up ;;
-  down) cmd_down ;;
+  up) need_root; lock; cmd_up ;;
+  down) need_root; lock; cmd_down ;;
   status) cmd_status ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac
