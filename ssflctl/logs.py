@@ -265,7 +265,7 @@ def last_progress(work_dir) -> Optional[dict]:
     for d in reversed(run_dirs(work_dir)):
         best = None
         for log in sorted(d.glob("*.log")):
-            recs = [r for r in read_text_log(log) if not r.get("guard")]
+            recs = [r for r in map(parse_log_line, _tail_lines(log)) if r and not r.get("guard")]
             if recs:
                 r = recs[-1]
                 best = {"epoch": r["epoch"], "iter": r["iter"], "max_iters": r["max_iters"],
@@ -273,7 +273,7 @@ def last_progress(work_dir) -> Optional[dict]:
                         "loss": r["values"].get("loss"), "lr": r["values"].get("lr"),
                         "file": str(log), "updated_at": os.path.getmtime(log)}
         sc = d / "vis_data" / "scalars.json"
-        recs = [r for r in read_scalars(sc) if "loss" in r]
+        recs = [r for r in map(_loads_tolerant, _tail_lines(sc)) if r and "loss" in r]
         if recs:
             r = recs[-1]
             it = r.get("iter", r.get("step"))
@@ -284,6 +284,22 @@ def last_progress(work_dir) -> Optional[dict]:
         if best is not None:
             return best
     return None
+
+
+def _tail_lines(path, nbytes: int = 256 * 1024) -> List[str]:
+    """The complete lines in the last ``nbytes`` of a file (a status check reads no more)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - nbytes))
+            data = fh.read()
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if size > nbytes and lines:
+        lines = lines[1:]  # the first one is cut
+    return [ln.strip() for ln in lines if ln.strip()]
 
 
 def iters_per_epoch(work_dir) -> Optional[int]:
@@ -413,15 +429,7 @@ def log_tail(work_dir, lines: int = 20) -> str:
     logs = text_logs(work_dir)
     if not logs:
         return ""
-    try:
-        with open(logs[-1], "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            data = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
+    return "\n".join(_tail_lines(logs[-1], 64 * 1024)[-lines:])
 
 
 def iter_records(work_dir) -> Iterator[dict]:

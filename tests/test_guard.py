@@ -259,6 +259,9 @@ def test_resume_from_clean_checkpoint_at_lower_lr_logs_the_new_lr(runs, tmp_path
     first_iter = logs.read_text_log(logs.text_logs(tmp_path / "fixed")[0])[0]["iter"]
     assert first_iter == meta["iter"] + 1          # resumed, not restarted
     assert runner.param_schedulers[0].base_values == [pytest.approx(new_lr)]
+    # a real mmengine log that says "nanjing", "banana" and "Nano" (config, classes) but no NaN
+    fixed_log = logs.text_logs(tmp_path / "fixed")[0].read_text()
+    assert "nanjing" in fixed_log and "banana" in fixed_log and "Nano" in fixed_log
     assert logs.find_nonfinite(tmp_path / "fixed") is None
     prog = logs.last_progress(tmp_path / "fixed")
     assert prog["iter"] == EPOCHS * 4 and prog["epoch"] == EPOCHS and math.isfinite(prog["loss"])
