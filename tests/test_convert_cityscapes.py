@@ -369,7 +369,7 @@ def test_bad_input_cli_exit_and_prior_outputs_untouched(synth, tmp_path, cli_env
         (out / f"instancesonly_filtered_gtFine_{split}.json").write_text(f"previous {split}")
     proc = run_cli("convert", "cityscapes", root, "--out-dir", out, "--nproc", "2", "--force", env=cli_env)
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "WARN" not in proc.stderr  # no decoder noise
     for name, why in expected:
         assert name in proc.stderr, name
     for split in ("train", "val", "test"):

@@ -85,9 +85,11 @@ def _decoder():
     except ImportError:
         cv2 = None
     if cv2 is not None and os.environ.get("SSFLCTL_DECODER", "") != "pillow":
-        try:  # libpng's warnings for bad files go to stderr; we report them ourselves
-            cv2.setLogLevel(0)
-        except AttributeError:  # pragma: no cover
+        try:  # OpenCV logs a warning for each bad file on stderr; we report them ourselves
+            from cv2.utils import logging as cv_logging
+
+            cv_logging.setLogLevel(cv_logging.LOG_LEVEL_SILENT)
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the OpenCV build
             pass
 
         def read_cv2(path: str):
