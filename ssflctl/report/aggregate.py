@@ -235,22 +235,23 @@ def long_frame(records: list, metrics: list, by: list):
                 v = m["bbox"].get(k)
                 rows.append((k, "", v, "" if v is not None else "no value (-1: no ground truth)"))
         if m:
-            for cls, v in m["per_class"].items():
-                rows.append(("class_AP", cls, v, "" if v is not None else "no ground truth"))
-        for metric, cls, v, note in rows:
-            for c, val in base.items():
-                cols[c].append(val)
-            cols["metric"].append(metric)
-            cols["class"].append(cls)
-            cols["value"].append(v)
-            cols["evaluator"].append(evaluator)
-            cols["note"].append(note)
+            rows.extend(("class_AP", cls, v, "" if v is not None else "no ground truth")
+                        for cls, v in m["per_class"].items())
+        k = len(rows)
+        for c, val in base.items():
+            cols[c].extend([val] * k)
+        cols["evaluator"].extend([evaluator] * k)
+        metric_c, class_c, value_c, note_c = zip(*rows)
+        cols["metric"].extend(metric_c)
+        cols["class"].extend(class_c)
+        cols["value"].extend(value_c)
+        cols["note"].extend(note_c)
     df = pd.DataFrame(cols)
     df["value"] = df["value"].astype("float64")
     df["lr"] = df["lr"].astype("float64")
     for c in [*axis_cols.values(), "attempts", "attempt"]:
-        vals = [v for v in cols[c] if v is not None]
-        if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        types = set(map(type, cols[c])) - {type(None)}
+        if types == {int}:
             df[c] = df[c].astype("Int64")
     return df
 

@@ -204,13 +204,13 @@ def _nan_reason(nan: dict) -> str:
 
 def _attempt_record(n: int, adir: str) -> dict:
     meta = _read_json(os.path.join(adir, "attempt.json"), {}) or {}
-    outcome = _read_json(os.path.join(adir, "outcome.json"))
+    has_metrics = os.path.exists(os.path.join(adir, "metrics.json"))
+    # a tested attempt is done whatever its outcome file says; skip reading it (fast for 1000s of runs)
+    outcome = {"outcome": "done"} if has_metrics else _read_json(os.path.join(adir, "outcome.json"))
     rec = {
         "attempt": n, "lr": _float_or_none(meta.get("lr")), "dir": adir,
-        "why": meta.get("reason") or "", "state": None, "reason": "", "nan": None, "has_metrics": False,
+        "why": meta.get("reason") or "", "state": None, "reason": "", "nan": None, "has_metrics": has_metrics,
     }
-    if os.path.exists(os.path.join(adir, "metrics.json")):
-        rec["has_metrics"] = True
     if isinstance(outcome, dict):
         state = outcome.get("outcome") or "failed"
         rec["state"] = state
@@ -436,8 +436,10 @@ def _vis_files(tsdir: str) -> list:
     if os.path.exists(p):
         return [p]
     ts = os.path.basename(tsdir)
-    alt = os.path.join(vis, ts + ".json")
-    return [alt] if os.path.exists(alt) else []
+    for alt in (os.path.join(vis, ts + ".json"), os.path.join(tsdir, ts + ".json")):
+        if os.path.exists(alt):
+            return [alt]
+    return []
 
 
 def read_workdir(path) -> dict:

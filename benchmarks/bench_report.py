@@ -1,0 +1,148 @@
+"""`ssflctl report` over 1000 runs' metrics (issue 7: under 3 s here).
+
+A synthetic workspace: 10 losses x 2 datasets (COCO with 80 per-class APs, Cityscapes with 8) x 50
+seeds = 1000 run dirs, 5% of them retried after a NaN, 2% failed, a few running. Figures:
+  1. `ssflctl report -w WS` end to end in a fresh process (interpreter, imports, markdown to stdout)
+     against the 3 s target budget;
+  2. collect + aggregate + render in process against a naive baseline measured in the same run:
+     per run, json.load each file and build a pandas frame (pd.json_normalize), pd.concat, groupby.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_S = 3.0
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def make_workspace(root: Path, n_losses=10, n_seeds=50) -> Path:
+    rng = random.Random(0)
+    ws = root / "ws"
+    classes = {"coco": [f"class{i}" for i in range(80)], "cityscapes": [f"c{i}" for i in range(8)]}
+    k = 0
+    for li in range(n_losses):
+        loss = f"loss{li}"
+        for ds in ("cityscapes", "coco"):
+            for seed in range(n_seeds):
+                k += 1
+                rid = f"{loss}-{ds}-s{seed}-{k:08x}"
+                rd = ws / "runs" / rid
+                (rd / "attempt-1").mkdir(parents=True)
+                (rd / "run.json").write_text(json.dumps({
+                    "run_id": rid, "name": rid[:-9], "experiment": "bench",
+                    "axes": {"loss": loss, "dataset": ds, "seed": seed, "lr": 0.01},
+                    "retry": {"on_nan": "lower_lr", "factor": 0.1, "max_attempts": 3}}))
+                kind = rng.random()
+                attempts = [(1, 0.01)]
+                if kind < 0.05:
+                    attempts.append((2, 0.001))
+                for n, lr in attempts:
+                    ad = rd / f"attempt-{n}"
+                    ad.mkdir(exist_ok=True)
+                    (ad / "attempt.json").write_text(json.dumps({"run_id": rid, "attempt": n, "lr": lr}))
+                last = attempts[-1][0]
+                if len(attempts) > 1:
+                    (rd / "attempt-1" / "outcome.json").write_text(json.dumps(
+                        {"outcome": "nan", "reason": "NaN in loss_cls at iter 100",
+                         "nan": {"iter": 100, "loss_key": "loss_cls", "lr": 0.01}}))
+                ad = rd / f"attempt-{last}"
+                if 0.05 <= kind < 0.07:
+                    (ad / "outcome.json").write_text(json.dumps({"outcome": "failed", "reason": "CUDA OOM"}))
+                    continue
+                if 0.07 <= kind < 0.08:
+                    (ad / "progress.json").write_text(json.dumps({"epoch": 3, "max_epochs": 12}))
+                    continue
+                (ad / "outcome.json").write_text(json.dumps({"outcome": "done", "reason": "", "nan": None}))
+                ap = 0.3 + 0.01 * li + rng.uniform(-0.01, 0.01)
+                (ad / "metrics.json").write_text(json.dumps({
+                    "bbox": {m: ap * (1 + 0.1 * i) for i, m in enumerate(METRICS)},
+                    "per_class": {c: ap + rng.uniform(-0.1, 0.1) for c in classes[ds]},
+                    "num_images": 500, "num_detections": 10000, "evaluator": "pycocotools"}))
+    return ws
+
+
+def naive(ws: Path):
+    """What one writes by hand: per run, read the files and build a DataFrame; concat; groupby."""
+    import pandas as pd
+
+    frames = []
+    for rd in sorted((ws / "runs").iterdir()):
+        rj = json.loads((rd / "run.json").read_text())
+        for ad in sorted(rd.glob("attempt-*")):
+            mp = ad / "metrics.json"
+            if mp.exists():
+                m = json.loads(mp.read_text())
+                f = pd.json_normalize(m)
+                for k, v in rj["axes"].items():
+                    f[k] = v
+                f["attempt"] = json.loads((ad / "attempt.json").read_text())["attempt"]
+                frames.append(f)
+    df = pd.concat(frames, ignore_index=True)
+    cols = [c for c in df.columns if c.startswith("bbox.") or c.startswith("per_class.")]
+    return df.groupby(["loss", "dataset"])[cols].agg(["mean", "std", "count"])
+
+
+def _ours(ws: Path):
+    from ssflctl.report import make_report, render
+
+    rep = make_report(ws)
+    return render(rep, "markdown")
+
+
+def _best(fn, n):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def run(quick: bool = False) -> list[dict]:
+    n = 2 if quick else 5
+    with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
+        ws = make_workspace(Path(tmp), n_seeds=10 if quick else 50)
+        n_runs = len(os.listdir(ws / "runs"))
+        import pandas  # noqa: F401  (import cost out of the in-process comparison)
+
+        _ours(ws)  # warm the page cache and imports
+        _, ours_med = _best(lambda: _ours(ws), n)
+        _, naive_med = _best(lambda: naive(ws), n)
+        cli, cpu = [], []
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        for _ in range(n):
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "ssflctl.cli", "report", "-w", str(ws)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            cli.append(time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+        cli_med = statistics.median(cli)
+        cpu_med = statistics.median(cpu)
+        load = os.getloadavg()[0]
+    return [
+        {"name": f"ssflctl report, {n_runs} runs, end to end (median)", "value": cli_med, "reference": TARGET_S,
+         "ratio": TARGET_S / cli_med, "unit": "s",
+         "note": f"fresh process, markdown to stdout; CPU time {cpu_med:.2f} s; load average {load:.1f} "
+                 f"on {os.cpu_count()} cores; target < {TARGET_S} s"},
+        {"name": f"report collect+aggregate+render, {n_runs} runs (median)", "value": ours_med,
+         "reference": naive_med, "ratio": naive_med / ours_med, "unit": "s",
+         "note": "reference: naive per-file json + pd.json_normalize + concat + groupby (no tables, no gaps)"},
+    ]
+
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    for row in run(quick):
+        print(f"{row['name']}: {row['value']:.3f} {row['unit']} (reference {row['reference']:.3f}, "
+              f"ratio {row['ratio']:.2f}) — {row['note']}")
