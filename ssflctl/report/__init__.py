@@ -75,7 +75,7 @@ def build_report(ws, experiments: Iterable[str] = (), fmt: str = "markdown", *, 
     return render(rep, fmt)
 
 
-def write_report(rep, fmt: str, out, *, force: bool = False) -> list:
+def write_report(rep, fmt: str, out, *, force: bool = False, progress: bool = False) -> list:
     """Write the report to `out` (atomically), figures beside it for markdown; returns the paths."""
     from ssflctl.atomic import write_text
     from ssflctl.report import plots as plots_mod
@@ -93,12 +93,12 @@ def write_report(rep, fmt: str, out, *, force: bool = False) -> list:
         if clash and not force:
             raise UserError(f"{clash[0]}: figure already exists; pass --force to overwrite it "
                             "(or choose another --out directory)")
-        images = plots_mod.draw(rep, out.parent, plan)
+        images = plots_mod.draw(rep, out.parent, plan, progress=progress)
         written += [p for _, p in images]
         text = render(rep, fmt, images)
     elif fmt == "html":
         with tempfile.TemporaryDirectory(prefix="ssflctl-report-") as tmp:
-            text = render(rep, fmt, plots_mod.draw(rep, tmp))
+            text = render(rep, fmt, plots_mod.draw(rep, tmp, progress=progress))
     else:
         text = render(rep, fmt)
     write_text(out, text)
@@ -118,13 +118,13 @@ def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", me
             from ssflctl.report import plots as plots_mod
 
             with tempfile.TemporaryDirectory(prefix="ssflctl-report-") as tmp:
-                text = render(rep, fmt, plots_mod.draw(rep, tmp))
+                text = render(rep, fmt, plots_mod.draw(rep, tmp, progress=sys.stderr.isatty()))
         else:
             text = render(rep, fmt)
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        paths = write_report(rep, fmt, out, force=force)
+        paths = write_report(rep, fmt, out, force=force, progress=sys.stderr.isatty())
         extra = f" and {len(paths) - 1} figure(s) beside it" if len(paths) > 1 else ""
         print(f"wrote {paths[0]}{extra}", file=sys.stderr)
     if strict and rep.missing:

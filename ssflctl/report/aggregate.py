@@ -120,6 +120,10 @@ def _fmt_value(v) -> str:
         return ""
     if isinstance(v, float):
         return f"{v:g}"
+    if isinstance(v, (dict, list)):
+        import json
+
+        return json.dumps(v, sort_keys=True)
     return str(v)
 
 
@@ -157,8 +161,10 @@ def choose_axes(records: list, by: list) -> list:
     out = []
     if len({r.get("experiment") for r in records}) > 1:
         out.append(EXPERIMENT_AXIS)
+    if any(r.get("source") == "workdir" for r in records) and "workdir" in order:
+        out.append("workdir")  # an outside work dir is its own configuration
     for a in order:
-        if a in (SEED_AXIS, DATASET_AXIS):
+        if a in (SEED_AXIS, DATASET_AXIS) or a in out:
             continue
         vals = {_fmt_value(r["axes"].get(a)) for r in records}
         if len(vals) > 1:

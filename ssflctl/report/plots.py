@@ -48,20 +48,36 @@ def planned_files(rep) -> list:
     return out
 
 
-def draw(rep, out_dir, plan=None) -> list:
-    """Draw every planned figure into out_dir; returns [(caption, path)]."""
+def draw(rep, out_dir, plan=None, progress: bool = False) -> list:
+    """Draw every planned figure into out_dir; returns [(caption, path)].
+    progress=True shows a rich progress bar on stderr (many configurations take a while)."""
     plt = _plt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan if plan is not None else planned_files(rep)
     drawn = []
-    for kind, cap, name, payload in plan if plan is not None else planned_files(rep):
-        path = out_dir / name
-        fig = ap_figure(plt, rep) if kind == "ap" else loss_figure(plt, payload)
-        if fig is None:
-            continue
-        _save(fig, path)
-        plt.close(fig)
-        drawn.append((cap, path))
+    bar = None
+    if progress and len(plan) > 3:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        bar = Progress(console=Console(stderr=True), transient=True)
+        bar.start()
+        task = bar.add_task("drawing figures", total=len(plan))
+    try:
+        for kind, cap, name, payload in plan:
+            path = out_dir / name
+            fig = ap_figure(plt, rep) if kind == "ap" else loss_figure(plt, payload)
+            if bar is not None:
+                bar.advance(task)
+            if fig is None:
+                continue
+            _save(fig, path)
+            plt.close(fig)
+            drawn.append((cap, path))
+    finally:
+        if bar is not None:
+            bar.stop()
     return drawn
 
 
