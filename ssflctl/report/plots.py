@@ -146,9 +146,16 @@ def loss_figure(plt, recs):
         ax.scatter([x], [y], marker="x", s=70, linewidths=2, color="red", zorder=4)
     if nan_marks:
         ax.scatter([], [], marker="x", color="red", label="NaN loss")
+    handles, labels = ax.get_legend_handles_labels()
+    if len(handles) > 14:  # dozens of seeds: keep the legend to the attempts that matter
+        keep = [i for i, lb in enumerate(labels) if "attempt 1 " not in lb + " " or lb == "NaN loss"]
+        handles, labels = [handles[i] for i in keep], [labels[i] for i in keep]
+        ax.set_title(f"{len(recs)} runs; legend lists retried attempts only", fontsize=8)
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if handles:
+        ax.legend(handles[:14], labels[:14], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0)
     fig.tight_layout()
     return fig
