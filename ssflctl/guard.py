@@ -220,11 +220,24 @@ def _lr_of(runner):
     return first, lrs
 
 
+def _by_epoch(loop) -> bool:
+    if loop is None:
+        return False
+    try:
+        from mmengine.runner import IterBasedTrainLoop
+        if isinstance(loop, IterBasedTrainLoop):
+            return False
+    except Exception:  # pragma: no cover
+        pass
+    if type(loop).__name__ == "IterBasedTrainLoop":
+        return False
+    return hasattr(loop, "max_epochs")
+
+
 def build_record(runner, batch_idx, vals, bad, last_finite, last_finite_iter) -> Dict[str, Any]:
     """The nan.json body (see the module docstring)."""
     it = int(getattr(runner, "iter", 0)) + 1
-    loop = getattr(runner, "train_loop", None)
-    by_epoch = loop is not None and type(loop).__name__ != "IterBasedTrainLoop"
+    by_epoch = _by_epoch(getattr(runner, "train_loop", None))
     epoch = int(getattr(runner, "epoch", 0)) + 1 if by_epoch else None
     parts = [k for k in bad if k != "loss"]
     loss_key = parts[0] if parts else next(iter(bad))

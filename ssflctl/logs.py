@@ -38,6 +38,7 @@ _PAIR = re.compile(r"(?:^|\s)(?P<key>[A-Za-z_][\w./-]*):\s+(?P<val>[-+]?(?:[0-9.
                    re.IGNORECASE)
 # the guard's own line: "NanGuard: ... Iter(train) [1234]  loss: nan  loss_cls: nan ..."
 _GUARD_LINE = re.compile(r"NanGuard:.*?Iter\(train\) \[(?P<iter>\d+)\](?P<rest>.*)$")
+_GUARD_EPOCH = re.compile(r" at epoch (\d+) iter \d+")
 _TIMESTAMP_DIR = re.compile(r"^\d{8}_\d{6}$")
 _CKPT_NAME = re.compile(r"^(?P<kind>epoch|iter)_(?P<n>\d+)\.pth$")
 
@@ -116,7 +117,9 @@ def parse_log_line(line: str) -> Optional[dict]:
         return rec
     g = _GUARD_LINE.search(line)
     if g:
-        return {"values": _pairs(g.group("rest")), "epoch": None, "iter": int(g.group("iter")),
+        ep = _GUARD_EPOCH.search(line)
+        return {"values": _pairs(g.group("rest")), "epoch": int(ep.group(1)) if ep else None,
+                "iter": int(g.group("iter")),
                 "iter_in_epoch": None, "iters_per_epoch": None, "max_iters": None, "guard": True}
     return None
 

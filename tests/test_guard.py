@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,8 @@ def _cfg(work_dir: Path, lr: float, *, guard: bool, name: str, resume_from=None,
         custom_imports=dict(imports=["ssflctl.compat", "ssflctl.guard"], allow_failed_imports=False),
         model=dict(type="ToyLsq"),
         work_dir=str(work_dir),
-        experiment_name=name,
+        # unique: mmengine keeps one MMLogger/Visualizer per experiment name per process
+        experiment_name=f"ssflctl-guard-{name}-{os.getpid()}-{time.time_ns()}",
         data_root="/data/nanjing/leftImg8bit",
         train_dataloader=dict(dataset=dict(type="ToyRegression", classes=("banana", "Nano")), batch_size=BATCH, num_workers=0,
                               sampler=dict(type="DefaultSampler", shuffle=True),
@@ -207,7 +209,10 @@ def test_guard_stops_at_first_nonfinite_iteration_and_writes_nan_json(runs):
     # the watcher confirms the guarded outcome (nan.json and the guard's log line)
     assert logs.find_nonfinite(wd)["source"] == "nan.json"
     (log,) = logs.text_logs(wd)
-    assert logs.nonfinite_in_text_log(log)["iter"] == rec["iter"]
+    tl = logs.nonfinite_in_text_log(log)
+    assert (tl["iter"], tl["epoch"], tl["key"]) == (rec["iter"], rec["epoch"], "loss_cls")
+    guard_lines = [r for r in logs.read_text_log(log) if r.get("guard")]
+    assert len(guard_lines) == 1 and guard_lines[0]["epoch"] == rec["epoch"]
 
 
 def test_clean_checkpoint_is_before_the_nan(runs):
@@ -317,3 +322,41 @@ def test_guard_in_an_iteration_based_loop(runs, tmp_path):
     (tmp_path / "iters" / "nan.json").unlink()
     hit = logs.find_nonfinite(tmp_path / "iters")
     assert hit["iter"] == rec["iter"] and hit["key"] == "loss_cls"
+
+
+def test_guard_reads_the_message_hub_and_never_syncs(tmp_path):
+    """The loss values are read from the floats RuntimeInfoHook already put in the message hub."""
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    from ssflctl.guard import NanGuardHook, NonFiniteLossError
+
+    class DeviceScalar:  # stands for a CUDA tensor: .item() would synchronise the device
+        def item(self):
+            raise AssertionError("the guard synchronised the device")
+
+    hub = MessageHub.get_instance(f"ssflctl-guard-hub-{time.time_ns()}")
+    runner = SimpleNamespace(message_hub=hub, iter=0, epoch=0, work_dir=str(tmp_path), logger=None,
+                             train_loop=None, optim_wrapper=None)
+    hook = NanGuardHook(keep=2)
+    hook.before_train(runner)
+    outputs = {"loss": DeviceScalar(), "loss_cls": DeviceScalar(), "acc": DeviceScalar()}
+    for i, v in enumerate([0.9, 0.8, 0.7]):
+        runner.iter = i
+        hub.update_scalar("train/loss", v)
+        hub.update_scalar("train/loss_cls", v)
+        hook.after_train_iter(runner, i, None, outputs)
+    runner.iter = 3
+    hub.update_scalar("train/loss", float("inf"))
+    hub.update_scalar("train/loss_cls", float("-inf"))
+    with pytest.raises(NonFiniteLossError) as ei:
+        hook.after_train_iter(runner, 3, None, outputs)
+    rec = ei.value.record
+    assert rec["iter"] == 4 and rec["epoch"] is None and rec["loss_key"] == "loss_cls"
+    assert rec["nonfinite"] == {"loss": "inf", "loss_cls": "-inf"}
+    assert rec["last_finite"] == {"loss": [0.8, 0.7], "loss_cls": [0.8, 0.7]}
+    assert rec["reason"] == "-Inf in loss_cls at iter 4" and rec["lr"] is None
+    assert (tmp_path / "nan.json").is_file()
+    import pickle
+    assert pickle.loads(pickle.dumps(ei.value)).record == rec  # submitit ships it back
