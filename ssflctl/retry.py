@@ -208,7 +208,8 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
             return Decision("stop", lr, None, f"{phrase}; on_nan is fail", {"nan": rec})
         if not left:
             return Decision("stop", lr, None, f"{phrase}; {spent}", {"nan": rec})
-        new_lr = lr * policy.factor if policy.on_nan == "lower_lr" else lr
+        # rounded to 12 significant digits: 0.01 × 0.1 is 0.001, not 0.0010000000000000002
+        new_lr = float(f"{lr * policy.factor:.12g}") if policy.on_nan == "lower_lr" else lr
         resume_from = None
         note = ""
         if policy.from_ == "checkpoint":
