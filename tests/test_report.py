@@ -356,16 +356,21 @@ class Toy(Dataset):
 
 
 class ToyModel(BaseModel):
-    def __init__(self):
+    def __init__(self, nan_after=None):
         super().__init__()
         self.lin = nn.Linear(1, 1)
+        self.nan_after, self.calls = nan_after, 0
     def forward(self, inputs, target=None, mode="tensor"):
         x = torch.stack(inputs) if isinstance(inputs, list) else inputs
         t = torch.stack(target) if isinstance(target, list) else target
         y = self.lin(x)
         if mode == "loss":
-            return {"loss": ((y - t) ** 2).mean()}
-        return [float(v) for v in (y - t).abs().flatten()]
+            self.calls += 1
+            loss = ((y - t) ** 2).mean()
+            if self.nan_after is not None and self.calls > self.nan_after:
+                loss = loss * float("nan")  # what a diverging run logs: bare NaN in scalars.json
+            return {"loss": loss}
+        return [float(v) for v in torch.nan_to_num((y - t).abs(), nan=9.0).flatten()]
 
 
 class ToyCocoMetric(BaseMetric):
@@ -396,13 +401,13 @@ class ToyCocoMetric(BaseMetric):
                 "bbox_mAP_m": round(float(s[4]), 3), "bbox_mAP_l": round(float(s[5]), 3)}
 
 
-work_dir, summary = sys.argv[1], sys.argv[2] == "1"
+work_dir, summary, nan_after = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]) if len(sys.argv) > 3 else None
 loader = dict(dataset=Toy(), batch_size=4, sampler=dict(type="DefaultSampler", shuffle=False),
               collate_fn=dict(type="default_collate"))
-runner = Runner(model=ToyModel(), work_dir=work_dir, train_dataloader=loader, val_dataloader=loader,
+runner = Runner(model=ToyModel(nan_after), work_dir=work_dir, train_dataloader=loader, val_dataloader=loader,
                 optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01)),
                 train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1), val_cfg=dict(),
-                val_evaluator=ToyCocoMetric(summary),
+                val_evaluator=[ToyCocoMetric(summary)],
                 default_hooks=dict(logger=dict(type="LoggerHook", interval=1), checkpoint=dict(type="CheckpointHook", interval=10)),
                 randomness=dict(seed=3407), env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
                 launcher="none")
@@ -417,8 +422,8 @@ def mmengine_workdirs(tmp_path_factory):
     script = root / "toy_train.py"
     script.write_text(MMENGINE_SCRIPT)
     out = {}
-    for name, summary in (("toy_with_summary", "1"), ("toy_cocometric", "0")):
-        proc = subprocess.run([sys.executable, str(script), str(root / name), summary], capture_output=True,
+    for name, args in (("toy_with_summary", ["1"]), ("toy_cocometric", ["0"]), ("toy_nan", ["1", "5"])):
+        proc = subprocess.run([sys.executable, str(script), str(root / name), *args], capture_output=True,
                               text=True, cwd=root, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = root / name
@@ -440,12 +445,30 @@ def test_real_mmengine_workdirs(mmengine_workdirs, tmp_path):
     assert rows[("toy_cocometric",)][cols.index("AP")].text == f"{last['coco/bbox_mAP'] * 100:.1f}"
     assert rows[("toy_cocometric",)][cols.index("AR10")].text == "n/a (CocoMetric)"
     with_sum = rows[("toy_with_summary",)]
-    # the pycocotools summary in the text log gives all 12 numbers, AR@1 included
+    # the pycocotools summary in the text log gives all 12 numbers, AR@1 included, and agrees with
+    # the CocoMetric value the same run wrote to scalars.json
+    ts_a = sorted(p for p in a.iterdir() if p.is_dir())[-1]
+    last_a = [r for r in read_scalars(ts_a / "vis_data" / "scalars.json") if "coco/bbox_mAP" in r][-1]
+    assert with_sum[cols.index("AP")].text == f"{last_a['coco/bbox_mAP'] * 100:.1f}"
     assert all(c.text != "n/a (CocoMetric)" for c in with_sum)
     assert with_sum[cols.index("AR1")].text.replace(".", "").isdigit()
     assert {r["axes"].get("seed") for r in rep.records} == {3407}
     md = render(rep, "markdown")
-    assert "toy_with_summary" in md and "n/a (CocoMetric)" in md
+    assert "toy\\_with\\_summary" in md and "n/a (CocoMetric)" in md
+
+
+@pytest.mark.training
+def test_real_mmengine_nan_workdir_curves(mmengine_workdirs, tmp_path):
+    from ssflctl.report import collect, make_report, write_report
+
+    rec = collect.read_workdir(mmengine_workdirs["toy_nan"])
+    (att, lr, pts, _nan), = collect.loss_curves(rec)
+    assert lr == 0.01 and len(pts) == 8
+    assert all(math.isfinite(y) for _, y in pts[:5]) and all(math.isnan(y) for _, y in pts[5:])
+    rep = make_report(tmp_path / "nows", workdirs=[mmengine_workdirs["toy_nan"], mmengine_workdirs["toy_cocometric"]])
+    assert "toy_nan: training loss NaN from iter 6; results come from a diverged model." in rep.notes
+    paths = write_report(rep, "markdown", tmp_path / "out" / "index.md")
+    assert {p.name for p in paths} >= {"index.md", "loss_toy-nan.png", "ap_by_config.png"}
 
 
 # -------------------------------------------------------------------------------------- browser

@@ -35,11 +35,15 @@ def make_report(ws, experiments: Iterable[str] = (), *, baseline: Optional[str] 
     workdirs = list(workdirs or [])
     ws = Path(ws)
     records = collect.collect(ws, experiments, workdirs)
+    if experiments:
+        found = {r["experiment"] for r in records}
+        absent = [e for e in experiments if e not in found]
+        if absent:
+            known = sorted({r["experiment"] for r in collect.collect_workspace(ws, [])} - {""})
+            hint = " (--workdirs takes one path per flag: --workdirs A --workdirs B)" if workdirs else ""
+            raise UserError(f"{ws}: no runs of experiment(s) {', '.join(absent)}; "
+                            f"known experiments: {', '.join(known) or 'none'}{hint}")
     if not records:
-        if experiments:
-            known = sorted({r["experiment"] for r in collect.collect(ws, [], [])} - {""})
-            raise UserError(f"{ws}: no runs of experiment(s) {', '.join(experiments)}; "
-                            f"known experiments: {', '.join(known) or 'none'}")
         raise UserError(f"{ws}: no runs in this workspace; submit an experiment first, pass --workspace, "
                         "or report on mmdet work dirs with --workdirs")
     return aggregate.build(records, metrics=metrics, by=list(by or []), baseline=baseline)

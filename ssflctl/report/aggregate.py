@@ -448,6 +448,9 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     if any(cell.mark for _, cells in rows for cell in cells):
         notes.append("†: at least one run of this cell finished only after its learning rate was lowered "
                      "(see the list of retried runs).")
+    for r in records:
+        if r["state"] == "done" and r.get("metrics") and "NaN" in (r.get("reason") or "") and r["source"] == "workdir":
+            notes.append(f"{r['name']}: {r['reason']}.")
     if any(r.get("unavailable") for r in records):
         notes.append("n/a (CocoMetric): the work dir has only mmdet CocoMetric numbers (AP, AP50, AP75, APs, APm, "
                      "APl); the AR numbers need a pycocotools summary in its log.")

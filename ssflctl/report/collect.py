@@ -498,6 +498,8 @@ def read_workdir(path) -> dict:
     losses = workdir_has_loss(tsdirs)
     if bbox is not None:
         state, reason = "done", ""
+        if losses.get("nan") is not None:
+            reason = f"training loss NaN from iter {losses['nan']}; results come from a diverged model"
     elif losses.get("nan"):
         state, reason = "failed", f"NaN at iter {losses['nan']} (no test results)"
     else:
