@@ -116,7 +116,7 @@ def run(quick: bool = False, nprocs=(1, 2), repeats: int | None = None) -> list[
                 "unit": "images/s",
                 "note": (f"{n} images {SIZE[0]}x{SIZE[1]}; mmdet converter {1000 * ref_s / n:.1f} ms/image, "
                          f"ours {1000 * ours_s / n:.1f} ms/image (best of {repeats}); "
-                         f"{time_ours.annotations / n:.1f} annotations/image (real Cityscapes train: ~17.6); "
+                         f"{time_ours.annotations / n:.1f} annotations/image; "
                          f"target ratio >= 5"),
             })
         if ours_1 is not None:
