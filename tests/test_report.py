@@ -282,22 +282,28 @@ def test_parse_pycocotools_summary_and_scalars(tmp_path):
     assert math.isnan(recs[0]["loss"]) and math.isnan(recs[1]["loss"]) and recs[2]["loss"] == -math.inf
 
 
-def _handmade_workdir(root: Path, name: str, with_summary: bool) -> Path:
+def _handmade_workdir(root: Path, name: str, summary_in=None, ap=0.224) -> Path:
+    """An mmdet-style work dir: CocoMetric numbers in scalars.json (AP = `ap`), the classwise table in
+    the text log, and the pycocotools summary (AP 0.224) in the log (`summary_in="ts"`), in a file the
+    user tee'd stdout into (`"tee"`), or nowhere (mmdet 3.x prints it to stdout only)."""
     wd = root / name
     ts = wd / "20240101_101010"
     (ts / "vis_data").mkdir(parents=True)
     log = ["2024/01/01 10:10:10 - mmengine - INFO - \n    seed: 3407\n",
            "Epoch(train) [1][50/100] lr: 1.0000e-02 loss: 1.2"]
-    if with_summary:
+    if summary_in == "ts":
         log.append(SUMMARY_002)
-        log.append("+----------+-------+--------+\n| category | mAP   | mAP_50 |\n+----------+-------+--------+\n"
-                   "| person   | 0.31  | 0.5    |\n| car      | nan   | nan    |\n+----------+-------+--------+")
+    log.append("+----------+-------+--------+\n| category | mAP   | mAP_50 |\n+----------+-------+--------+\n"
+               "| person   | 0.31  | 0.5    |\n| car      | nan   | nan    |\n+----------+-------+--------+")
     (ts / "20240101_101010.log").write_text("\n".join(log) + "\n")
+    if summary_in == "tee":
+        (wd / "test.log").write_text("loading annotations into memory...\n" + SUMMARY_002)
     (ts / "vis_data" / "scalars.json").write_text(
         '{"lr": 0.01, "loss": 1.2, "iter": 50, "epoch": 1, "step": 50}\n'
         '{"lr": 0.01, "loss": NaN, "iter": 100, "epoch": 1, "step": 100}\n'
-        '{"coco/bbox_mAP": 0.301, "coco/bbox_mAP_50": 0.5, "coco/bbox_mAP_75": 0.31, "coco/bbox_mAP_s": -1.0, '
-        '"coco/bbox_mAP_m": 0.2, "coco/bbox_mAP_l": 0.4, "coco/person_precision": 0.33, "step": 1}\n')
+        f'{{"coco/bbox_mAP": {ap}, "coco/bbox_mAP_50": 0.413, "coco/bbox_mAP_75": 0.223, "coco/bbox_mAP_s": 0.005, '
+        '"coco/bbox_mAP_m": 0.064, "coco/bbox_mAP_l": 0.29, "coco/person_precision": 0.31, '
+        '"coco/car_precision": NaN, "step": 1}\n')
     return wd
 
 
@@ -306,18 +312,21 @@ def test_handmade_workdirs(tmp_path):
     from ssflctl.errors import UserError
     from ssflctl.report import make_report
 
-    a = _handmade_workdir(tmp_path, "retinanet_fl", with_summary=True)
-    b = _handmade_workdir(tmp_path, "retinanet_ssfl", with_summary=False)
-    rep = make_report(tmp_path / "nows", workdirs=[a, b])
+    wds = [_handmade_workdir(tmp_path, "in_log", "ts"), _handmade_workdir(tmp_path, "teed", "tee"),
+           _handmade_workdir(tmp_path, "cocometric", None),
+           _handmade_workdir(tmp_path, "other_eval", "tee", ap=0.301)]  # summary of another evaluation
+    rep = make_report(tmp_path / "nows", workdirs=wds)
     cols = rep.main.flat_columns()
-    rows = {tuple(s): c for s, c in rep.main.rows}
-    fl, ssfl = rows[("retinanet_fl",)], rows[("retinanet_ssfl",)]
-    assert fl[cols.index("AP")].text == "22.4" and fl[cols.index("AR1")].text == "30.0"
-    assert fl[cols.index("ARs")].text == "—"  # -1 in the summary: no ground truth of that size
-    assert ssfl[cols.index("AP")].text == "30.1" and ssfl[cols.index("APs")].text == "—"
-    assert ssfl[cols.index("AR1")].text == "n/a (CocoMetric)"
+    rows = {s[0]: {c: cell.text for c, cell in zip(cols, cells)} for s, cells in rep.main.rows}
+    for name in ("in_log", "teed"):
+        assert rows[name]["AP"] == "22.4" and rows[name]["AR1"] == "30.0" and rows[name]["ARl"] == "49.4"
+        assert rows[name]["ARs"] == "—"  # -1 in the summary: no ground truth of that size
+    assert rows["cocometric"]["AP"] == "22.4" and rows["cocometric"]["APs"] == "0.5"
+    assert rows["cocometric"]["AR1"] == rows["cocometric"]["ARl"] == "n/a (CocoMetric)"
+    assert rows["other_eval"]["AP"] == "30.1" and rows["other_eval"]["AR1"] == "n/a (CocoMetric)"
     pcs = {r[0][0]: [c.text for c in r[1]] for r in rep.per_class[0].rows}
-    assert pcs["person"] == ["31.0", "33.0"] and pcs["car"][0] == "n/a (no GT)"
+    assert pcs["person"] == ["31.0"] * 4 and pcs["car"][0] == "n/a (no GT)"
+    assert {r["axes"].get("seed") for r in rep.records} == {3407}
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no <timestamp>/ log directory"):

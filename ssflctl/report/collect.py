@@ -442,12 +442,46 @@ def _vis_files(tsdir: str) -> list:
     return []
 
 
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except (FileNotFoundError, IsADirectoryError):
+        return ""
+
+
+def _cocometric_from_scalars(tsdir: str):
+    """The last `coco/bbox_mAP*` record of a timestamp dir's scalars: (bbox, per_class) or None."""
+    last = None
+    for f in _vis_files(tsdir):
+        for rec in read_scalars(f):
+            if "coco/bbox_mAP" in rec:
+                last = rec
+    if last is None:
+        return None
+    bbox = {ours: _num(last["coco/" + key]) for key, ours in COCOMETRIC_KEYS.items() if "coco/" + key in last}
+    pcs = {k[5:-10]: _num(v) for k, v in last.items() if k.startswith("coco/") and k.endswith("_precision")}
+    return bbox, pcs
+
+
+def _same_numbers(summary: dict, bbox: dict) -> bool:
+    """A pycocotools summary and CocoMetric's numbers (3 decimals) describe the same evaluation."""
+    keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox]
+    return bool(keys) and all(
+        (summary.get(k) is None and bbox[k] is None)
+        or (summary.get(k) is not None and bbox[k] is not None and abs(summary[k] - bbox[k]) <= 0.0006)
+        for k in keys)
+
+
 def read_workdir(path) -> dict:
     """A run record from a plain MMDetection work dir that ssflctl did not launch.
 
-    Numbers come from the last pycocotools summary in the newest text log that has one (all 12
-    numbers), else from the last `coco/bbox_mAP*` line of vis_data/scalars.json (CocoMetric: the
-    6 AP numbers only; AR cells are marked unavailable).
+    The newest `<timestamp>/` with results wins. mmdet's CocoMetric writes the 6 AP numbers to
+    vis_data/scalars.json (`coco/bbox_mAP`, ...), and its per-class table to the text log, but prints
+    the 12-line pycocotools summary to stdout only. So the AR numbers come from a summary found in
+    that timestamp's log or in a text file the user kept in the work dir (`*.log`, `*.out`, `*.txt`,
+    e.g. `python tools/test.py ... | tee work_dir/test.log`) and only when its AP numbers match
+    CocoMetric's; otherwise the AR cells say "n/a (CocoMetric)".
     """
     wd = str(path)
     if not os.path.isdir(wd):
@@ -457,44 +491,37 @@ def read_workdir(path) -> dict:
         raise UserError(
             f"{wd}: no <timestamp>/ log directory (YYYYMMDD_HHMMSS) found; is this an mmengine work_dir?")
     name = os.path.basename(os.path.abspath(wd))
+    extra_texts = None
     bbox, per_class, evaluator, unavailable = None, {}, None, {}
     seed = None
     for ts in reversed(tsdirs):
-        log = os.path.join(ts, os.path.basename(ts) + ".log")
-        try:
-            with open(log, encoding="utf-8", errors="replace") as fh:
-                text = fh.read()
-        except FileNotFoundError:
-            continue
+        text = _read_text(os.path.join(ts, os.path.basename(ts) + ".log"))
         if seed is None:
             m = _SEED_RE.search(text)
             if m:
                 seed = int(m.group(1))
+        if bbox is not None:
+            continue
         sums = parse_coco_summaries(text)
-        if sums and bbox is None:
+        cm = _cocometric_from_scalars(ts)
+        if cm is None and not sums:
+            continue
+        if cm is not None and not (sums and _same_numbers(sums[-1], cm[0])):
+            if extra_texts is None:
+                extra_texts = []
+                for e in sorted(os.scandir(wd), key=lambda e: e.name):
+                    if e.is_file() and e.name.endswith((".log", ".out", ".txt")):
+                        extra_texts.append(_read_text(e.path))
+            sums = [s for t in extra_texts for s in parse_coco_summaries(t) if _same_numbers(s, cm[0])]
+        if sums:
             bbox = {k: sums[-1].get(k) for k in COCO_METRICS if k in sums[-1]}
-            per_class = parse_classwise_table(text)
-            evaluator = "pycocotools (log)"
-    if bbox is None:
-        last, pcs = None, {}
-        for ts in tsdirs:
-            for f in _vis_files(ts):
-                for rec in read_scalars(f):
-                    if "coco/bbox_mAP" in rec:
-                        last = rec
-        if last is not None:
-            bbox = {}
-            for key, ours in COCOMETRIC_KEYS.items():
-                if "coco/" + key in last:
-                    bbox[ours] = _num(last["coco/" + key])
-            for k, v in last.items():
-                if k.startswith("coco/") and k.endswith("_precision"):
-                    pcs[k[5:-10]] = _num(v)
-            per_class = pcs
-            evaluator = "CocoMetric"
+            evaluator = "pycocotools summary (log)"
+        else:
+            bbox, evaluator = dict(cm[0]), "CocoMetric"
             for k in COCO_METRICS:
                 if k not in bbox:
                     unavailable[k] = "n/a (CocoMetric)"
+        per_class = parse_classwise_table(text) or (cm[1] if cm else {})
     losses = workdir_has_loss(tsdirs)
     if bbox is not None:
         state, reason = "done", ""
@@ -503,7 +530,7 @@ def read_workdir(path) -> dict:
     elif losses.get("nan"):
         state, reason = "failed", f"NaN at iter {losses['nan']} (no test results)"
     else:
-        state, reason = "failed", "no test results in the logs"
+        state, reason = "unknown", "no test results in its logs (still training, or never tested)"
     axes = {"workdir": name}
     if seed is not None:
         axes["seed"] = seed
