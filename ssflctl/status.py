@@ -143,7 +143,9 @@ def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
         if last is not None and last["attempt"] > 1:
             note = lineage(last, max_attempts) + (f" — {note}" if note and run["state"] != "done" else "")
         ax = run["axes"]
-        lr = (last or {}).get("info", {}).get("lr", ax.get("lr"))
+        lr = (last or {}).get("info", {}).get("lr")
+        if lr is None:
+            lr = ((d.get("run_json") or {}).get("params") or {}).get("lr", ax.get("lr"))
         loss_val = prog.get("loss")
         out.append({
             "run": run["run_id"], "experiment": run["experiment"], "loss": ax.get("loss", ""),

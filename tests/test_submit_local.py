@@ -268,3 +268,46 @@ def test_yaml_injection_stays_an_inert_string(tmp_path, monkeypatch):
     assert cfg.model.bbox_head.loss_cls.note == evil
     assert evil in list(cfg.train_dataloader.dataset.metainfo["classes"])
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+
+
+@pytest.mark.training
+def test_real_tiny_training_run_survives_sighup(tmp_path):
+    """The real job (render + job.train_and_test) through the CLI from a shell that is then hung up."""
+    from ssflctl import synth_coco
+
+    data = tmp_path / "data" / "synth"
+    synth_coco.generate(data, n_train=8, n_val=4)
+    p = tmp_path / "real.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        name: real
+        template: retinanet_tiny
+        datasets:
+          synth: {{root: {data}}}
+        matrix:
+          loss: [focal]
+          seed: [0]
+          lr: [0.01]
+        params: {{max_epochs: 1, batch_size: 4, log_interval: 1}}
+        resources: {{cpus: 1, mem: 2G, time: "00:20:00"}}
+        executor: {{type: local, local: {{max_parallel: 1}}}}
+        """))
+    ws = tmp_path / "ws"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = f"{sys.executable} -m ssflctl.cli submit {p} --workspace {ws}; echo submitted; sleep 300"
+    shell = subprocess.Popen(["setsid", "bash", "-c", cmd], stdout=subprocess.PIPE, text=True, env=env,
+                             cwd=tmp_path)
+    out = "".join(iter(shell.stdout.readline, "submitted\n"))
+    assert "submitted 1 run" in out, out
+    os.killpg(os.getpgid(shell.pid), signal.SIGHUP)
+    shell.wait(timeout=30)
+    items = wait_all(ws, "real", timeout=600)
+    (item,) = items.values()
+    assert item["state"] == "done", item
+    assert item["progress"].startswith("epoch 1/1") and isinstance(item["loss_val"], float)
+    rdir = ws / "runs" / item["run"] / "attempt-1"
+    metrics = json.loads((rdir / "metrics.json").read_text())
+    assert 0.0 <= metrics["bbox"]["AP"] <= 1.0
+    for name in ("config.py", "provenance.json", "attempt.json", "outcome.json", "progress.json"):
+        assert (rdir / name).exists(), name
+    proc = run_cli("logs", item["run"], "--workspace", ws)
+    assert proc.returncode == 0 and "Epoch(train)" in proc.stdout

@@ -98,6 +98,7 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
             with ex.batch():
                 train_jobs = [ex.submit(TrainTask(train_fn), str(t["run_dir"])) for t in group]
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+            _cancel_quietly(out)
             raise _sbatch_error(exc)
         for t, j in zip(group, train_jobs):
             out[t["run_id"]] = {"job_id": str(j.job_id), "test_job_id": None}
@@ -125,6 +126,8 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
                     tex.update_parameters(dependency=f"afterok:{j.job_id}", additional_parameters=extra)
                     test_jobs.append(tex.submit(run_test, str(t["run_dir"]), test_fn))
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+            # do not leave train jobs running whose runs will be recorded as failed
+            _cancel_quietly(out)
             raise _sbatch_error(exc)
         for (t, _), j in zip(testing, test_jobs):
             out[t["run_id"]]["test_job_id"] = str(j.job_id)
@@ -200,6 +203,13 @@ def job_states(job_ids: Iterable[str]) -> Dict[str, Dict[str, str]]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return {j: states[j] for j in ids if j in states}
+
+
+def _cancel_quietly(out: Dict[str, Dict[str, Any]]) -> None:
+    try:
+        cancel([v["job_id"] for v in out.values()] + [v["test_job_id"] for v in out.values()])
+    except UserError:
+        pass
 
 
 def cancel(job_ids: Iterable[str]) -> None:

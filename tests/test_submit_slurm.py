@@ -1,0 +1,177 @@
+"""Slurm executor on the real local cluster (scripts/slurm-cluster.sh): one train array per
+submission (one sbatch call), dependent test array, status/resubmission, SIGHUP, cancel.
+
+The matrix uses the LIGHT stand-in job (tests/submit_light_job.py): the cluster node has 2 CPUs and
+the point here is the scheduler plumbing; the real job is exercised in test_submit_local.py.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+import submit_light_job as light
+from ssflctl import submit as submit_mod
+from ssflctl.store import Registry
+
+pytestmark = pytest.mark.slurm
+TESTS = Path(__file__).resolve().parent
+
+EXP = """\
+name: {name}
+template: retinanet_tiny
+datasets:
+  synth: {{root: {root}}}
+matrix:
+  loss: [focal, ssfl]
+  seed: {seeds}
+params: {{max_epochs: 1}}
+resources: {{gpus: 0, cpus: 1, mem: 500M, time: "00:10:00"}}
+executor:
+  type: slurm
+  slurm:
+    partition: {partition}
+    qos: {qos}
+    array_parallelism: 4
+"""
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, slurm_cluster):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("LIGHT_JOB_SLEEP", "0.2")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "synth").mkdir(parents=True)
+    return tmp_path
+
+
+def experiment(tmp_path, cluster, name="slurmlight", seeds="[1, 2, 3, 4]"):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(EXP.format(name=name, root=tmp_path / "data" / "synth", seeds=seeds, **cluster))
+    return p
+
+
+def do_submit(path, ws, **kw):
+    return submit_mod.submit(path, ws, fns=light.FNS, render=light.light_render, **kw)
+
+
+def wait_all(ws, exp, timeout=300, states=("done", "failed", "cancelled", "unknown")):
+    from ssflctl.status import view
+
+    deadline = time.time() + timeout
+    while True:
+        with Registry(ws) as reg:
+            items = view(reg, ws, exp)
+        if all(i["state"] in states for i in items) or time.time() > deadline:
+            return {i["run"]: i for i in items}
+        time.sleep(2)
+
+
+def sacct(*ids):
+    out = subprocess.run(["sacct", "-j", ",".join(ids), "-X", "-n", "-P", "-o", "JobID,State,JobName"],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def test_matrix_one_array_dependent_tests_resubmit(env, slurm_cluster):
+    ws = env / "ws"
+    path = experiment(env, slurm_cluster)
+    res = do_submit(path, ws)
+    assert len(res.submitted) == 8
+    train = [p.job_id for p in res.submitted]
+    test = [p.test_job_id for p in res.submitted]
+    # one sbatch call for the train jobs: one array, tasks 0..7; the tests are one dependent array
+    assert len({j.split("_")[0] for j in train}) == 1
+    assert sorted(int(j.split("_")[1]) for j in train) == list(range(8))
+    assert len({j.split("_")[0] for j in test}) == 1 and set(test).isdisjoint(train)
+    sub = ws / "submissions" / res.submission_id
+    assert len(list((sub / "train").glob("*_submission.sh"))) == 1
+    script = next((sub / "test").glob("*_submission.sh")).read_text()
+    assert f"--dependency=aftercorr:{train[0].split('_')[0]}" in script
+    assert "--array=0-7%4" in next((sub / "train").glob("*_submission.sh")).read_text()
+
+    items = wait_all(ws, "slurmlight")
+    assert {i["state"] for i in items.values()} == {"done"}, items
+    assert {i["job"] for i in items.values()} == set(train)
+    assert {row[1] for row in sacct(train[0].split("_")[0], test[0].split("_")[0])} == {"COMPLETED"}
+
+    proc = run_cli("status", "slurmlight", "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln.split("\t") for ln in proc.stdout.splitlines()[1:]]
+    assert len(rows) == 8 and {r[6] for r in rows} == {"done"} and {r[7] for r in rows} == set(train)
+
+    res2 = do_submit(path, ws)  # second submit: nothing
+    assert res2.submitted == [] and {p.why for p in res2.plan} == {"done"}
+
+    # make one run fail: its results disappear -> failed -> the third submit sends exactly it
+    victim = res.submitted[5].run.run_id
+    (ws / "runs" / victim / "attempt-1" / "metrics.json").unlink()
+    proc = run_cli("status", "--json", "--workspace", ws)
+    states = {d["run"]: d["state"] for d in json.loads(proc.stdout)}
+    assert states[victim] == "failed" and list(states.values()).count("done") == 7
+    res3 = do_submit(path, ws)
+    assert [p.run.run_id for p in res3.submitted] == [victim]
+    assert res3.submitted[0].attempt == 2 and res3.submitted[0].job_id not in train
+    items = wait_all(ws, "slurmlight")
+    assert {i["state"] for i in items.values()} == {"done"}
+    assert items[victim]["attempt"] == 2 and items[victim]["job"] == res3.submitted[0].job_id
+
+
+_SHELL = "{py} -c 'import sys, submit_light_job as L; from ssflctl import submit; " \
+         "submit.submit(sys.argv[1], sys.argv[2], fns=L.FNS, render=L.light_render)' {exp} {ws}; " \
+         "echo submitted; sleep 300"
+
+
+def test_sighup_to_the_submitting_shell_leaves_jobs_running(env, slurm_cluster, monkeypatch):
+    monkeypatch.setenv("LIGHT_JOB_SLEEP", "1.0")
+    ws = env / "ws"
+    path = experiment(env, slurm_cluster, name="hup", seeds="[1]")
+    shell = subprocess.Popen(["setsid", "bash", "-c", _SHELL.format(py=sys.executable, exp=path, ws=ws)],
+                             stdout=subprocess.PIPE, text=True)
+    assert shell.stdout.readline().strip() == "submitted"
+    os.killpg(os.getpgid(shell.pid), signal.SIGHUP)
+    shell.wait(timeout=30)
+    assert shell.returncode != 0
+    items = wait_all(ws, "hup")
+    assert {i["state"] for i in items.values()} == {"done"}
+
+
+def test_cancel_run_scancels_train_and_test(env, slurm_cluster, monkeypatch):
+    monkeypatch.setenv("LIGHT_JOB_SLEEP", "60")
+    ws = env / "ws"
+    path = experiment(env, slurm_cluster, name="cancelme", seeds="[1]")
+    res = do_submit(path, ws)
+    target = res.submitted[0]
+    proc = run_cli("cancel", target.run.run_id, "--workspace", ws)
+    assert proc.returncode == 0 and "cancelled 1 run" in proc.stdout, proc.stderr
+    proc = run_cli("cancel", "cancelme", "--workspace", ws)  # the rest of the experiment
+    assert proc.returncode == 0 and "cancelled 1 run" in proc.stdout, proc.stderr
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        st = {r[0]: r[1] for r in sacct(*[p.job_id for p in res.submitted])}
+        if set(st.values()) == {"CANCELLED"}:
+            break
+        time.sleep(1)
+    assert set(st.values()) == {"CANCELLED"}, st
+    items = wait_all(ws, "cancelme", timeout=30, states=("cancelled",))
+    assert {i["state"] for i in items.values()} == {"cancelled"}
+
+
+def test_sbatch_refusal_is_one_line_and_recorded(env, slurm_cluster):
+    ws = env / "ws"
+    path = experiment(env, dict(slurm_cluster, partition="nosuchpartition"), name="refused", seeds="[1]")
+    from ssflctl.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        do_submit(path, ws)
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and "sbatch refused" in msg and "partition" in msg
+    with Registry(ws) as reg:
+        runs = reg.list_runs("refused")
+    assert len(runs) == 2 and {r["state"] for r in runs} == {"failed"}
+    assert all(r["job_id"] is None for r in runs)
