@@ -320,13 +320,19 @@ def test_handmade_workdirs(tmp_path):
     rows = {s[0]: {c: cell.text for c, cell in zip(cols, cells)} for s, cells in rep.main.rows}
     for name in ("in_log", "teed"):
         assert rows[name]["AP"] == "22.4" and rows[name]["AR1"] == "30.0" and rows[name]["ARl"] == "49.4"
-        assert rows[name]["ARs"] == "—"  # -1 in the summary: no ground truth of that size
+        assert rows[name]["ARs"] == "n/a (no GT)"  # -1 in the summary: no ground truth of that size
     assert rows["cocometric"]["AP"] == "22.4" and rows["cocometric"]["APs"] == "0.5"
     assert rows["cocometric"]["AR1"] == rows["cocometric"]["ARl"] == "n/a (CocoMetric)"
     assert rows["other_eval"]["AP"] == "30.1" and rows["other_eval"]["AR1"] == "n/a (CocoMetric)"
     pcs = {r[0][0]: [c.text for c in r[1]] for r in rep.per_class[0].rows}
     assert pcs["person"] == ["31.0"] * 4 and pcs["car"][0] == "n/a (no GT)"
     assert {r["axes"].get("seed") for r in rep.records} == {3407}
+    # --strict: "no ground truth" is a value, a number the evaluator never produced is a gap
+    from ssflctl.report import main
+
+    assert main(tmp_path / "nows", [], fmt="csv", workdirs=wds[:1], strict=True) == 0
+    assert main(tmp_path / "nows", [], fmt="csv", workdirs=wds[2:3], strict=True) == 1
+    assert main(tmp_path / "nows", [], fmt="csv", workdirs=wds[2:3], strict=True, metrics="AP,AP50,APl") == 0
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no <timestamp>/ log directory"):

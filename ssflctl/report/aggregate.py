@@ -346,13 +346,16 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                 why = sorted({(r.get("unavailable") or {}).get(k) for r in done} - {None})
                 if done and why:
                     cells.append(Cell(why[0]))
+                elif done and any(k in r["metrics"]["bbox"] for r in done):
+                    cells.append(Cell("n/a (no GT)"))  # COCOeval -1: no ground truth of this size
                 elif done:
                     cells.append(Cell("—"))
                 elif not recs:
                     cells.append(Cell("—, missing" if j == 0 else "—"))
                 else:
                     cells.append(Cell(f"—, {_state_text(others)}" if j == 0 else "—"))
-                missing.append(f"{label} / {ds or '-'} / {k}: {cells[-1].text}")
+                if cells[-1].text != "n/a (no GT)":  # a real value of COCOeval, not a gap
+                    missing.append(f"{label} / {ds or '-'} / {k}: {cells[-1].text}")
             if show_delta:
                 cells.append(_delta_cell(c, ds, base_idx, base[1], stats))
             nd, ne = len(done), len(recs)
@@ -451,6 +454,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     for r in records:
         if r["state"] == "done" and r.get("metrics") and "NaN" in (r.get("reason") or "") and r["source"] == "workdir":
             notes.append(f"{r['name']}: {r['reason']}.")
+    if any(c.text == "n/a (no GT)" for _, cells in rows for c in cells):
+        notes.append("n/a (no GT): COCOeval reports -1 because the test set has no ground truth of that size.")
     if any(r.get("unavailable") for r in records):
         notes.append("n/a (CocoMetric): the work dir has only mmdet CocoMetric numbers (AP, AP50, AP75, APs, APm, "
                      "APl); the AR numbers need a pycocotools summary in its log.")
