@@ -274,8 +274,8 @@ def _summarise_state(attempts: list, retry: dict) -> tuple:
         return "done", ""
     if st == "nan":
         nans = sum(1 for a in attempts if a["state"] == "nan")
-        maxa = (retry or {}).get("max_attempts")
-        if maxa is not None and len(attempts) < int(maxa):
+        maxa = (retry or {}).get("max_attempts", 3)
+        if (retry or {}).get("on_nan", "lower_lr") != "fail" and last["attempt"] < int(maxa):
             return "running", f"NaN in attempt {last['attempt']}; retry pending"
         return "failed", f"NaN after {nans} attempt{'s' if nans != 1 else ''}"
     if st == "failed":
