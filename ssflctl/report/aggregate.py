@@ -5,7 +5,6 @@ Nothing here formats for a particular output: tables are lists of `Cell`s that t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -494,21 +493,3 @@ def _delta_cell(c, ds, base_idx, base_value, stats) -> Cell:
 
 def _title(exps: list) -> str:
     return "ssflctl report" + (": " + ", ".join(exps) if exps else "")
-
-
-def direct_stats(records: list, metric: str = "AP") -> dict:
-    """Helper for checks: {(cfg, dataset): (mean, std, n)} computed with plain math (no pandas)."""
-    out = {}
-    for r in records:
-        if r["state"] != "done" or not r.get("metrics"):
-            continue
-        v = r["metrics"]["bbox"].get(metric)
-        if v is not None:
-            out.setdefault((r["_cfg"], r["_ds"]), []).append(v)
-    res = {}
-    for k, vs in out.items():
-        n = len(vs)
-        mean = sum(vs) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in vs) / (n - 1)) if n > 1 else float("nan")
-        res[k] = (mean, std, n)
-    return res
