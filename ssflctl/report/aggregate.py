@@ -305,7 +305,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     df = long_frame(records, metrics, by)
 
     # ---- pandas: mean, sample std (ddof=1), n over seeds
-    bb = df[(df["metric"] != "class_AP") & df["value"].notna()]
+    ok = (df["state"] == "done") & df["value"].notna()  # numbers of unfinished runs stay out of the means
+    bb = df[(df["metric"] != "class_AP") & ok]
     agg = bb.groupby(["cfg", "dataset", "metric"], sort=False)["value"].agg(["mean", "std", "count"])
     stats = agg.to_dict("index")
     seedvals = bb[bb["metric"] == "AP"].groupby(["cfg", "dataset"], sort=False)["value"].apply(list).to_dict()
@@ -369,7 +370,7 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
 
     # ---- per-class AP (one table per dataset: rows = classes, columns = configurations)
     per_class = []
-    pc = df[(df["metric"] == "class_AP")]
+    pc = df[(df["metric"] == "class_AP") & (df["state"] == "done")]
     if len(pc):
         pcagg = pc.groupby(["dataset", "class", "cfg"], sort=False)["value"].agg(["mean", "std", "count"])
         pcstats = pcagg.to_dict("index")
