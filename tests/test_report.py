@@ -537,3 +537,58 @@ def test_html_report_in_headless_chromium(tmp_path):
         assert sum(gray.histogram()[:128]) > 2000  # enough dark pixels: tables and plots drawn
     if os.environ.get("SSFLCTL_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["SSFLCTL_KEEP_SCREENSHOT"])
+
+
+# ------------------------------------------------------------- a real ssflctl workspace (job.py)
+
+
+@pytest.fixture(scope="module")
+def real_ws(tmp_path_factory):
+    """Three runs trained and tested by ssflctl.job on the synthetic dataset (1 epoch each, CPU):
+    focal seeds 0 and 1, and SSFL* at lr 0.01, which diverges and is retried at lr 0.001."""
+    from ssflctl import job, synth_coco
+
+    root = tmp_path_factory.mktemp("real")
+    data = root / "synth"
+    synth_coco.generate(data, n_train=16, n_val=8, seed=0)
+    ws = root / "ws"
+    runs = [("focal", 0, 0.01), ("focal", 1, 0.01), ("ssfl", 0, 0.01)]
+    for loss, seed, lr in runs:
+        rid = f"{loss}-synth-s{seed}-00000000"
+        rd = ws / "runs" / rid
+        rd.mkdir(parents=True)
+        (rd / "run.json").write_text(json.dumps({
+            "run_id": rid, "name": rid[:-9], "experiment": "real", "template": "retinanet_tiny",
+            "axes": {"loss": loss, "dataset": "synth", "seed": seed},
+            "params": {"loss": loss, "lr": lr, "seed": seed, "data_root": str(data) + "/", "max_epochs": 1,
+                       "batch_size": 4, "log_interval": 1},
+            "overrides": {}, "retry": {"on_nan": "lower_lr", "factor": 0.1, "max_attempts": 2}, "test": True}))
+        try:
+            job.train_and_test(rd)
+        except Exception as exc:  # a run that fails must show up as failed, not break the fixture
+            print(f"{rid}: {exc}")
+    return ws
+
+
+@pytest.mark.training
+def test_report_on_real_job_output(real_ws, tmp_path):
+    from ssflctl.report import build_report, make_report, write_report
+
+    rep = make_report(real_ws, metrics="AP,AP50,AR100")
+    recs = {r["run_id"]: r for r in rep.records}
+    done = [r for r in recs.values() if r["state"] == "done"]
+    assert {r["run_id"] for r in done} >= {"focal-synth-s0-00000000", "focal-synth-s1-00000000"}
+    ssfl = recs["ssfl-synth-s0-00000000"]
+    if len(ssfl["attempts"]) > 1:  # diverged at lr 0.01 (as in test_job): the retry is reported
+        assert ssfl["attempts"][0]["state"] == "nan" and ssfl["attempts"][1]["lr"] == pytest.approx(0.001)
+        assert any(line.startswith("ssfl-synth-s0-00000000: attempt 1 lr 0.01: nan") for line in rep.retries)
+    focal = [cells for stub, cells in rep.main.rows if stub == ["focal"]][0]
+    cols = rep.main.flat_columns()
+    import statistics
+
+    aps = [r["metrics"]["bbox"]["AP"] for r in done if r["axes"]["loss"] == "focal"]
+    want = f"{statistics.mean(aps) * 100:.1f} ± {statistics.stdev(aps) * 100:.1f}"
+    assert focal[cols.index("AP")].text == want
+    paths = write_report(rep, "markdown", tmp_path / "r" / "index.md")
+    assert any(p.name == "loss_ssfl.png" or p.name.startswith("loss_ssfl") for p in paths)
+    assert "focal-synth-s0" in build_report(real_ws, fmt="csv")
