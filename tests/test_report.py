@@ -341,6 +341,23 @@ def test_handmade_workdirs(tmp_path):
         make_report(tmp_path / "nows", workdirs=[tmp_path / "absent"])
 
 
+@unit
+def test_workdirs_beside_a_study(tmp_path):
+    from ssflctl.report import make_report
+
+    wd = _handmade_workdir(tmp_path, "their_retinanet", "tee")
+    rep = make_report(GOLDEN_WS, workdirs=[wd], metrics="AP,AR1")
+    assert rep.main.stub == ["experiment", "workdir", "loss"]  # lr is constant where it exists
+    cols = rep.main.flat_columns()
+    rows = {tuple(s): {c: cell.text for c, cell in zip(cols, cells)} for s, cells in rep.main.rows}
+    theirs = rows[("workdirs", "their_retinanet", "")]
+    assert theirs["AP"] == "22.4" and theirs["AR1"] == "30.0" and theirs["n"] == "1"
+    assert theirs["cityscapes AP"] == "" and theirs["coco n"] == ""  # not applicable, not a gap
+    focal = rows[("ssfl_vs_fl", "", "focal")]
+    assert focal["AP"] == "" and focal["cityscapes ΔAP"] == "baseline"
+    assert not any("their_retinanet" in m for m in rep.missing)
+
+
 # --------------------------------------------------------------------- a real mmengine work dir
 
 MMENGINE_SCRIPT = r'''

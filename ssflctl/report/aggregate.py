@@ -16,7 +16,7 @@ DATASET_AXIS = "dataset"
 EXPERIMENT_AXIS = "experiment"
 NOT_DONE_ORDER = ("failed", "cancelled", "unknown", "running", "submitting", "queued", "pending", "missing")
 LONG_FIXED = ("experiment", "run_id", "name", "source", "state", "reason", "attempts", "attempt", "lr",
-              "metric", "class", "value", "evaluator", "note")
+              "metric", "class", "value", "evaluator", "note", "cfg", "retried")
 
 
 @dataclass
@@ -165,8 +165,8 @@ def choose_axes(records: list, by: list) -> list:
     for a in order:
         if a in (SEED_AXIS, DATASET_AXIS) or a in out:
             continue
-        vals = {_fmt_value(r["axes"].get(a)) for r in records}
-        if len(vals) > 1:
+        vals = {_fmt_value(r["axes"][a]) for r in records if r["axes"].get(a) is not None}
+        if len(vals) > 1:  # an axis that only some runs have (outside work dirs) does not vary by that
             out.append(a)
     return out
 
@@ -212,8 +212,9 @@ def long_frame(records: list, metrics: list, by: list):
         for k in r["axes"]:
             if k not in axes:
                 axes.append(k)
-    axis_cols = {a: (a if a not in LONG_FIXED else f"axis_{a}") for a in axes}
-    cols = {c: [] for c in ("experiment", "run_id", "name", "source", *axis_cols.values(), "cfg", "dataset",
+    # the dataset axis is the "dataset" column ("" when a run has none); other axes keep their names
+    axis_cols = {a: (a if a not in LONG_FIXED else f"axis_{a}") for a in axes if a != DATASET_AXIS}
+    cols = {c: [] for c in ("experiment", "run_id", "name", "source", "dataset", *axis_cols.values(), "cfg",
                             "state", "reason", "attempts", "attempt", "lr", "retried", "metric", "class",
                             "value", "evaluator", "note")}
     for r in records:
@@ -311,9 +312,11 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     stats = agg.to_dict("index")
     seedvals = bb[bb["metric"] == "AP"].groupby(["cfg", "dataset"], sort=False)["value"].apply(list).to_dict()
 
-    by_cell = {}
+    by_cell, exp_ds, cfg_exps = {}, {}, {}
     for r in records:
         by_cell.setdefault((r["_cfg"], r["_ds"]), []).append(r)
+        exp_ds.setdefault(r["experiment"], set()).add(r["_ds"])
+        cfg_exps.setdefault(r["_cfg"], set()).add(r["experiment"])
 
     # ---- main table
     missing = []
@@ -335,6 +338,11 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
             others = [r for r in recs if not (r["state"] == "done" and r.get("metrics"))]
             retried = any(_lowered_lr(r) for r in done)
             label = " ".join(x for x in c if x) or "(all)"
+            if not recs and not any(ds in exp_ds[e] for e in cfg_exps[c]):
+                # this configuration's experiment never ran on this dataset (e.g. an outside work dir
+                # beside a study): not applicable, not a gap
+                cells += [Cell("") for _ in columns]
+                continue
             for j, k in enumerate(metrics):
                 s = stats.get((c, ds, k))
                 if s is not None:
@@ -480,7 +488,7 @@ def _lowered_lr(r: dict) -> bool:
 
 def _delta_cell(c, ds, base_idx, base_value, stats) -> Cell:
     if c[base_idx] == base_value:
-        return Cell("baseline")
+        return Cell("baseline" if (c, ds, "AP") in stats else "—")
     bc = list(c)
     bc[base_idx] = base_value
     b = stats.get((tuple(bc), ds, "AP"))
