@@ -213,6 +213,9 @@ def test_cli_out_writes_figures_and_refuses_overwrite(tmp_path):
     assert forced.returncode == 0 and out.read_text() != md
     stdout = run_cli("report", "-w", GOLDEN_WS, "--metrics", "AP")
     assert stdout.returncode == 0 and stdout.stdout.startswith("# ssflctl report: ssfl_vs_fl")
+    tex = run_cli("report", "-w", GOLDEN_WS, "--out", tmp_path / "t" / "table.tex", "--metrics", "AP")
+    assert tex.returncode == 0 and (tmp_path / "t" / "table.tex").read_text().startswith("% ssflctl report")
+    assert not list((tmp_path / "t").glob("*.png"))
     bad = run_cli("report", "-w", tmp_path / "empty")
     assert bad.returncode == 2 and "no runs" in bad.stderr
 

@@ -17,6 +17,7 @@ from ssflctl.errors import UserError
 
 FORMATS = ("markdown", "csv", "latex", "html", "json")
 _ALIASES = {"md": "markdown", "tex": "latex", "htm": "html"}
+_SUFFIX_FORMAT = {".html": "html", ".htm": "html", ".tex": "latex", ".csv": "csv", ".json": "json"}
 
 
 def normalize_format(fmt: str) -> str:
@@ -112,8 +113,11 @@ def write_report(rep, fmt: str, out, *, force: bool = False, progress: bool = Fa
 
 def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", metrics=None, by=(),
          workdirs=(), strict=False, force=False) -> int:
-    """CLI body of `ssflctl report`: returns the exit code (1 with --strict and missing cells)."""
+    """CLI body of `ssflctl report`: returns the exit code (1 with --strict and missing cells).
+    With --out and the default format, the file's suffix picks the format (.html, .tex, .csv, .json)."""
     fmt = normalize_format(fmt)
+    if out is not None and fmt == "markdown":
+        fmt = _SUFFIX_FORMAT.get(Path(out).suffix.lower(), fmt)
     if out is not None and Path(out).exists() and not force and not Path(out).is_dir():
         raise UserError(f"{out}: already exists; pass --force to overwrite it")
     rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs)
