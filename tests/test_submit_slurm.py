@@ -153,7 +153,7 @@ def test_cancel_run_scancels_train_and_test(env, slurm_cluster, monkeypatch):
     assert proc.returncode == 0 and "cancelled 1 run" in proc.stdout, proc.stderr
     deadline = time.time() + 60
     while time.time() < deadline:
-        st = {r[0]: r[1] for r in sacct(*[p.job_id for p in res.submitted])}
+        st = {r[0]: r[1].split()[0] for r in sacct(*[p.job_id for p in res.submitted])}
         if set(st.values()) == {"CANCELLED"}:
             break
         time.sleep(1)
