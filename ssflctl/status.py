@@ -188,6 +188,15 @@ def main(workspace, experiment: Optional[str] = None, as_json: bool = False, wat
         from rich.live import Live
 
         console = Console()
+        if not console.is_terminal:  # piped: a plain table per refresh until every run has ended
+            while True:
+                print_table(title, HEADERS, _rows(items), console=console)
+                if not any(i["state"] in ("queued", "running", "submitting") for i in items):
+                    break
+                time.sleep(max(0.5, interval))
+                items = view(reg, workspace, experiment)
+            _summary(items)
+            return items
         with Live(_rich_table(title, HEADERS, _rows(items), [STATE_STYLE.get(i["state"]) for i in items]),
                   console=console, refresh_per_second=1, auto_refresh=False) as live:
             while any(i["state"] in ("queued", "running", "submitting") for i in items):

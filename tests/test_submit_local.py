@@ -117,6 +117,8 @@ def test_status_json_and_logs_cli(env):
     proc = run_cli("logs", run_id[:8], "--workspace", ws)
     assert proc.returncode == 0, proc.stderr
     assert f"light job log for {run_id}" in proc.stdout
+    proc = run_cli("status", "light", "--watch", "--interval", "0.5", "--workspace", ws, timeout=60)
+    assert proc.returncode == 0 and run_id in proc.stdout  # all ended: --watch shows them once and returns
     proc = run_cli("status", "nosuch", "--workspace", ws)
     assert proc.returncode == 2 and "no experiment 'nosuch'" in proc.stderr
 
