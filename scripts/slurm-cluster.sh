@@ -13,7 +13,8 @@
 #   configs    /etc/slurm/{slurm,gres,slurmdbd}.conf, generated from scripts/slurm/*.in; the script
 #              refuses to overwrite a slurm.conf it did not write (SSFLCTL_SLURM_FORCE=1 to override).
 # `up` is idempotent: daemons already up are kept, stale pid files of a previous machine session are
-# ignored; it waits until the node is idle and sacct answers and prints one line. `down` stops all.
+# ignored; it waits until the node is idle and sacct answers and prints one line. `down` stops all;
+# `purge` stops all and deletes state, accounting DB, logs and the generated configs.
 # Knobs: SSFLCTL_SLURM_CPUS (default nproc; more than nproc oversubscribes), SSFLCTL_SLURM_MEM_MB
 # (default 90% of MemTotal), SSFLCTL_SLURM_GPUS (2), SSFLCTL_SLURM_USERS (extra users, space-separated).
 #
@@ -190,7 +191,7 @@ start_munge() {
   chown munge:munge /etc/munge /etc/munge/munge.key; chmod 700 /etc/munge; chmod 600 /etc/munge/munge.key
   mkdir -p /run/munge /var/lib/munge; chown munge:munge /run/munge /var/lib/munge; chmod 755 /run/munge
   running "$MUNGE_PID" munged || rm -f "$MUNGE_PID" /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-  runuser -u munge -- munged --log-file="$LOGS/munged.log" ${SSFLCTL_MUNGE_FORCE:+--force} \
+  runuser -u munge -- munged --log-file="$LOGS/munged.log" ${SSFLCTL_MUNGE_FORCE:+--force} 9>&- \
     || die "munged failed to start" munged
   wait_for 10 munge_ok || die "munge does not answer (munge -n | unmunge)" munged
 }
@@ -209,7 +210,7 @@ start_mariadb() {
     fi
     rm -f "$STATE/mysql-run/mysqld.sock" "$STATE/mysql-run/mysqld.pid"
     # mariadbd_safe would restart it; plain mariadbd in the background is enough for tests.
-    setsid mariadbd --defaults-file="$MYCNF" </dev/null >>"$LOGS/mariadb.log" 2>&1 &
+    setsid mariadbd --defaults-file="$MYCNF" </dev/null >>"$LOGS/mariadb.log" 2>&1 9>&- &
     wait_for 60 db_ok || die "MariaDB did not start" mariadb
   fi
   mariadb --defaults-file="$MYCNF" -e "
@@ -227,7 +228,7 @@ dbd_ok() { sacctmgr -n -P show cluster format=cluster >/dev/null 2>&1; }
 
 start_slurmdbd() {
   running "$STATE/run/slurmdbd.pid" slurmdbd && return 0
-  slurmdbd >>"$LOGS/slurmdbd.log" 2>&1 || die "slurmdbd failed to start" "slurmdbd mariadb"
+  slurmdbd >>"$LOGS/slurmdbd.log" 2>&1 9>&- || die "slurmdbd failed to start" "slurmdbd mariadb"
   wait_for 60 dbd_ok || die "slurmdbd does not answer (sacctmgr show cluster)" "slurmdbd mariadb"
 }
 
@@ -264,13 +265,13 @@ ctld_ok() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 start_slurmctld() {
   running "$STATE/run/slurmctld.pid" slurmctld && return 0
-  slurmctld >>"$LOGS/slurmctld.log" 2>&1 || die "slurmctld failed to start" "slurmctld slurmdbd"
+  slurmctld >>"$LOGS/slurmctld.log" 2>&1 9>&- || die "slurmctld failed to start" "slurmctld slurmdbd"
   wait_for 30 ctld_ok || die "slurmctld does not answer (scontrol ping)" "slurmctld slurmdbd"
 }
 
 start_slurmd() {
   running "$STATE/run/slurmd.pid" slurmd && return 0
-  slurmd >>"$LOGS/slurmd.log" 2>&1 || die "slurmd failed to start" "slurmd slurmctld"
+  slurmd >>"$LOGS/slurmd.log" 2>&1 9>&- || die "slurmd failed to start" "slurmd slurmctld"
 }
 
 node_state() { sinfo -h -N -n "$NODE" -p "$PARTITION" -o %t 2>/dev/null | head -n1; }
@@ -321,6 +322,16 @@ cmd_down() {
   echo "slurm cluster down (state kept in $STATE, logs in $LOGS)"
 }
 
+cmd_purge() {  # down, then forget everything: job history, accounting DB, logs, generated configs
+  local f
+  cmd_down
+  rm -rf "$STATE" "$LOGS"
+  for f in slurm.conf gres.conf slurmdbd.conf; do
+    grep -qs "$MARKER" "$ETC/$f" && rm -f "$ETC/$f"
+  done
+  echo "slurm cluster purged (next up starts from scratch; job ids restart at 1)"
+}
+
 cmd_status() {
   local rc=0 d pidfile comm
   for d in "munged:$MUNGE_PID" "mariadbd:$STATE/mysql-run/mysqld.pid" "slurmdbd:$STATE/run/slurmdbd.pid" \
@@ -334,7 +345,8 @@ cmd_status() {
   return $rc
 }
 
-lock() {  # one up/down at a time (test sessions that run in parallel all call `up`)
+lock() {  # one up/down at a time (test sessions that run in parallel all call `up`); the daemons
+  # are started with fd 9 closed (9>&-), or they would hold the lock for as long as they run
   mkdir -p /run/lock
   exec 9>/run/lock/ssflctl-slurm.lock
   flock -w 300 9 || die "another slurm-cluster.sh has held /run/lock/ssflctl-slurm.lock for 300 s" " "
@@ -343,6 +355,7 @@ lock() {  # one up/down at a time (test sessions that run in parallel all call `
 case "${1:-}" in
   up) need_root; lock; cmd_up ;;
   down) need_root; lock; cmd_down ;;
+  purge) need_root; lock; cmd_purge ;;
   status) cmd_status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|purge" >&2; exit 2 ;;
 esac
