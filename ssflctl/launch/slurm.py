@@ -76,6 +76,9 @@ def make_executor(folder: Path, res: Dict[str, Any], opts: Dict[str, Any], name:
 
 def _sbatch_error(exc: Exception) -> UserError:
     msg = " ".join(str(exc).split())
+    if "Unable to contact slurm controller" in msg or "Socket timed out" in msg:
+        return UserError(f"sbatch: the Slurm controller is not reachable ({msg[-200:]}); nothing was submitted; "
+                         "try again when `sinfo` answers")
     return UserError(f"sbatch refused the submission: {msg[-400:]}; check partition/qos/account/resources in "
                      "the experiment file")
 
