@@ -107,6 +107,26 @@ def _claim_abandoned(r) -> bool:
     return t is None or time.time() - t > STALE_CLAIM_S
 
 
+def _recover(registry: Registry, r) -> Optional[Dict[str, Any]]:
+    """Job ids of an interrupted submit that did launch (see launch.*.recover)."""
+    sub = registry.submission(r["submission_id"]) if r["submission_id"] else None
+    if sub is None:
+        return None
+    folder = Path(sub["folder"])
+    try:
+        if sub["backend"] == "local":
+            from ssflctl.launch import local
+
+            return local.recover(folder).get(r["run_id"])
+        if sub["backend"] == "slurm" and (folder / "manifest.json").exists():
+            from ssflctl.launch import slurm
+
+            return slurm.recover(folder).get(r["run_id"])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _failure_reason(attempts: List[Dict[str, Any]], fallback: str) -> str:
     if attempts and attempts[-1]["outcome"]:
         out = attempts[-1]["outcome"]
@@ -215,7 +235,18 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[
         # run state
         state, reason = r["state"], r["reason"]
         if r["state"] == "submitting" and _claim_abandoned(r):
-            state, reason = "failed", "a submit was interrupted before the job was launched; submit again"
+            got = _recover(registry, r)
+            if got:  # the jobs went out before the submit died: adopt them
+                n = attempts[-1]["attempt"] if attempts else 1
+                registry.update_run(r["run_id"], event="recovered", job_id=got["job_id"],
+                                    test_job_id=got.get("test_job_id"), submitted_at=r["claimed_at"], attempt=n,
+                                    claim_pid=None)
+                registry.upsert_attempt(r["run_id"], n, state="queued", job_id=got["job_id"],
+                                        lr=(attempts[-1]["info"].get("lr") if attempts else None),
+                                        submission_id=r["submission_id"])
+                state, reason = "queued", "recovered the jobs of an interrupted submit"
+            else:
+                state, reason = "failed", "a submit was interrupted before the job was launched; submit again"
         elif r["state"] == "done":  # results must still be there (deleted/corrupted -> resubmittable)
             last = attempts[-1] if attempts else None
             ok = last is not None and (last["outcome"] or {}).get("outcome") == "done" and (

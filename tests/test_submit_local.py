@@ -181,6 +181,38 @@ def test_submit_killed_between_claim_and_launch(env):
     assert {i["state"] for i in items.values()} == {"done"}
 
 
+_KILLED_AFTER_LAUNCH = """
+import sys, time
+import submit_light_job as light
+from ssflctl import launch, submit
+real = launch.launch
+def launch_then_hang(*a, **k):
+    real(*a, **k)
+    print("launched", flush=True)
+    time.sleep(600)
+launch.launch = launch_then_hang
+submit.submit(sys.argv[1], sys.argv[2], fns=light.FNS, render=light.light_render)
+"""
+
+
+def test_submit_killed_after_launch_adopts_the_jobs(env):
+    ws = env / "ws"
+    path = experiment(env, seeds="[1]")
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_AFTER_LAUNCH, str(path), str(ws)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "launched"
+    p.kill()
+    p.wait()
+    res = do_submit(path, ws)  # the jobs that did go out are found, not sent twice
+    assert res.submitted == [] and all(x.why.startswith(("queued", "running", "done")) for x in res.plan), \
+        [x.why for x in res.plan]
+    items = wait_all(ws, "light")
+    assert {i["state"] for i in items.values()} == {"done"}
+    assert len(list((ws / "submissions").iterdir())) == 1
+    with Registry(ws) as reg:
+        assert all(any(e["kind"] == "recovered" for e in reg.events(r["run_id"])) for r in reg.list_runs())
+
+
 _SHELL = "{py} -c 'import sys, submit_light_job as L; from ssflctl import submit; " \
          "submit.submit(sys.argv[1], sys.argv[2], fns=L.FNS, render=L.light_render)' {exp} {ws}; " \
          "echo submitted; sleep 300"

@@ -175,3 +175,33 @@ def test_sbatch_refusal_is_one_line_and_recorded(env, slurm_cluster):
         runs = reg.list_runs("refused")
     assert len(runs) == 2 and {r["state"] for r in runs} == {"failed"}
     assert all(r["job_id"] is None for r in runs)
+
+
+_KILLED_AFTER_LAUNCH = """
+import sys, time
+import submit_light_job as light
+from ssflctl import launch, submit
+real = launch.launch
+def launch_then_hang(*a, **k):
+    real(*a, **k)
+    print("launched", flush=True)
+    time.sleep(600)
+launch.launch = launch_then_hang
+submit.submit(sys.argv[1], sys.argv[2], fns=light.FNS, render=light.light_render)
+"""
+
+
+def test_submit_killed_after_sbatch_adopts_the_jobs(env, slurm_cluster):
+    ws = env / "ws"
+    path = experiment(env, slurm_cluster, name="adopt", seeds="[1]")
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_AFTER_LAUNCH, str(path), str(ws)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "launched"
+    p.kill()
+    p.wait()
+    res = do_submit(path, ws)  # found through the job names in sacct/squeue: nothing is sent twice
+    assert res.submitted == [], [x.why for x in res.plan]
+    items = wait_all(ws, "adopt")
+    assert {i["state"] for i in items.values()} == {"done"}
+    jobs = sorted(i["job"] for i in items.values())
+    assert len({j.split("_")[0] for j in jobs}) == 1 and [j.split("_")[1] for j in jobs] == ["0", "1"]

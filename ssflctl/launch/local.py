@@ -112,6 +112,18 @@ def parse_job_id(job_id: str):
         return None
 
 
+def recover(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """Job ids of a submission whose submit process died before recording them (``{}`` if the
+    runner never started)."""
+    folder = Path(folder)
+    queue = read_json(folder / "queue.json", default=None)
+    runner = read_json(folder / "runner.json", default=None)
+    if not queue or not runner:
+        return {}
+    return {t["run_id"]: {"job_id": f"local-{runner['pid']}_{t['index']}", "test_job_id": None}
+            for t in queue["tasks"]}
+
+
 def cancel(folder: Path, index: int) -> None:
     folder = Path(folder)
     (folder / "tasks").mkdir(parents=True, exist_ok=True)
@@ -139,6 +151,8 @@ def _write_task(folder: Path, index: int, **st: Any) -> None:
 def run_queue(folder: Path, poll_s: float = 0.5) -> int:
     folder = Path(folder)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if not (folder / "runner.json").exists():  # the launcher may have died before writing it
+        write_json(folder / "runner.json", {"pid": os.getpid(), "started_at": _now(), "cmd": RUNNER_MODULE})
     queue = read_json(folder / "queue.json")
     maxp = max(1, int(queue.get("max_parallel", 1)))
     pending = list(queue["tasks"])

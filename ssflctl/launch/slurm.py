@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import submitit
 import submitit.helpers
 
+from ssflctl.atomic import read_json, write_json
 from ssflctl.errors import UserError
 
 
@@ -93,10 +94,15 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for t in tasks:  # one array per distinct resource request (usually exactly one)
         groups.setdefault(json.dumps(t["resources"], sort_keys=True), []).append(t)
+    sid = Path(folder).name
+    manifest = {"groups": [{"train_name": f"train-{exp}-{sid}-{gi}", "test_name": f"test-{exp}-{sid}-{gi}",
+                            "run_ids": [t["run_id"] for t in group]} for gi, group in enumerate(groups.values())]}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_json(Path(folder) / "manifest.json", manifest)  # before sbatch: lets `recover` find the jobs
     for gi, (_, group) in enumerate(groups.items()):
         res = group[0]["resources"]
         sub = Path(folder) / (f"group{gi}" if len(groups) > 1 else "")
-        ex = make_executor(sub / "train", res, options, name=f"train-{exp}")
+        ex = make_executor(sub / "train", res, options, name=manifest["groups"][gi]["train_name"])
         try:
             with ex.batch():
                 train_jobs = [ex.submit(TrainTask(train_fn), str(t["run_dir"])) for t in group]
@@ -115,7 +121,7 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
             dependency = ",".join(f"afterok:{i}" for i in ids) if len(testing) == 1 else None
         test_res = dict(res)
         test_res["time_min"] = max(10, min(int(res.get("time_min", 60)), 240))
-        tex = make_executor(sub / "test", test_res, options, name=f"test-{exp}")
+        tex = make_executor(sub / "test", test_res, options, name=manifest["groups"][gi]["test_name"])
         extra = dict(options.get("sbatch") or {})
         extra["kill_on_invalid_dep"] = "yes"
         try:
@@ -225,3 +231,34 @@ def cancel(job_ids: Iterable[str]) -> None:
         raise UserError(f"scancel failed: {exc}; is Slurm available here?")
     if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
         raise UserError(f"scancel {' '.join(ids)} failed: {proc.stderr.strip()}")
+
+
+def recover(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """Job ids of a submission whose submit process died between sbatch and recording them: the
+    job names in manifest.json (written before sbatch) are looked up in sacct/squeue."""
+    manifest = read_json(Path(folder) / "manifest.json", default=None)
+    if not manifest:
+        return {}
+    names = {}
+    for g in manifest["groups"]:
+        names[g["train_name"]] = (g, "job_id")
+        names[g["test_name"]] = (g, "test_job_id")
+    found: Dict[str, str] = {}
+    cmds = [["sacct", "-X", "-n", "-P", "-S", "now-14days", "--name", ",".join(names), "-o", "JobID,JobName"],
+            ["squeue", "-h", "-n", ",".join(names), "-o", "%i|%j"]]
+    for cmd in cmds:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in proc.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) >= 2 and parts[1] in names:
+                found.setdefault(parts[1], parts[0].split("_")[0])
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, base in found.items():
+        g, key = names[name]
+        single = len(g["run_ids"]) == 1
+        for i, rid in enumerate(g["run_ids"]):
+            out.setdefault(rid, {"job_id": None, "test_job_id": None})[key] = base if single else f"{base}_{i}"
+    return {rid: v for rid, v in out.items() if v["job_id"]}
