@@ -159,7 +159,14 @@ def decide(r, attempts: List[Dict[str, Any]], test: bool, sched: Dict[str, Dict[
         if st == "lost":
             return "unknown", "the local runner process is gone (killed or machine restarted)"
         return "unknown", "no record of the local job"
-    # slurm
+    # slurm; a record whose job name lacks our submission id is another job with a reused id
+    # (slurmctld state wiped): for us the job is lost
+    def mine(rec):
+        return rec if rec and (not rec.get("name") or not r["submission_id"] or r["submission_id"] in rec["name"]) \
+            else None
+
+    sched = {r["job_id"]: mine(sched.get(r["job_id"] or "")), r["test_job_id"]: mine(sched.get(r["test_job_id"] or ""))}
+    sched = {k: v for k, v in sched.items() if k and v}
     tj = sched.get(r["job_id"] or "")
     if tj is None:
         t = _ts(r["submitted_at"])

@@ -174,6 +174,8 @@ def parse_sacct(text: str) -> Dict[str, Dict[str, str]]:
         state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
         for j in _expand_ids(jid):
             out[j] = {"state": state, "exit_code": code, "elapsed": elapsed}
+            if len(parts) > 4:
+                out[j]["name"] = parts[4]
     return out
 
 
@@ -185,6 +187,8 @@ def parse_squeue(text: str) -> Dict[str, Dict[str, str]]:
             continue
         for j in _expand_ids(parts[0]):
             out[j] = {"state": parts[1], "exit_code": "", "elapsed": parts[2] if len(parts) > 2 else ""}
+            if len(parts) > 3:
+                out[j]["name"] = parts[3]
     return out
 
 
@@ -196,14 +200,14 @@ def job_states(job_ids: Iterable[str]) -> Dict[str, Dict[str, str]]:
     bases = sorted({j.split("_")[0] for j in ids})
     states: Dict[str, Dict[str, str]] = {}
     try:
-        proc = subprocess.run(["sacct", "-j", ",".join(bases), "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed"],
+        proc = subprocess.run(["sacct", "-j", ",".join(bases), "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed,JobName%200"],
                               capture_output=True, text=True, timeout=60)
         if proc.returncode == 0:
             states.update(parse_sacct(proc.stdout))
     except (OSError, subprocess.TimeoutExpired):
         pass
     try:  # squeue is authoritative for what is still queued/running (sacct may lag)
-        proc = subprocess.run(["squeue", "-h", "-j", ",".join(bases), "-o", "%i|%T|%M"],
+        proc = subprocess.run(["squeue", "-h", "-j", ",".join(bases), "-o", "%i|%T|%M|%j"],
                               capture_output=True, text=True, timeout=60)
         if proc.returncode == 0:
             for j, st in parse_squeue(proc.stdout).items():
