@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real single-node Slurm cluster on localhost, for ssflctl's tests and for trying ssflctl
-# without a cluster:  scripts/slurm-cluster.sh up | down | status
+# without a cluster:  scripts/slurm-cluster.sh up | down | status | purge
 #
 # It starts, without systemd, from Debian's packages (slurm-wlm slurmdbd munge mariadb-server,
 # installed by scripts/setup.sh): munged, a private MariaDB (own datadir, socket and port), slurmdbd
@@ -21,10 +21,14 @@
 # On a REAL cluster you do not run this script. Install ssflctl on the login node
 # (SSFLCTL_NO_APT=1 scripts/setup.sh, with TORCH_SPEC for your CUDA build) and, in the experiment
 # file, choose the Slurm executor with your site's partition / QOS / account, e.g.
-#     executor: slurm
-#     slurm: {partition: <your partition>, qos: <your qos>, account: <your account>}
-# ssflctl then submits through submitit with sbatch/sacct of the login node; the workspace must be
-# on a filesystem that the compute nodes see.
+#     executor:
+#       type: slurm
+#       slurm: {partition: <your partition>, qos: <your qos or null>, account: <your account or null>}
+#     resources: {gpus: 1, cpus: 6, mem: 32G, time: "24:00:00"}
+# ssflctl then submits through submitit with the login node's sbatch/sacct (sacct must answer: the
+# site needs slurmdbd accounting); the workspace must be on a filesystem the compute nodes see.
+# Here the node has only `nproc` CPUs and 90% of RAM: EnforcePartLimits=ALL rejects larger requests
+# at submit time (SSFLCTL_SLURM_CPUS=8 up declares more CPUs than the machine has).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
