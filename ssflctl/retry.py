@@ -189,7 +189,8 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
     * preempted / timeout → resume the same attempt at the same lr from its latest checkpoint.
     * node_fail → resume (resubmit) at the same lr from the latest checkpoint.
     * failed (exception, OOM) → stop with its reason (no lr change); ``on_error: retry`` retries
-      at the same lr while attempts are left.
+      at the same lr while attempts are left. A failed attempt whose logs show a non-finite loss
+      before the exception is treated as a NaN.
     """
     if isinstance(policy, dict) or policy is None:
         policy = RetryPolicy.from_dict(policy)
@@ -200,6 +201,12 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
 
     if kind == "done":
         return Decision("stop", lr, None, "finished")
+
+    if kind == "failed" and logs.find_nonfinite(attempt_dir) is not None:
+        # the code raised, but the loss had already gone non-finite (e.g. an assertion on NaN
+        # boxes in an unguarded run): the NaN is the cause, the retry policy for NaN applies
+        kind = "nan"
+        outcome = dict(outcome or {}, nan=None)
 
     if kind == "nan":
         rec = _nan_info(attempt_dir, outcome)

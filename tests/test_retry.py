@@ -101,3 +101,18 @@ def test_clean_checkpoint_falls_back_to_the_attempts_own_start(tmp_path):
     # attempt 2 resumed epoch_2 (iter 16) and went NaN at iter 19 before saving anything
     assert retry.clean_checkpoint(cur, 19) == str(prev / "epoch_2.pth")
     assert retry.clean_checkpoint(cur, 17) is None  # its start gave the NaN itself
+
+
+def test_a_crash_after_a_logged_nan_is_a_nan(tmp_path):
+    d = tmp_path / "20260101_120000"
+    (d / "vis_data").mkdir(parents=True)
+    (d / "vis_data" / "scalars.json").write_text(
+        '{"lr": 0.01, "loss": 1.0, "loss_cls": 0.5, "epoch": 1, "iter": 50}\n'
+        '{"lr": 0.01, "loss": NaN, "loss_cls": NaN, "epoch": 1, "iter": 100}\n')
+    out = {"outcome": "failed", "reason": "AssertionError: boxes contain NaN"}
+    d1 = decide(RetryPolicy.from_dict({}), tmp_path, 1, 0.01, out)
+    assert d1.action == "retry" and d1.lr == 0.001
+    assert d1.reason == "after NaN in loss_cls at epoch 1 iter 100 (lr 0.01)"
+    (d / "vis_data" / "scalars.json").write_text('{"lr": 0.01, "loss": 1.0, "epoch": 1, "iter": 50}\n')
+    d2 = decide(RetryPolicy.from_dict({}), tmp_path, 1, 0.01, out)
+    assert d2.action == "stop" and d2.reason == "failed: AssertionError: boxes contain NaN"
