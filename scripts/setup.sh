@@ -48,8 +48,9 @@ if ! "$PY" -c "from mmcv.ops import nms" 2>/dev/null; then
   log "building mmcv 2.1.0 with ops (about 15 min on 2 cores the first time; cached afterwards)"
   "${PIP[@]}" install "setuptools<70" wheel ninja
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" install --no-build-isolation mmcv==2.1.0
-  # torch itself wants a recent setuptools back
-  "${PIP[@]}" install "setuptools>=77.0.3"
+  # torch itself wants a recent setuptools back; <81 keeps pkg_resources, which mmengine 0.10.7
+  # imports to resolve `mmdet::` config inheritance (the templates use it)
+  "${PIP[@]}" install "setuptools>=77.0.3,<81"
 fi
 
 log "installing ssflctl[train,test] (editable)"
