@@ -535,30 +535,32 @@ def load(path) -> Experiment:
 
     # retry
     retry_raw = top.get("retry")
+    if retry_raw is None:  # the policy's defaults, written out in run.json
+        retry_raw = LDict()
+        retry_raw.line, retry_raw.lines = L("retry"), {}
     retry: Dict[str, Any] = {}
-    if retry_raw is not None:
+    try:
+        from ssflctl import retry as retry_mod  # light module (owned by the NaN work)
+    except ImportError:  # pragma: no cover
+        retry_mod = None
+    allowed = tuple(getattr(retry_mod, "DEFAULTS", {})) or None
+    rm = v.mapping(retry_raw, L("retry"), "retry", allowed, what="a mapping (on_nan, factor, max_attempts, ...)")
+    retry = dict(rm)
+    if retry_mod is not None:
         try:
-            from ssflctl import retry as retry_mod  # light module (owned by the NaN work)
-        except ImportError:  # pragma: no cover
-            retry_mod = None
-        allowed = tuple(getattr(retry_mod, "DEFAULTS", {})) or None
-        rm = v.mapping(retry_raw, L("retry"), "retry", allowed, what="a mapping (on_nan, factor, max_attempts, ...)")
-        retry = dict(rm)
-        if retry_mod is not None:
-            try:
-                policy = retry_mod.RetryPolicy.from_dict(retry, where="retry")
-            except UserError as exc:
-                msg = str(exc)
-                m = re.match(r"retry\.([A-Za-z_]+)", msg)
-                bad = m.group(1) if m and m.group(1) in rm else None
-                if bad is None or not msg.startswith("retry"):
-                    msg = f"retry: {msg}"
-                v.fail(_line(rm, bad, L("retry")) if bad else L("retry"), "", msg)
-            except (TypeError, ValueError, KeyError) as exc:
-                bad = next((k for k in rm if k in str(exc)), None)
-                v.fail(_line(rm, bad, L("retry")) if bad else L("retry"), "retry", f"invalid retry policy: {exc}")
-            else:
-                retry = _policy_dict(policy, retry)
+            policy = retry_mod.RetryPolicy.from_dict(retry, where="retry")
+        except UserError as exc:
+            msg = str(exc)
+            m = re.match(r"retry\.([A-Za-z_]+)", msg)
+            bad = m.group(1) if m and m.group(1) in rm else None
+            if not msg.startswith("retry"):
+                msg = f"retry: {msg}"
+            v.fail(_line(rm, bad, L("retry")) if bad else L("retry"), "", msg)
+        except (TypeError, ValueError, KeyError) as exc:
+            bad = next((k for k in rm if k in str(exc)), None)
+            v.fail(_line(rm, bad, L("retry")) if bad else L("retry"), "retry", f"invalid retry policy: {exc}")
+        else:
+            retry = _policy_dict(policy, retry)
 
     test = top.get("test", True)
     if not isinstance(test, bool):
