@@ -155,6 +155,9 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             for item in claimed:
                 reg.update_run(item.run.run_id, state="failed", reason=f"submit failed before launch: {msg}"[:300])
+            if isinstance(exc, ImportError):
+                raise UserError(f"rendering the configs needs the training stack ({msg}); install it with "
+                                "scripts/setup.sh (or pip install 'ssflctl[train]') on this machine") from None
             raise
         with reg.transaction():
             for item in claimed:
