@@ -155,3 +155,35 @@ def test_decide_slurm_states():
                 "6_0": {"state": "COMPLETED", "name": "test-x-20251231-000000-ffffff-0"}})[0] == "unknown"
     assert dec({"5_0": {"state": "RUNNING", "name": "train-x-20260101-000000-abcdef-0"}})[0] == "running"
     assert dec({"5_0": {"state": "COMPLETED"}, "6_0": {"state": "COMPLETED"}})[0] == "failed"  # no metrics.json
+
+
+def test_status_view_shows_lineage_of_retried_runs(tmp_path):
+    from ssflctl.status import view
+
+    ws = tmp_path
+    with Registry(ws) as reg:
+        rdir = _run(reg, ws, "r-0000000a", state="running", attempt=1, outcome="nan", metrics=False)
+        write_json(rdir / "attempt-1" / "attempt.json", {"attempt": 1, "lr": 0.01, "reason": "first attempt"})
+        write_json(rdir / "attempt-2" / "attempt.json",
+                   {"attempt": 2, "lr": 0.001, "reason": "after NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)"})
+        write_json(rdir / "attempt-2" / "progress.json", {"epoch": 4, "max_epochs": 12, "iter": 1500,
+                                                          "max_iters": 5000, "loss": 0.75})
+        # its job is still alive as far as the (local) scheduler knows
+        sub = ws / "submissions" / "s1"
+        write_json(sub / "runner.json", {"pid": os.getpid(), "cmd": "ssflctl.launch.local"})
+        write_json(sub / "tasks" / "0.json", {"state": "running", "pid": os.getpid()})
+        reg.add_submission("s1", "exp", "local", str(sub), 1)
+        reg.update_run("r-0000000a", submission_id="s1", job_id="local-%d_0" % os.getpid())
+        import ssflctl.launch.local as local
+
+        orig = local.pid_alive
+        local.pid_alive = lambda pid, marker="": pid == os.getpid()
+        try:
+            (item,) = view(reg, ws, "exp")
+        finally:
+            local.pid_alive = orig
+        attempts = reg.list_runs("exp")[0]["attempts"]
+    assert item["state"] == "running" and item["attempt"] == 2 and item["lr"] == 0.001
+    assert item["progress"] == "epoch 4/12 iter 1500/5000" and item["loss_val"] == 0.75
+    assert item["note"].startswith("attempt 2/3 · lr 0.001 · after NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)")
+    assert [(a["attempt"], a["state"], a["lr"]) for a in attempts] == [(1, "nan", 0.01), (2, "running", 0.001)]
