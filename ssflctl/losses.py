@@ -61,7 +61,7 @@ def _check_params(modulation: str, gamma: float, alpha: float, shift: float,
         raise LossConfigError(f"loss_cls.alpha: {alpha!r} must be a number in [0, 1]")
     if not (isinstance(shift, (int, float)) and 0.0 <= shift < 1.0):
         raise LossConfigError(f"loss_cls.shift: {shift!r} must be a number in [0, 1) "
-                         "(q = (1 - shift) * sigmoid(x) + shift)")
+                              "(q = (1 - shift) * sigmoid(x) + shift)")
     if max_weight is not None and not (isinstance(max_weight, (int, float)) and max_weight > 0):
         raise LossConfigError(f"loss_cls.max_weight: {max_weight!r} must be None or a number > 0")
 
@@ -305,14 +305,18 @@ class FocalFamilyLoss(nn.Module):
 
     def __init__(self, use_sigmoid: bool = True, gamma: float = 2.0, alpha: float = 0.25,
                  reduction: str = "mean", loss_weight: float = 1.0, modulation: str = "ssfl",
-                 shift: float = 0.1, max_weight: Optional[float] = None):
+                 shift: float = 0.1, max_weight: Optional[float] = None, activated: bool = False):
         super().__init__()
+        if activated:
+            raise LossConfigError(f"loss_cls.activated: {activated!r}: {type(self).__name__} takes "
+                                  "logits, not probabilities; set activated=False")
         if use_sigmoid is not True:
-            raise LossConfigError(f"loss_cls.use_sigmoid: {use_sigmoid!r}: only the sigmoid form "
-                             f"(use_sigmoid=True) of {type(self).__name__} is implemented, as "
-                             "for mmdet's FocalLoss; set use_sigmoid=True")
+            raise LossConfigError(f"loss_cls.use_sigmoid: {use_sigmoid!r}: only the sigmoid "
+                                  f"form of {type(self).__name__} is implemented (as for "
+                                  "mmdet's FocalLoss); set use_sigmoid=True")
         if reduction not in ("none", "mean", "sum"):
-            raise LossConfigError(f"loss_cls.reduction: {reduction!r} is not 'none', 'mean' or 'sum'")
+            raise LossConfigError(f"loss_cls.reduction: {reduction!r} is not 'none', 'mean' "
+                                  "or 'sum'; use one of those")
         _check_params(modulation, gamma, alpha, shift, max_weight)
         self.use_sigmoid = use_sigmoid
         self.gamma = float(gamma)
