@@ -205,3 +205,39 @@ def test_submit_killed_after_sbatch_adopts_the_jobs(env, slurm_cluster):
     assert {i["state"] for i in items.values()} == {"done"}
     jobs = sorted(i["job"] for i in items.values())
     assert len({j.split("_")[0] for j in jobs}) == 1 and [j.split("_")[1] for j in jobs] == ["0", "1"]
+
+
+@pytest.mark.training
+def test_real_tiny_run_on_slurm(tmp_path, slurm_cluster, monkeypatch):
+    """The real job functions (ssflctl.job.train_run / test_run, pickled by submitit) on the cluster."""
+    import textwrap
+
+    from ssflctl import synth_coco
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data" / "synth"
+    synth_coco.generate(data, n_train=8, n_val=4)
+    p = tmp_path / "real.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        name: realslurm
+        template: retinanet_tiny
+        datasets:
+          synth: {{root: {data}}}
+        matrix:
+          loss: [focal]
+          seed: [0]
+        params: {{max_epochs: 1, batch_size: 4, log_interval: 1}}
+        resources: {{gpus: 0, cpus: 1, mem: 3G, time: "00:20:00"}}
+        executor:
+          type: slurm
+          slurm: {{partition: {slurm_cluster['partition']}, qos: {slurm_cluster['qos']}}}
+        """))
+    ws = tmp_path / "ws"
+    proc = run_cli("submit", p, "--workspace", ws, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    items = wait_all(ws, "realslurm", timeout=900)
+    (item,) = items.values()
+    assert item["state"] == "done", item
+    assert item["job"] and item["test_job"] and item["job"] != item["test_job"]
+    metrics = json.loads((ws / "runs" / item["run"] / "attempt-1" / "metrics.json").read_text())
+    assert 0.0 <= metrics["bbox"]["AP"] <= 1.0
