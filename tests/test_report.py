@@ -171,6 +171,16 @@ def test_strict_exit_code(tmp_path, capsys):
 
 
 @unit
+def test_trained_but_untested_is_not_done(tmp_path):
+    from ssflctl.report.collect import collect_workspace
+
+    ws = _copy_ws(tmp_path, lambda n: n.startswith("focal-cityscapes-s1"))
+    (ws / "runs" / "focal-cityscapes-s1-1796d5be" / "attempt-1" / "metrics.json").unlink()
+    (rec,) = collect_workspace(ws)
+    assert rec["state"] == "running" and "no metrics.json" in rec["reason"] and rec["metrics"] is None
+
+
+@unit
 def test_options_baseline_metrics_by():
     from ssflctl.errors import UserError
     from ssflctl.report import make_report
@@ -595,23 +605,34 @@ def real_ws(tmp_path_factory):
 
 @pytest.mark.training
 def test_report_on_real_job_output(real_ws, tmp_path):
+    """Whatever the jobs achieved, the report says it: numbers where metrics.json exists (equal to a
+    direct computation), the run's state and reason where it does not."""
+    import statistics
+
     from ssflctl.report import build_report, make_report, write_report
 
     rep = make_report(real_ws, metrics="AP,AP50,AR100")
-    recs = {r["run_id"]: r for r in rep.records}
-    done = [r for r in recs.values() if r["state"] == "done"]
-    assert {r["run_id"] for r in done} >= {"focal-synth-s0-00000000", "focal-synth-s1-00000000"}
+    recs = {r["run_id"]: r for r in rep.records if r["run_id"]}
+    assert set(recs) == {"focal-synth-s0-00000000", "focal-synth-s1-00000000", "ssfl-synth-s0-00000000"}
+    gaps = {row[0][0] for row in rep.gaps.rows}
+    for rid, r in recs.items():
+        tested = any((Path(a["dir"]) / "metrics.json").exists() for a in r["attempts"] if a["dir"])
+        assert (r["state"] == "done") == tested, (rid, r["state"], r["reason"])
+        assert (rid in gaps) == (not tested)
     ssfl = recs["ssfl-synth-s0-00000000"]
     if len(ssfl["attempts"]) > 1:  # diverged at lr 0.01 (as in test_job): the retry is reported
         assert ssfl["attempts"][0]["state"] == "nan" and ssfl["attempts"][1]["lr"] == pytest.approx(0.001)
         assert any(line.startswith("ssfl-synth-s0-00000000: attempt 1 lr 0.01: nan") for line in rep.retries)
-    focal = [cells for stub, cells in rep.main.rows if stub == ["focal"]][0]
     cols = rep.main.flat_columns()
-    import statistics
-
-    aps = [r["metrics"]["bbox"]["AP"] for r in done if r["axes"]["loss"] == "focal"]
-    want = f"{statistics.mean(aps) * 100:.1f} ± {statistics.stdev(aps) * 100:.1f}"
-    assert focal[cols.index("AP")].text == want
+    focal = [cells for stub, cells in rep.main.rows if stub == ["focal"]][0]
+    aps = [r["metrics"]["bbox"]["AP"] for r in recs.values() if r["state"] == "done" and r["axes"]["loss"] == "focal"]
+    if len(aps) == 2:
+        want = f"{statistics.mean(aps) * 100:.1f} ± {statistics.stdev(aps) * 100:.1f}"
+    elif len(aps) == 1:
+        want = f"{aps[0] * 100:.1f}"
+    else:
+        want = "—, 2 " + recs["focal-synth-s0-00000000"]["state"]
+    assert focal[cols.index("synth AP")].text.startswith(want)
     paths = write_report(rep, "markdown", tmp_path / "r" / "index.md")
-    assert any(p.name == "loss_ssfl.png" or p.name.startswith("loss_ssfl") for p in paths)
+    assert any(p.name.startswith("loss_ssfl") for p in paths)  # real scalars.json of both attempts
     assert "focal-synth-s0" in build_report(real_ws, fmt="csv")

@@ -268,6 +268,10 @@ def _summarise_state(attempts: list, retry: dict) -> tuple:
         return "pending", "not submitted"
     last = attempts[-1]
     st = last["state"]
+    if st == "done" and not last["has_metrics"]:
+        # trained; the test step has not written metrics.json (still testing, or it failed: the
+        # registry, when there is one, knows which)
+        return "running", "trained; no metrics.json yet (testing, or the test step failed)"
     if st == "done":
         if len(attempts) > 1:
             return "done", f"attempt {last['attempt']} at lr {_fmt_lr(last['lr'])}"
