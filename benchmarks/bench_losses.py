@@ -33,22 +33,30 @@ def _make_inputs(n, num_classes, device, seed=0):
     return pred.to(device), labels.to(device), weight.to(device), avg_factor
 
 
-def _time_fwd_bwd(loss_fn, pred, labels, weight, avg_factor, repeats):
+def _fwd_bwd_seconds(loss_fn, pred, labels, weight, avg_factor):
     import torch
     sync = torch.cuda.synchronize if pred.is_cuda else (lambda: None)
-    times = []
-    for i in range(repeats + 1):                           # the first call is a warm-up
-        x = pred.detach().clone().requires_grad_()
-        sync()
-        t0 = time.perf_counter()
-        loss = loss_fn(x, labels, weight, avg_factor=avg_factor)
-        loss.backward()
-        sync()
-        if i:
-            times.append(time.perf_counter() - t0)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{loss_fn!r} gave a non-finite loss {loss.item()}")
-    return statistics.median(times) * 1000.0
+    x = pred.detach().clone().requires_grad_()
+    sync()
+    t0 = time.perf_counter()
+    loss = loss_fn(x, labels, weight, avg_factor=avg_factor)
+    loss.backward()
+    sync()
+    elapsed = time.perf_counter() - t0
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{loss_fn!r} gave a non-finite loss {loss.item()}")
+    return elapsed
+
+
+def _interleaved_ms(ours, reference, inputs, repeats):
+    """Median ms of ours and of the reference, timed alternately (fair on a shared machine)."""
+    _fwd_bwd_seconds(ours, *inputs)                        # warm-up
+    _fwd_bwd_seconds(reference, *inputs)
+    t_ours, t_ref = [], []
+    for _ in range(repeats):
+        t_ref.append(_fwd_bwd_seconds(reference, *inputs))
+        t_ours.append(_fwd_bwd_seconds(ours, *inputs))
+    return statistics.median(t_ours) * 1000.0, statistics.median(t_ref) * 1000.0
 
 
 def run(quick: bool, device: str | None = None) -> list[dict]:
@@ -61,14 +69,11 @@ def run(quick: bool, device: str | None = None) -> list[dict]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     n, num_classes = (20_000, 80) if quick else (100_000, 80)
     repeats = 3 if quick else 7
-    pred, labels, weight, avg_factor = _make_inputs(n, num_classes, device)
-    ref_impl = ("mmcv CUDA sigmoid_focal_loss kernel" if pred.is_cuda
+    inputs = _make_inputs(n, num_classes, device)
+    ref_impl = ("mmcv CUDA sigmoid_focal_loss kernel" if device.startswith("cuda")
                 else "mmdet py_sigmoid_focal_loss (PyTorch autograd)")
     threads = torch.get_num_threads()
-
     reference = FocalLoss(use_sigmoid=True, gamma=2.0, alpha=0.25)
-    ref_ms = _time_fwd_bwd(reference, pred, labels, weight, avg_factor, repeats)
-
     ours = {
         "ssfl": ShiftStepFocalLoss(gamma=2.0, alpha=0.25, shift=0.1),
         "gfl_star": ShiftStepFocalLoss(gamma=2.0, alpha=0.25, shift=0.0),
@@ -76,7 +81,7 @@ def run(quick: bool, device: str | None = None) -> list[dict]:
     }
     rows = []
     for name, loss in ours.items():
-        ms = _time_fwd_bwd(loss, pred, labels, weight, avg_factor, repeats)
+        ms, ref_ms = _interleaved_ms(loss, reference, inputs, repeats)
         rows.append({
             "name": f"loss_{name}_fwd_bwd_{device}_{n // 1000}kx{num_classes}",
             "value": round(ms, 2),
@@ -84,7 +89,7 @@ def run(quick: bool, device: str | None = None) -> list[dict]:
             "ratio": round(ref_ms / ms, 3),
             "unit": "ms",
             "note": (f"{name} vs mmdet FocalLoss ({ref_impl}), forward+backward, median of "
-                     f"{repeats}, {threads} torch threads, float32"),
+                     f"{repeats} interleaved runs, {threads} torch threads, float32"),
         })
     return rows
 

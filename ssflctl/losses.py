@@ -240,30 +240,29 @@ class _FocalFamilyIndexFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, pos, gamma, alpha, modulation, shift, max_weight):
-        z = torch.where(pos, -pred, pred)
-        bce = F.logsigmoid(z.neg()).neg_()                       # softplus(z), exact for all z
+        sg = pos.to(pred.dtype).mul_(-2.0).add_(1.0)              # -1 positives, +1 negatives
+        z = pred * sg
+        bce = F.logsigmoid(z.neg()).neg_()                        # softplus(z), exact for all z
         if modulation == "focal":
             log_factor = (z - bce).mul_(gamma)                    # gamma * log sigmoid(z)
         else:
-            r = _log_odds_q(pred, shift)
-            log_factor = torch.where(pos, -r, r).mul_(gamma)
+            log_factor = (_log_odds_q(pred, shift) * sg).mul_(gamma)   # never in place on pred
         clamped = None
         if max_weight is not None:
             log_max = math.log(max_weight)
             clamped = log_factor > log_max
             log_factor = log_factor.clamp_(max=log_max)
-        alpha_t = torch.where(pos, pred.new_tensor(alpha), pred.new_tensor(1.0 - alpha))
+        alpha_t = sg * (0.5 - alpha) + 0.5                        # alpha positives, 1 - alpha negatives
         w = log_factor.exp_().mul_(alpha_t)
         loss = w * bce
-        ctx.save_for_backward(pred, pos, w, bce, clamped)
+        ctx.save_for_backward(pred, sg, w, bce, clamped)
         ctx.gamma, ctx.modulation, ctx.shift = gamma, modulation, shift
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        pred, pos, w, bce, clamped = ctx.saved_tensors
-        gamma = ctx.gamma
+        pred, sg, w, bce, clamped = ctx.saved_tensors
         if ctx.modulation == "focal":
             u = torch.exp(-bce)                                   # sigmoid(-z)
         elif ctx.shift == 0.0:
@@ -272,9 +271,8 @@ class _FocalFamilyIndexFn(torch.autograd.Function):
             u = torch.sigmoid(pred - math.log(ctx.shift))
         if clamped is not None:
             u = u.masked_fill_(clamped, 0.0)
-        inner = u.mul_(bce).mul_(gamma).sub_(torch.expm1(-bce))   # gamma*BCE*u + sigmoid(z)
-        grad = inner.mul_(w).mul_(grad_out)
-        grad = torch.where(pos, -grad, grad)
+        inner = u.mul_(bce).mul_(ctx.gamma).sub_(torch.expm1(-bce))  # gamma*BCE*u + sigmoid(z)
+        grad = inner.mul_(w).mul_(sg).mul_(grad_out)
         return grad, None, None, None, None, None, None
 
 

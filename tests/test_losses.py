@@ -32,6 +32,7 @@ def _grid(dtype=torch.float64, lo=-20.0, hi=20.0, n=161, num_classes=3):
 @pytest.mark.parametrize("alpha", [0.25, 0.75])
 def test_ssfl_equals_seed_literal_formula_float64(L, shift, gamma, alpha):
     pred, labels, onehot = _grid()
+    untouched = pred.clone()
     ref = L.ssfl_factor_reference(pred, onehot, shift=shift, gamma=gamma, alpha=alpha)
     assert torch.isfinite(ref).all()
     # class-index targets (closed-form backward path) and one-hot float targets (autograd path)
@@ -43,6 +44,7 @@ def test_ssfl_equals_seed_literal_formula_float64(L, shift, gamma, alpha):
     # the nn.Module and the registry alias give the same numbers
     mod = L.ShiftStepFocalLoss(gamma=gamma, alpha=alpha, shift=shift, reduction="none")
     torch.testing.assert_close(mod(pred, labels), ref, rtol=1e-6, atol=1e-12)
+    assert torch.equal(pred, untouched)                       # nothing works in place on pred
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.1])
