@@ -295,6 +295,34 @@ def test_parse_pycocotools_summary_and_scalars(tmp_path):
     assert math.isnan(recs[0]["loss"]) and math.isnan(recs[1]["loss"]) and recs[2]["loss"] == -math.inf
 
 
+@unit
+def test_loss_curves_prefer_the_runners_own_text_log(tmp_path):
+    from ssflctl.report.collect import loss_curves, parse_train_log
+
+    log = (
+        "2026/11/21 12:44:08 - mmengine - INFO - Epoch(train) [1][1/4]  lr: 1.0000e-02  eta: 0:00:17  "
+        "time: 5.8359  data_time: 0.0848  loss: 77.6643  loss_cls: 76.9337  loss_bbox: 0.7306\n"
+        "2026/11/21 12:44:10 - mmengine - INFO - Epoch(train) [2][3/4]  lr: 1.0000e-02  eta: 0:00:02  "
+        "time: 2.6650  data_time: 0.0437  loss: 67.9126  loss_cls: 67.1873  loss_bbox: 0.7252\n"
+        "2026/11/21 12:44:12 - mmengine - INFO - Epoch(train) [2][4/4]  lr: 1.0000e-02  eta: 0:00:00  "
+        "time: 2.5216  data_time: 0.0400  loss: nan  loss_cls: nan  loss_bbox: 0.7197\n"
+        "2026/11/21 12:44:12 - mmengine - ERROR - guard.py - trip - 200 - NanGuard: stopping; "
+        "Iter(train) [8]  loss: nan  loss_cls: nan\n"
+        "2026/11/21 12:50:00 - mmengine - INFO - Iter(train) [  50/1000]  lr: 1.0000e-03  loss: 1.5e-01\n")
+    pts = parse_train_log(log)
+    assert [p[0] for p in pts] == [1, 7, 8, 50]
+    assert pts[0][1] == 77.6643 and math.isnan(pts[2][1]) and pts[3][1] == 0.15
+    # attempt-1's scalars.json also holds a later runner's lines (mmengine's visualizer singleton):
+    # the text log wins
+    ts = tmp_path / "attempt-1" / "20260101_000000"
+    (ts / "vis_data").mkdir(parents=True)
+    (ts / "20260101_000000.log").write_text(log)
+    (ts / "vis_data" / "scalars.json").write_text('{"loss": 1.0, "iter": 1}\n{"loss": 9.0, "iter": 1}\n')
+    rec = {"attempts": [{"attempt": 1, "lr": 0.01, "dir": str(tmp_path / "attempt-1"), "nan": {"iter": 8}}]}
+    ((att, lr, got, nan_iter),) = loss_curves(rec)
+    assert got[:2] == [(1, 77.6643), (7, 67.9126)] and nan_iter == 8
+
+
 def _handmade_workdir(root: Path, name: str, summary_in=None, ap=0.224) -> Path:
     """An mmdet-style work dir: CocoMetric numbers in scalars.json (AP = `ap`), the classwise table in
     the text log, and the pycocotools summary (AP 0.224) in the log (`summary_in="ts"`), in a file the

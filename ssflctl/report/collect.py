@@ -584,8 +584,40 @@ def collect(ws, experiments: Iterable[str] = (), workdirs: Iterable = ()) -> lis
 # loss curves (only read when plots are drawn)
 
 
+_TRAIN_EPOCH = re.compile(r"Epoch\(train\)\s*\[(\d+)\]\[\s*(\d+)/(\d+)\]")
+_TRAIN_ITER = re.compile(r"Iter\(train\)\s*\[\s*(\d+)/(\d+)\]")
+_LOSS = re.compile(r"\sloss:\s*(-?(?:[0-9.]+(?:e[-+]?\d+)?|nan|inf))", re.IGNORECASE)
+
+
+def parse_train_log(text: str) -> list:
+    """[(iter, loss)] from mmengine's text log lines `Epoch(train) [e][i/n] ... loss: x` (global
+    iteration (e-1)*n+i) or `Iter(train) [i/n] ... loss: x`; nan/inf kept as float."""
+    pts = []
+    for line in text.splitlines():
+        if "(train)" not in line:
+            continue
+        lm = _LOSS.search(line)
+        if not lm:
+            continue
+        m = _TRAIN_EPOCH.search(line)
+        if m:
+            it = (int(m.group(1)) - 1) * int(m.group(3)) + int(m.group(2))
+        else:
+            m = _TRAIN_ITER.search(line)
+            if not m:
+                continue
+            it = int(m.group(1))
+        pts.append((it, float(lm.group(1))))
+    return pts
+
+
 def loss_curves(rec: dict) -> list:
-    """[(attempt, lr, [(iter, loss)], nan_iter|None)] for each attempt of a run."""
+    """[(attempt, lr, [(iter, loss)], nan_iter|None)] for each attempt of a run.
+
+    Each `<timestamp>/` of an attempt contributes the train lines of its own text log; only where a
+    log has none, its vis_data/scalars.json. (The text log belongs to one Runner; mmengine's
+    visualizer is a process-wide singleton, so runners started later in the same process -- a retry
+    inside the job, the test step -- append their scalars to the first runner's scalars.json.)"""
     out = []
     for a in rec.get("attempts") or []:
         d = a.get("dir")
@@ -593,14 +625,17 @@ def loss_curves(rec: dict) -> list:
             continue
         pts = []
         for ts in _timestamp_dirs(d):
-            for f in _vis_files(ts):
-                for r in read_scalars(f):
-                    if "loss" in r:
-                        x = r.get("iter", r.get("step"))
-                        v = r["loss"]
-                        if x is None or not isinstance(v, (int, float)):
-                            continue
-                        pts.append((int(x), float(v)))
+            got = parse_train_log(_read_text(os.path.join(ts, os.path.basename(ts) + ".log")))
+            if not got:
+                for f in _vis_files(ts):
+                    for r in read_scalars(f):
+                        if "loss" in r:
+                            x = r.get("iter", r.get("step"))
+                            v = r["loss"]
+                            if x is None or not isinstance(v, (int, float)):
+                                continue
+                            got.append((int(x), float(v)))
+            pts += got
         pts.sort(key=lambda p: p[0])
         nan_iter = (a.get("nan") or {}).get("iter")
         out.append((a["attempt"], a.get("lr"), pts, nan_iter))

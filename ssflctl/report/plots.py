@@ -123,11 +123,13 @@ def loss_figure(plt, recs):
     for ri, r in enumerate(sorted(recs, key=lambda r: str(r["axes"].get(SEED_AXIS, r["name"])))):
         seed = r["axes"].get(SEED_AXIS)
         who = f"seed {seed}" if seed is not None else r["name"]
-        for att, lr, pts, nan_iter in loss_curves(r):
+        curves = loss_curves(r)
+        shown = r.get("final") or max((c[0] for c in curves), default=None)  # solid: the attempt that counts
+        for att, lr, pts, nan_iter in curves:
             finite = [(x, y) for x, y in pts if math.isfinite(y)]
             bad = [x for x, y in pts if not math.isfinite(y)]
             lbl = f"{who} · attempt {att} · lr {lr:g}" if lr is not None else f"{who} · attempt {att}"
-            style = "-" if att == (r.get("final") or att) else "--"
+            style = "-" if att == shown else "--"
             color = f"C{ri % 10}"
             if finite:
                 ax.plot([p[0] for p in finite], [p[1] for p in finite], style, color=color, lw=1.2, label=lbl)
