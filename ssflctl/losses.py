@@ -166,9 +166,12 @@ def focal_family_loss(pred: torch.Tensor, target: torch.Tensor,
       RetinaNet's prior (p = 0.01, x = -4.6) an SSFL* negative weighs ~150x and a positive ~68x
       what Focal Loss gives them (GFL*: a positive ~10,000x).
 
-    So one anchor whose logit overshoots gives a gradient that grows exponentially with the
-    overshoot; at lr 0.01 the next SGD step overshoots further and the loss reaches inf/NaN in a
-    few iterations -- the NaN the seed report met at lr 0.01 and avoided with lr 0.001.
+    Measured with RetinaNet's prior on every logit, 100 positives among 100k anchors x 80 classes,
+    avg_factor = 100: ``loss_cls`` starts at 1.19 with Focal Loss, 86 with SSFL* and 11,284 with
+    GFL*, and the classification gradients are scaled alike. On top of that, one anchor whose
+    logit overshoots gets a gradient that grows exponentially with the overshoot; at lr 0.01 the
+    next SGD step overshoots further and the loss reaches inf/NaN within a few iterations -- the
+    NaN the seed report met at lr 0.01 and avoided with lr 0.001.
 
     **max_weight** (default None = off, the seed's loss): if set, the modulating factor (without
     alpha) is clamped to ``<= max_weight`` (in the log domain). Where the clamp is active the factor
@@ -360,10 +363,10 @@ class ShiftStepFocalLoss(FocalFamilyLoss):
 
     def __init__(self, use_sigmoid: bool = True, gamma: float = 2.0, alpha: float = 0.25,
                  shift: float = 0.1, reduction: str = "mean", loss_weight: float = 1.0,
-                 max_weight: Optional[float] = None):
+                 max_weight: Optional[float] = None, activated: bool = False):
         super().__init__(use_sigmoid=use_sigmoid, gamma=gamma, alpha=alpha, reduction=reduction,
                          loss_weight=loss_weight, modulation="ssfl", shift=shift,
-                         max_weight=max_weight)
+                         max_weight=max_weight, activated=activated)
 
 
 @MODELS.register_module()
@@ -376,6 +379,7 @@ class GeneralizedFocalLossStar(ShiftStepFocalLoss):
 
     def __init__(self, use_sigmoid: bool = True, gamma: float = 2.0, alpha: float = 0.25,
                  shift: float = 0.0, reduction: str = "mean", loss_weight: float = 1.0,
-                 max_weight: Optional[float] = None):
+                 max_weight: Optional[float] = None, activated: bool = False):
         super().__init__(use_sigmoid=use_sigmoid, gamma=gamma, alpha=alpha, shift=shift,
-                         reduction=reduction, loss_weight=loss_weight, max_weight=max_weight)
+                         reduction=reduction, loss_weight=loss_weight, max_weight=max_weight,
+                         activated=activated)

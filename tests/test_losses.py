@@ -115,6 +115,8 @@ def test_focal_factor_equals_mmdet_py_sigmoid_focal_loss_float64(L):
 def test_focal_factor_equals_mmcv_sigmoid_focal_loss_op_if_it_runs_here(L):
     from mmcv.ops import sigmoid_focal_loss
     pred, labels, _ = _random_case()
+    if torch.cuda.is_available():                     # mmdet's FocalLoss uses this kernel on CUDA
+        pred, labels = pred.cuda(), labels.cuda()
     try:
         ref = sigmoid_focal_loss(pred, labels, 2.0, 0.25, None, "none")
     except (RuntimeError, NotImplementedError) as exc:  # mmcv 2.1 ships the op for CUDA/MLU/NPU
@@ -196,6 +198,11 @@ def test_bad_targets_and_parameters_are_rejected(L):
         L.ShiftStepFocalLoss(max_weight=0)
     with pytest.raises(UserError, match="modulation"):
         L.FocalFamilyLoss(modulation="softmax")
+    with pytest.raises(UserError, match="activated"):
+        L.ShiftStepFocalLoss(activated=True)
+    from mmdet.registry import MODELS
+    with pytest.raises(UserError, match=r"loss_cls\.shift: 1\.5"):       # through the registry too
+        MODELS.build(dict(type="ShiftStepFocalLoss", shift=1.5))
     with pytest.raises(ValueError, match="reduction_override"):
         L.ShiftStepFocalLoss()(pred, torch.tensor([0, 1, 2, 3]), reduction_override="avg")
 
