@@ -59,7 +59,8 @@ class Report:
     datasets: list = field(default_factory=list)
     by: list = field(default_factory=list)
     records: list = field(default_factory=list)
-    images: list = field(default_factory=list)    # [(caption, filename)] filled by plots
+    seedvals: dict = field(default_factory=dict)  # {(cfg key, dataset): [AP of each seed]} for plots
+    cfg_keys: list = field(default_factory=list)  # configuration keys in table order
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,9 +470,7 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                      "APl); the AR numbers need a pycocotools summary in its log.")
     rep = Report(title or _title(exps), summary, main, per_class, retries, gaps, notes, df, missing,
                  configs=[(" ".join(x for x in c if x) or "(all)", dict(zip(by, cfg_vals[c]))) for c in cfgs],
-                 datasets=datasets, by=by, records=records)
-    rep._seedvals = seedvals  # AP per seed for the spread plot
-    rep._cfg_keys = cfgs
+                 datasets=datasets, by=by, records=records, seedvals=seedvals, cfg_keys=cfgs)
     return rep
 
 

@@ -28,10 +28,10 @@ def slug(s: str) -> str:
 def planned_files(rep) -> list:
     """[(kind, caption, filename, payload)] of every figure the report will draw."""
     out = []
-    if any(v for v in rep._seedvals.values()):
+    if any(v for v in rep.seedvals.values()):
         out.append(("ap", "AP per configuration: mean ± std over seeds (dots: seeds)", "ap_by_config.png", None))
     seen = set()
-    for key, label in zip(rep._cfg_keys, [c[0] for c in rep.configs]):
+    for key, label in zip(rep.cfg_keys, [c[0] for c in rep.configs]):
         for ds in rep.datasets:
             recs = [r for r in rep.records if r["_cfg"] == key and r["_ds"] == ds and r["attempts"]
                     and any(a.get("dir") for a in r["attempts"])]
@@ -92,14 +92,14 @@ def _save(fig, path: Path) -> None:
 
 
 def ap_figure(plt, rep):
-    cfgs = rep._cfg_keys
+    cfgs = rep.cfg_keys
     labels = [c[0] for c in rep.configs]
     dss = rep.datasets
     fig, axes = plt.subplots(1, len(dss), figsize=(max(4.5, 1.1 * len(cfgs) + 2) * len(dss) ** 0.5 + 1, 3.6),
                              squeeze=False)
     for ax, ds in zip(axes[0], dss):
         for i, key in enumerate(cfgs):
-            vals = [v * 100 for v in rep._seedvals.get((key, ds), [])]
+            vals = [v * 100 for v in rep.seedvals.get((key, ds), [])]
             if not vals:
                 continue
             ax.scatter([i] * len(vals), vals, s=14, color="#888", zorder=2)
