@@ -195,6 +195,10 @@ def test_options_baseline_metrics_by():
     assert "No baseline: no configuration has loss=nope" in markdown(rep)
     rep = make_report(GOLDEN_WS, by=["loss", "lr"], metrics="AP")
     assert rep.main.stub == ["loss", "lr"] and rep.main.rows[0][0] == ["focal", "0.01"]
+    rep = make_report(GOLDEN_WS, by=["loss", "dataset"], metrics="AP")
+    assert rep.main.flat_columns() == ["AP", "ΔAP", "n"] and len(rep.main.rows) == 6
+    rows = {tuple(stub): [c.text for c in cells] for stub, cells in rep.main.rows}
+    assert rows[("ssfl", "coco")][1] == "+1.0" and rows[("focal", "coco")][1:] == ["baseline", "2/3"]
     for kw in ({"baseline": "focal"}, {"metrics": "mAP"}, {"by": ["optimizer"]}):
         with pytest.raises(UserError):
             make_report(GOLDEN_WS, **kw)

@@ -292,7 +292,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
         key = tuple(_fmt_value(v) for v in vals)
         cfg_vals.setdefault(key, vals)
         r["_cfg"] = key
-        r["_ds"] = _fmt_value(r["axes"].get(DATASET_AXIS))
+        # datasets are column groups, unless --by made them rows
+        r["_ds"] = "" if DATASET_AXIS in by else _fmt_value(r["axes"].get(DATASET_AXIS))
     base_idx = by.index(base[0]) if base and base[0] in by else None
     if base_idx is not None and not any(k[base_idx] == base[1] for k in cfg_vals):
         base_idx = None  # nothing to compare against: say so in the notes
