@@ -15,7 +15,8 @@ lists ``ssflctl.compat`` in ``custom_imports`` and plain ``tools/train.py --resu
 ``ssflctl.job`` calls :func:`allow_mmengine_checkpoints` itself.
 
 ``unsafe_globals(path)`` lists what a checkpoint needs beyond torch's defaults (the test checks
-that a real mmengine checkpoint needs nothing beyond :func:`safe_globals`).
+that a real mmengine checkpoint needs nothing beyond :func:`safe_globals` and the restricted
+``getattr``).
 """
 from __future__ import annotations
 
@@ -50,6 +51,31 @@ def safe_globals() -> List[object]:
     return out
 
 
+def _history_buffer_getattr(obj, name: str):
+    """``getattr`` restricted to what mmengine checkpoints pickle with it.
+
+    torch.save uses pickle protocol 2, which stores a function with a dotted qualified name
+    (``HistoryBuffer.min``, kept in every HistoryBuffer's ``_statistics_methods``) as
+    ``getattr(HistoryBuffer, 'min')``. Allowlisting ``builtins.getattr`` itself would let a
+    checkpoint reach any attribute of any allowlisted object, so this stand-in, registered under
+    the name ``builtins.getattr``, only returns public functions of HistoryBuffer classes.
+    """
+    import inspect
+    import pickle
+
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    if isinstance(obj, type) and issubclass(obj, HistoryBuffer) and isinstance(name, str) \
+            and not name.startswith("_"):
+        attr = inspect.getattr_static(obj, name, None)
+        if inspect.isfunction(attr) or isinstance(attr, (staticmethod, classmethod)):
+            return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f"ssflctl.compat: refusing getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) "
+        "while loading a checkpoint with weights_only=True (only HistoryBuffer statistics "
+        "methods are allowed)")
+
+
 def allow_mmengine_checkpoints() -> List[object]:
     """Allowlist mmengine checkpoint types for ``torch.load(weights_only=True)``. Idempotent.
 
@@ -64,7 +90,7 @@ def allow_mmengine_checkpoints() -> List[object]:
     if add is None:  # pragma: no cover - old torch
         return []
     objs = safe_globals()
-    add(objs)
+    add(objs + [(_history_buffer_getattr, "builtins.getattr")])
     _applied.extend(objs)
     return list(objs)
 
@@ -74,8 +100,12 @@ def unsafe_globals(path) -> List[str]:
     import torch
 
     names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    allowed = {f"{o.__module__}.{o.__qualname__}" for o in torch.serialization.get_safe_globals()
-               if hasattr(o, "__qualname__")}
+    allowed = set()
+    for o in torch.serialization.get_safe_globals():
+        if isinstance(o, tuple):
+            allowed.add(o[1])
+        elif hasattr(o, "__qualname__"):
+            allowed.add(f"{o.__module__}.{o.__qualname__}")
     return [n for n in names if n not in allowed]
 
 
