@@ -276,7 +276,9 @@ def cancel_main(workspace, target: str) -> List[str]:
 # logs
 # ------------------------------------------------------------------------------------------
 
-def find_log(ws, run_id: str, attempt: Optional[int] = None) -> Path:
+def find_logs(ws, run_id: str, attempt: Optional[int] = None) -> List[Path]:
+    """The mmengine text logs of the run's attempt (latest by default), oldest first: the training
+    log, then the test step's. Raises UserError if the run has no attempt (or not that one)."""
     from ssflctl.supervise import attempt_dirs, attempt_no, run_dir
 
     rdir = run_dir(ws, run_id)
@@ -288,10 +290,8 @@ def find_log(ws, run_id: str, attempt: Optional[int] = None) -> Path:
         if not dirs:
             raise UserError(f"logs: run {run_id} has no attempt {attempt}")
     adir = dirs[-1]
-    logs = sorted(adir.glob("*/*.log"), key=lambda p: p.stat().st_mtime)  # mmengine: <ts>/<ts>.log
-    if logs:
-        return logs[-1]
-    return adir / "job.log"
+    # mmengine: <work_dir>/<YYYYmmdd_HHMMSS>/<YYYYmmdd_HHMMSS>.log, one per Runner (train, test)
+    return sorted((p for p in adir.glob("*/*.log") if p.stem == p.parent.name), key=lambda p: p.parent.name)
 
 
 def _job_output(reg, row) -> Optional[Path]:
@@ -310,7 +310,7 @@ def _job_output(reg, row) -> Optional[Path]:
     return None
 
 
-def logs_main(workspace, run: str, follow: bool = False, attempt: Optional[int] = None) -> Path:
+def logs_main(workspace, run: str, follow: bool = False, attempt: Optional[int] = None) -> List[Path]:
     reg = _ws_registry(workspace)
     try:
         rows = reg.find_runs(run)
@@ -321,33 +321,39 @@ def logs_main(workspace, run: str, follow: bool = False, attempt: Optional[int] 
             raise UserError(f"logs: {run!r} matches {len(rows)} runs ({', '.join(r['run_id'] for r in rows[:3])}"
                             f"{'...' if len(rows) > 3 else ''}); give a longer prefix")
         row = rows[0]
-        path = find_log(workspace, row["run_id"], attempt)
-        if not path.exists():
+        paths = find_logs(workspace, row["run_id"], attempt)
+        if not paths:
             alt = _job_output(reg, row)
             if alt is not None and alt.exists():
-                path = alt
+                paths = [alt]
     finally:
         reg.close()
+    if not paths and not follow:
+        raise UserError(f"logs: no training log yet for {row['run_id']}; the job may still be queued — "
+                        "try `ssflctl logs -f`")
     out = sys.stdout
-    if not path.exists() and not follow:
-        raise UserError(f"logs: no training log yet for {row['run_id']} (looked for {path}); the job may still be "
-                        "queued — try `ssflctl logs -f`")
-    pos = 0
+    pos: Dict[Path, int] = {}
+    current: Optional[Path] = None
     while True:
-        if path.exists():
-            with open(path, "r", encoding="utf-8", errors="replace") as fh:
-                fh.seek(pos)
-                chunk = fh.read()
-                pos = fh.tell()
+        for path in paths:
+            try:
+                with open(path, "r", encoding="utf-8", errors="replace") as fh:
+                    fh.seek(pos.get(path, 0))
+                    chunk = fh.read()
+                    pos[path] = fh.tell()
+            except OSError:
+                continue
             if chunk:
+                if current is not None and current != path:
+                    out.write(f"==> {path} <==\n")
+                current = path
                 out.write(chunk)
                 out.flush()
         if not follow:
-            break
-        if path.name == "job.log":  # the mmengine log may appear once training starts
-            try:
-                path = find_log(workspace, row["run_id"], attempt)
-            except UserError:
-                pass
+            return paths
         time.sleep(1.0)
-    return path
+        try:  # new logs appear: the test step's, or a retry's new attempt
+            fresh = find_logs(workspace, row["run_id"], attempt)
+        except UserError:
+            fresh = []
+        paths = fresh or paths

@@ -344,4 +344,4 @@ def test_real_tiny_training_run_survives_sighup(tmp_path):
     for name in ("config.py", "provenance.json", "attempt.json", "outcome.json", "progress.json"):
         assert (rdir / name).exists(), name
     proc = run_cli("logs", item["run"], "--workspace", ws)
-    assert proc.returncode == 0 and "Epoch(train)" in proc.stdout
+    assert proc.returncode == 0 and "Epoch(train)" in proc.stdout and "Epoch(test)" in proc.stdout
