@@ -217,3 +217,21 @@ def test_time_and_mem_parsing():
     assert spec.parse_time("0:00:00") is None and spec.parse_time(True) is None
     assert spec.parse_mem("32G") == 32 and spec.parse_mem("512M") == 0.5 and spec.parse_mem("1T") == 1024
     assert spec.parse_mem("x") is None and spec.parse_mem(0) is None
+
+
+def test_executor_choice(tmp_path, data_root, monkeypatch):
+    from ssflctl import submit
+
+    text = BASE.format(root=data_root).replace("  type: local\n", "  type: auto\n")
+    exp = spec.load(write(tmp_path, text))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here: auto means local
+    assert spec.executor_kind(exp) == "local"
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    assert spec.executor_kind(exp) == "slurm"
+    assert spec.executor_kind(exp, "local") == "local"  # --executor wins
+    res = submit.submit(REPO / "experiments" / "ssfl_vs_fl.yaml", tmp_path / "ws", dry_run=True, executor="local")
+    assert res.kind == "local" and len(res.submitted) == 4
+    with pytest.raises(UserError, match="--executor: expected slurm, local or auto"):
+        spec.executor_kind(exp, "pbs")
