@@ -42,6 +42,8 @@ def light_train(run_dir):
     run = json.loads((run_dir / "run.json").read_text())
     adir = _latest(run_dir)
     info = json.loads((adir / "attempt.json").read_text())
+    write_json(adir / "env.json", {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                   "start": time.time()})
     steps = int(os.environ.get("LIGHT_JOB_STEPS", "3"))
     for it in range(1, steps + 1):
         write_json(adir / "progress.json", {"epoch": 1, "max_epochs": 1, "iter": it, "max_iters": steps,
@@ -53,6 +55,8 @@ def light_train(run_dir):
         write_json(adir / "outcome.json", {"outcome": "failed", "reason": "poisoned on purpose by the test",
                                            "nan": None, "log_tail": "", "checkpoint": None, "finished_at": _now()})
         raise RuntimeError("poisoned on purpose by the test")
+    env = json.loads((adir / "env.json").read_text())
+    write_json(adir / "env.json", dict(env, end=time.time()))
     write_json(adir / "outcome.json", {"outcome": "done", "reason": "trained", "nan": None, "log_tail": "",
                                        "checkpoint": "epoch_1.pth", "finished_at": _now()})
     return {"outcome": "done"}

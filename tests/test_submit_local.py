@@ -345,3 +345,25 @@ def test_real_tiny_training_run_survives_sighup(tmp_path):
         assert (rdir / name).exists(), name
     proc = run_cli("logs", item["run"], "--workspace", ws)
     assert proc.returncode == 0 and "Epoch(train)" in proc.stdout and "Epoch(test)" in proc.stdout
+
+
+def test_local_gpu_slots(env, monkeypatch):
+    """Two GPUs, three 1-GPU runs, max_parallel 3: each run sees one device of its own, never shared."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("LIGHT_JOB_SLEEP", "0.5")
+    ws = env / "ws"
+    path = env / "gpu.yaml"
+    path.write_text(EXP.format(name="gpu", root=env / "data" / "synth", seeds="[1, 2]")
+                    .replace("resources: {cpus: 1", "resources: {gpus: 1, cpus: 1")
+                    .replace("max_parallel: 2", "max_parallel: 4")
+                    .replace("[focal, ssfl]", "[focal]") .replace("seed: [1, 2]", "seed: [1, 2, 3]"))
+    res = do_submit(path, ws)
+    assert len(res.submitted) == 3
+    items = wait_all(ws, "gpu")
+    assert {i["state"] for i in items.values()} == {"done"}
+    envs = [json.loads((ws / "runs" / r / "attempt-1" / "env.json").read_text()) for r in items]
+    assert all(e["CUDA_VISIBLE_DEVICES"] in ("0", "1") for e in envs)
+    for a in envs:  # runs that overlapped in time had different devices
+        for b in envs:
+            if a is not b and a["start"] < b["end"] and b["start"] < a["end"]:
+                assert a["CUDA_VISIBLE_DEVICES"] != b["CUDA_VISIBLE_DEVICES"]

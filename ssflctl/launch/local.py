@@ -39,7 +39,8 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
     queue = {
         "max_parallel": int(options.get("max_parallel") or 1),
         "fn": fn,
-        "tasks": [{"index": i, "run_id": t["run_id"], "run_dir": str(Path(t["run_dir"]).resolve())}
+        "tasks": [{"index": i, "run_id": t["run_id"], "run_dir": str(Path(t["run_dir"]).resolve()),
+                   "gpus": int((t.get("resources") or {}).get("gpus", 0))}
                   for i, t in enumerate(tasks)],
         "created_at": _now(),
     }
@@ -165,23 +166,36 @@ def run_queue(folder: Path, poll_s: float = 0.5) -> int:
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     kill_at: Dict[int, float] = {}
+    gpus = visible_gpus()
+    free: List[str] = list(gpus)
+    held: Dict[int, List[str]] = {}
     while pending or running:
         for t in list(pending):
             if stopping["flag"] or (folder / "tasks" / f"{t['index']}.cancel").exists():
                 pending.remove(t)
                 _write_task(folder, t["index"], state="cancelled", ended_at=_now())
         while pending and len(running) < maxp and not stopping["flag"]:
-            t = pending.pop(0)
+            t = pending[0]
+            need = int(t.get("gpus", 0))
+            env = dict(os.environ)
+            if need and gpus:  # GPU slots: each task gets its own devices
+                if len(free) < need:
+                    break  # wait for a running task to give its GPUs back
+                held[t["index"]], free[:] = free[:need], free[need:]
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(held[t["index"]])
+            pending.pop(0)
             logf = open(folder / f"{t['index']}.log", "ab")
             try:
                 p = subprocess.Popen(
                     [sys.executable, "-m", RUNNER_MODULE, "--task", queue["fn"], t["run_dir"]],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                    env=env,
                 )
             finally:
                 logf.close()
             running[t["index"]] = p
-            _write_task(folder, t["index"], state="running", pid=p.pid, started_at=_now())
+            _write_task(folder, t["index"], state="running", pid=p.pid, started_at=_now(),
+                        gpus=held.get(t["index"], []))
         for idx, p in list(running.items()):
             cancelled = stopping["flag"] or (folder / "tasks" / f"{idx}.cancel").exists()
             if cancelled and p.poll() is None:
@@ -194,10 +208,23 @@ def run_queue(folder: Path, poll_s: float = 0.5) -> int:
             if rc is None:
                 continue
             del running[idx]
+            free.extend(held.pop(idx, []))
             state = "cancelled" if cancelled else ("done" if rc == 0 else "failed")
             _write_task(folder, idx, state=state, returncode=rc, ended_at=_now())
         time.sleep(poll_s)
     return 0
+
+
+def visible_gpus() -> List[str]:
+    """GPU ids this machine offers: $CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
 def _signal_group(pid: int, sig: int) -> None:
