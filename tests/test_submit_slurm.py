@@ -241,3 +241,15 @@ def test_real_tiny_run_on_slurm(tmp_path, slurm_cluster, monkeypatch):
     assert item["job"] and item["test_job"] and item["job"] != item["test_job"]
     metrics = json.loads((ws / "runs" / item["run"] / "attempt-1" / "metrics.json").read_text())
     assert 0.0 <= metrics["bbox"]["AP"] <= 1.0
+
+
+def test_no_test_step_submits_only_the_train_array(env, slurm_cluster):
+    ws = env / "ws"
+    path = experiment(env, slurm_cluster, name="notest", seeds="[1]")
+    path.write_text(path.read_text() + "test: false\n")
+    res = do_submit(path, ws)
+    assert len(res.submitted) == 2 and all(p.test_job_id is None for p in res.submitted)
+    assert not (ws / "submissions" / res.submission_id / "test").exists()
+    items = wait_all(ws, "notest")
+    assert {i["state"] for i in items.values()} == {"done"}
+    assert not any((ws / "runs" / r / "attempt-1" / "metrics.json").exists() for r in items)

@@ -23,11 +23,9 @@ def get_executor(kind: str, folder, **resources: Any):
 
         return slurm.make_executor(Path(folder), resources, {})
     if kind == "local":
-        import submitit
+        from ssflctl.launch import local
 
-        ex = submitit.LocalExecutor(folder=str(folder))
-        ex.update_parameters(timeout_min=int(resources.get("time_min", 60)))
-        return ex
+        return local.make_executor(Path(folder), resources)
     raise UserError(f"--executor: expected slurm or local, got {kind!r}")
 
 

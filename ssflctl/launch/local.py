@@ -31,6 +31,16 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def make_executor(folder: Path, resources: Dict[str, Any]):
+    """A plain submitit LocalExecutor (for ad-hoc use; `launch` below is what `submit` uses: submitit's
+    local jobs die with the submitting shell)."""
+    import submitit
+
+    ex = submitit.LocalExecutor(folder=str(folder))
+    ex.update_parameters(timeout_min=int(resources.get("time_min", 60)))
+    return ex
+
+
 def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
            fns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
     folder = Path(folder).resolve()
