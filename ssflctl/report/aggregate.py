@@ -330,7 +330,7 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     for ds in datasets:
         for k in metrics:
             disp = [float(pct(stats[(c, ds, k)]["mean"])) for c in cfgs if (c, ds, k) in stats]
-            if len(disp) >= 2:
+            if len(disp) >= 2 and len(set(disp)) > 1:  # all equal: nothing to single out
                 best[(ds, k)] = max(disp)
     for c in cfgs:
         cells = []
@@ -405,7 +405,7 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                     txt = pct(s["mean"]) if n == 1 else f"{pct(s['mean'])} ± {pct(s['std'])}"
                     cells.append(Cell(txt, value=s["mean"]))
                     vals.append(float(pct(s["mean"])))
-                if len(vals) >= 2:
+                if len(vals) >= 2 and len(set(vals)) > 1:
                     for cell in cells:
                         if cell.value is not None and float(pct(cell.value)) == max(vals):
                             cell.best = True
