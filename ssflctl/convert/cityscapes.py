@@ -21,6 +21,7 @@ the strings are byte-identical to ``maskUtils.encode`` of the full mask.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -343,16 +344,24 @@ def _progress(enabled: bool, console=None):
     )
 
 
-def _map(tasks: Sequence[tuple], nproc: int, chunksize: int):
-    if nproc <= 1 or len(tasks) <= 1:
+def _map(tasks: Sequence[tuple], pool, chunksize: int):
+    if pool is None or len(tasks) <= 1:
         for t in tasks:
             yield load_image(t)
         return
+    yield from pool.imap(load_image, tasks, chunksize=chunksize)
+
+
+def _pool(stack, nproc: int, n_tasks: int):
+    """One process pool for every split (None for --nproc 1), started before any thread."""
+    if nproc <= 1 or n_tasks <= 1:
+        return None
     import multiprocessing as mp
 
+    import pycocotools.mask  # noqa: F401  (imported once here, inherited by forked workers)
+
     method = "fork" if "fork" in mp.get_all_start_methods() else None
-    with mp.get_context(method).Pool(min(nproc, len(tasks))) as pool:
-        yield from pool.imap(load_image, tasks, chunksize=chunksize)
+    return stack.enter_context(mp.get_context(method).Pool(min(nproc, n_tasks)))
 
 
 def convert(
@@ -390,15 +399,18 @@ def convert(
     decoder = _decoder()[0]
     results: Dict[str, bytes] = {}
     summaries: List[SplitSummary] = []
-    with _progress(progress, console) as bar:
+    with contextlib.ExitStack() as stack:
+        pool = _pool(stack, nproc, sum(len(listing[s][0]) for s in splits))
+        bar = stack.enter_context(_progress(progress, console))
         for split in splits:
             tasks = listing[split][0]
             ts = time.perf_counter()
             summ = SplitSummary(split=split, out_file=str(targets[split]))
             images, annotations = [], []
             task_id = bar.add_task(f"{split}", total=len(tasks))
-            chunk = max(1, min(16, len(tasks) // (4 * max(1, nproc)) or 1))
-            for info, anns, bad in _map(tasks, nproc, chunk):
+            # small chunks: a busy worker must not hold the last images while the others idle
+            chunk = max(1, min(4, len(tasks) // (8 * nproc)))
+            for info, anns, bad in _map(tasks, pool, chunk):
                 bar.advance(task_id)
                 if bad:
                     problems += bad
