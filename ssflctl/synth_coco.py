@@ -107,9 +107,9 @@ def _make_split(root: Path, split: str, n: int, size: Tuple[int, int], classes: 
     return {"split": split, "images": len(images), "annotations": len(annotations), "ann_file": str(out)}
 
 
-def generate(root, n_train: int = 64, n_val: int = 32, n_test: int = 0, size: Tuple[int, int] = (128, 128),
-             seed: int = 0, classes: Sequence[str] = CLASSES, max_objects: int = 3,
-             min_size: int = 24, max_size: int = 56) -> Dict[str, Dict]:
+def generate(root, n_train: int = 48, n_val: int = 24, n_test: int = 0, size: Tuple[int, int] = (96, 96),
+             seed: int = 0, classes: Sequence[str] = CLASSES, max_objects: int = 4,
+             min_size: int = 24, max_size: int = 48) -> Dict[str, Dict]:
     """Write the dataset under ``root``; returns a summary per split.
 
     ``size`` is (width, height); object sizes are in pixels (side of the square box).

@@ -1,8 +1,9 @@
 # Tiny RetinaNet for CPU smoke runs, tests and the quick start.
 #
 # ResNet-18 trained from scratch (init_cfg=None: nothing is downloaded), a 64-channel FPN and a
-# 64-channel head, small images, constant lr without warm-up (the setting in which the seed's
-# SSFL* diverges at lr 0.01 while Focal Loss trains), and a x0.1 step after 80% of the epochs.
+# 64-channel head with GroupNorm (from scratch it converges several times faster than without),
+# small images, constant lr without warm-up (the setting in which the seed's SSFL* diverges at
+# lr 0.01 while Focal Loss trains), and a x0.1 step after 80% of the epochs.
 # Dataset-agnostic COCO-format data: `classes=None` takes the category names from the training
 # annotation file at render time. `python -m ssflctl.synth_coco` style data:
 # ssflctl.synth_coco.generate(root) writes a matching synthetic dataset.
@@ -18,7 +19,7 @@ ssflctl_params = dict(
     seed=0,
     data_root='data/synth/',
     max_epochs=12,
-    batch_size=4,
+    batch_size=8,
     workers=0,
     train_ann='annotations/train.json',
     train_img='images/train/',
@@ -27,7 +28,7 @@ ssflctl_params = dict(
     test_ann='annotations/val.json',
     test_img='images/val/',
     classes=None,
-    img_scale=(128, 128),
+    img_scale=(96, 96),
     val_interval=None,
     log_interval=5,
     ckpt_interval=1,
@@ -54,6 +55,7 @@ model = dict(
         in_channels=64,
         feat_channels=64,
         stacked_convs=2,
+        norm_cfg=dict(type='GN', num_groups=8, requires_grad=True),
         loss_cls=dict(
             type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
             loss_weight=1.0)),

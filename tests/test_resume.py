@@ -56,8 +56,19 @@ def test_allowlist_covers_exactly_what_the_checkpoint_needs(first_epoch):
     with pytest.raises(Exception, match="weights_only|Weights only"):
         torch.load(evil)
     needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(first_epoch["ckpt"])))
-    ours = {f"{o.__module__}.{o.__qualname__}" for o in compat.safe_globals()}
+    ours = {f"{o.__module__}.{o.__qualname__}" for o in compat.safe_globals()} | {"builtins.getattr"}
     assert needed <= ours and "mmengine.logging.history_buffer.HistoryBuffer" in needed
+    # protocol 2 pickles HistoryBuffer.min as getattr(HistoryBuffer, 'min'): our getattr stand-in
+    # allows exactly that and nothing else
+    import pickle
+
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    assert compat._history_buffer_getattr(HistoryBuffer, "min") is HistoryBuffer.min
+    for obj, name in ((os, "system"), (HistoryBuffer, "__init__"), (HistoryBuffer, "__class__"),
+                      (HistoryBuffer(), "min")):
+        with pytest.raises(pickle.UnpicklingError):
+            compat._history_buffer_getattr(obj, name)
 
 
 def test_resume_continues_iterations_with_the_saved_weights(first_epoch, tmp_path):
