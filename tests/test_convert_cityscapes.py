@@ -388,6 +388,9 @@ def test_missing_root_parts_and_split(synth, tmp_path):
     with pytest.raises(UserError, match=r"missing split directory.*--splits"):
         convert(synth, tmp_path / "o", splits=["train_extra"], progress=False)
     assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="--out-dir is a file"):
+        convert(synth, tmp_path / "afile", splits=["val"], progress=False)
     # images without their gtFine split: one line for the folder, not one per image
     root = tmp_path / "nogt"
     shutil.copytree(synth / "leftImg8bit" / "val", root / "leftImg8bit" / "extra")

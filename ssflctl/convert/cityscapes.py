@@ -389,6 +389,8 @@ def convert(
     for sub in ("leftImg8bit", "gtFine"):
         if not (root / sub).is_dir():
             raise UserError(f"{root / sub}: missing; ROOT must be the Cityscapes folder holding leftImg8bit/ and gtFine/")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out-dir is a file; give a folder for the JSON files")
     targets = {s: out / JSON_NAME.format(split=s) for s in splits}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not force:
@@ -443,8 +445,11 @@ def convert(
     umask = os.umask(0)
     os.umask(umask)
     for split in splits:
-        write_bytes(targets[split], results.pop(split))
-        os.chmod(targets[split], 0o666 & ~umask)  # mkstemp makes 0600 files; annotations are shared
+        try:
+            write_bytes(targets[split], results.pop(split))
+            os.chmod(targets[split], 0o666 & ~umask)  # mkstemp makes 0600 files; annotations are shared
+        except OSError as exc:
+            raise UserError(f"{targets[split]}: cannot write ({exc.strerror or exc}); choose another --out-dir") from exc
     return Summary(out_dir=str(out), splits=summaries, seconds=time.perf_counter() - t0, decoder=decoder)
 
 
