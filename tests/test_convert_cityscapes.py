@@ -202,10 +202,15 @@ def test_generator_layout_and_cases(synth):
 def test_generator_is_deterministic(tmp_path):
     from ssflctl.convert.synth_cityscapes import generate
 
-    a = generate(tmp_path / "a", 2, 0, 0, size=(64, 32), seed=5, fast=True)
-    b = generate(tmp_path / "b", 2, 0, 0, size=(64, 32), seed=5, fast=True)
-    for f in sorted(a.rglob("*.json")) + sorted(a.rglob("*Ids.png")):
+    # the non-fast path: cityscapesscripts' json2instanceImg / json2labelImg on the JSON files
+    a = generate(tmp_path / "a", 2, 0, 0, size=(64, 32), seed=5, color=True)
+    b = generate(tmp_path / "b", 2, 0, 0, size=(64, 32), seed=5, color=True)
+    files = sorted(a.rglob("*.json")) + sorted(a.rglob("*.png"))
+    assert len(files) == 2 * 5
+    for f in files:
         assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f
+    c = generate(tmp_path / "c", 2, 0, 0, size=(64, 32), seed=6)
+    assert any(f.read_bytes() != (c / f.relative_to(a)).read_bytes() for f in files if f.suffix == ".json")
 
 
 # ---------------------------------------------------------------------------------------------
