@@ -157,7 +157,7 @@ def _module_exists(name: str) -> bool:
 
 
 def _get(cfg, dotted: str, default=None):
-    cur = cfg
+    cur = getattr(cfg, "_cfg_dict", cfg)  # mmengine.Config wraps a ConfigDict
     for part in dotted.split("."):
         if isinstance(cur, (list, tuple)) and part.lstrip("-").isdigit():
             idx = int(part)
@@ -305,7 +305,7 @@ def _apply_params(cfg, p: Dict[str, Any], declared: Dict[str, Any], bindings: Di
 
 def _set_existing(cfg, dotted: str, value: Any, where: str) -> None:
     parent_key, _, leaf = dotted.rpartition(".")
-    parent = _get(cfg, parent_key) if parent_key else cfg
+    parent = _get(cfg, parent_key) if parent_key else getattr(cfg, "_cfg_dict", cfg)
     if not isinstance(parent, (dict, list)):
         raise UserError(f"{where}: {dotted!r}: {parent_key!r} does not exist in the config")
     if isinstance(parent, list):
@@ -361,6 +361,10 @@ def render_config(template: Union[str, Path], params: Optional[Dict[str, Any]] =
             hooks.append(dict(type="NanGuardHook"))
         cfg.custom_hooks = hooks
     cfg.ssflctl_params = ConfigDict(_jsonable(resolved))
+    # as Config.fromfile does for a file: the in-memory config is usable right away
+    from mmengine.utils import import_modules_from_strings
+
+    import_modules_from_strings(**cfg.custom_imports)
     return cfg
 
 
