@@ -151,6 +151,10 @@ def test_big_templates_build(tmp_path, template, names):
     split = {f"{s}_{k}": v for s in ("train", "val", "test") for k, v in (("ann", "ann.json"), ("img", "img/"))}
     cfg = render.render_config(template, {"data_root": str(tmp_path) + "/", "workers": 0, "loss": "ssfl", **split},
                                {"model.backbone.init_cfg": None})
+    from mmengine.config import Config
+
+    cfg.dump(str(tmp_path / "config.py"))
+    cfg = Config.fromfile(str(tmp_path / "config.py"))  # custom_imports registers ShiftStepFocalLoss
     model = MODELS.build(cfg.model)
     assert type(model).__name__ == "RetinaNet"
     assert type(model.bbox_head.loss_cls).__name__ == "ShiftStepFocalLoss"
@@ -159,7 +163,9 @@ def test_big_templates_build(tmp_path, template, names):
         loader = Runner.build_dataloader(cfg[f"{split_name}_dataloader"], seed=0)
         assert len(loader.dataset) >= 1
     item = loader.dataset[0]
-    assert tuple(item["inputs"].shape[1:]) in ((666, 1333), (1024, 2048), (800, 1333))
+    # test scale: COCO 1333x800, Cityscapes 2048x1024 (keep ratio) of a 256x128 image
+    assert tuple(item["inputs"].shape[1:]) == ((667, 1333) if "coco" in template else (1024, 2048))
+    assert item["data_samples"].gt_instances.bboxes.shape[0] == len(names)
 
 
 def test_render_attempt_writes_provenance(tmp_path, synth, monkeypatch):
