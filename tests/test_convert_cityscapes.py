@@ -344,10 +344,15 @@ def _bad_copy(synth, tmp_path):
 
 
 @unit
-def test_bad_input_reports_every_file(synth, tmp_path):
+@pytest.mark.parametrize("decoder", ["default", "pillow"])
+def test_bad_input_reports_every_file(synth, tmp_path, monkeypatch, decoder):
+    from ssflctl.convert import cityscapes
     from ssflctl.convert.cityscapes import convert
     from ssflctl.errors import UserError
 
+    if decoder == "pillow":  # the fallback when OpenCV is not installed
+        monkeypatch.setenv("SSFLCTL_DECODER", "pillow")
+    monkeypatch.setattr(cityscapes, "_READ", None)
     root, expected = _bad_copy(synth, tmp_path)
     out = tmp_path / "ann"
     out.mkdir()
