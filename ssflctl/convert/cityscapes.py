@@ -442,12 +442,9 @@ def convert(
 
     from ssflctl.atomic import write_bytes
 
-    umask = os.umask(0)
-    os.umask(umask)
     for split in splits:
         try:
             write_bytes(targets[split], results.pop(split))
-            os.chmod(targets[split], 0o666 & ~umask)  # mkstemp makes 0600 files; annotations are shared
         except OSError as exc:
             raise UserError(f"{targets[split]}: cannot write ({exc.strerror or exc}); choose another --out-dir") from exc
     return Summary(out_dir=str(out), splits=summaries, seconds=time.perf_counter() - t0, decoder=decoder)
