@@ -173,6 +173,8 @@ def report(
     workdirs: Optional[List[Path]] = typer.Option(None, "--workdirs", help="Plain MMDetection work dirs to include."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any cell is missing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+    missrate: Optional[str] = typer.Option(None, "--missrate", help="Also print the log-average miss rate MR⁻² of this class (Caltech protocol)."),
+    subset_field: Optional[str] = typer.Option(None, "--subset-field", help="With --missrate: MR⁻² per value of this image field too (e.g. daytime)."),
 ):
     """COCO AP comparison tables: mean ± std over seeds, deltas vs the baseline, per-class AP, plots.
 
@@ -184,6 +186,11 @@ def report(
         workspace_path(workspace), experiments or [], fmt=fmt, out=out, baseline=baseline,
         metrics=metrics, by=by or [], workdirs=workdirs or [], strict=strict, force=force,
     )
+    if missrate:
+        from ssflctl import missrate as missrate_mod
+
+        typer.echo(missrate_mod.report_main(workspace_path(workspace), experiments or [], missrate, subset_field,
+                                            workdirs or [], plot_dir=Path(out).parent if out else None))
     raise typer.Exit(code or 0)
 
 
