@@ -194,6 +194,27 @@ def report(
     raise typer.Exit(code or 0)
 
 
+@app.command()
+@user_errors
+def show(
+    run: str = typer.Argument(..., help="Run id, name or id prefix (or a run / attempt directory)."),
+    workspace: Optional[Path] = WorkspaceOpt,
+    n: int = typer.Option(8, "--n", help="Number of test images to draw."),
+    score_thr: float = typer.Option(0.3, "--score-thr", help="Draw predictions with at least this score."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="Attempt number (default: latest tested)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Default: <attempt dir>/show/"),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing pictures."),
+):
+    """Draw a run's test-set predictions beside the ground truth (PNG per image).
+
+    Example: ssflctl show <run>
+    """
+    from ssflctl import show as show_mod
+
+    show_mod.main(run, workspace_path(workspace), n=n, score_thr=score_thr, attempt=attempt, out_dir=out_dir,
+                  force=force)
+
+
 def main() -> None:
     app()
 
