@@ -113,7 +113,7 @@ def test_synth_dataset_is_deterministic(tmp_path):
     assert ja["annotations"] == jb["annotations"] and len(ja["annotations"]) >= 3
     from PIL import Image
     im = np.asarray(Image.open(tmp_path / "a" / "images" / "train" / "train_00000.png"))
-    assert im.shape == (128, 128, 3)
+    assert im.shape == (96, 96, 3)
     for a_ in ja["annotations"]:
         x, y, w, h = a_["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= 128.01 and y + h <= 128.01 and w >= 23
+        assert 0 <= x and 0 <= y and x + w <= 96.01 and y + h <= 96.01 and w >= 23
