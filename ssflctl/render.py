@@ -60,6 +60,10 @@ LOSSES: Dict[str, Dict[str, Any]] = {
 }
 
 _SPLITS = ("train", "val", "test")
+#: params _apply_params knows (others need ssflctl_bindings or ssflctl_derived in the template)
+_HANDLED = frozenset({"loss", "lr", "seed", "max_epochs", "max_iters", "val_interval", "batch_size",
+                      "workers", "data_root", "classes", "load_from", "log_interval", "ckpt_interval",
+                      "auto_scale_lr"} | {f"{s}_{k}" for s in ("train", "val", "test") for k in ("ann", "img")})
 _DATASET_WRAPPERS = ("RepeatDataset", "ClassBalancedDataset", "MultiImageMixDataset")
 _VERSIONED = ("torch", "mmcv", "mmdet", "mmengine", "ssflctl", "numpy", "pycocotools")
 
@@ -347,7 +351,23 @@ def render_config(template: Union[str, Path], params: Optional[Dict[str, Any]] =
     except Exception as exc:
         raise UserError(f"{path}: mmengine cannot load this template ({type(exc).__name__}: {exc})") from None
     cfg.pop("ssflctl_bindings", None)
-    _apply_params(cfg, resolved, declared, _template_bindings(path), f"template {path.name}")
+    cfg.pop("ssflctl_derived", None)
+    bindings = _template_bindings(path)
+    where = f"template {path.name}"
+    derived_names: set = set()
+    if _module_exists("ssflctl.derived"):
+        from ssflctl import derived
+
+        derived_names = set(derived.read(path))
+    idle = sorted(set(declared) - _HANDLED - set(bindings) - derived_names)
+    if idle:
+        raise UserError(f"{path}: ssflctl_params declares {', '.join(idle)} but nothing sets it; "
+                        "bind it in ssflctl_bindings (param -> dotted config keys)")
+    _apply_params(cfg, resolved, declared, bindings, where)
+    if derived_names:
+        # derived settings override the template's defaults; explicit params still win
+        if derived.apply(cfg, path, resolved, where):
+            _apply_params(cfg, params, declared, bindings, where)
     for key, value in (overrides or {}).items():
         _set_existing(cfg, str(key), value, "overrides")
 
