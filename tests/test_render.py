@@ -104,6 +104,17 @@ def test_params_and_errors(synth):
         render.render_config("retinanet_tiny", {"data_root": "/nonexistent/"})
 
 
+def test_declared_param_that_nothing_sets_is_refused(tmp_path):
+    t = tmp_path / "mine.py"
+    t.write_text("ssflctl_params = dict(lr=0.01, momentum=0.9)\n"
+                 "optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9))\n")
+    with pytest.raises(UserError, match="momentum but nothing sets it"):
+        render.render_config(str(t), {"lr": 0.1})
+    t.write_text(t.read_text() + "ssflctl_bindings = dict(momentum='optim_wrapper.optimizer.momentum')\n")
+    cfg = render.render_config(str(t), {"lr": 0.1, "momentum": 0.5})
+    assert cfg.optim_wrapper.optimizer.lr == 0.1 and cfg.optim_wrapper.optimizer.momentum == 0.5
+
+
 def test_cityscapes_recipe_and_epoch_rescaling():
     cfg = render.render_config("retinanet_r50_fpn_1x_cityscapes", {"data_root": "/d/cs/"})
     assert cfg.model.bbox_head.num_classes == 8
