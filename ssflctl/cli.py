@@ -215,6 +215,25 @@ def show(
                   force=force)
 
 
+@app.command()
+@user_errors
+def quickstart(
+    workspace: Optional[Path] = WorkspaceOpt,
+    executor: Optional[str] = typer.Option(None, "--executor", help="slurm or local (default: the file's auto)."),
+):
+    """The study in miniature: synthetic Cityscapes, Focal Loss vs SSFL* (NaN, retry), report.
+
+    Generates WORKSPACE/data/cityscapes, converts it, submits experiments/quickstart.yaml, waits, reports.
+
+    Ctrl-C stops the waiting, not the runs. Safe to run again: it reuses what is done.
+
+    Example: ssflctl quickstart
+    """
+    from ssflctl import quickstart as quickstart_mod
+
+    raise typer.Exit(quickstart_mod.main(workspace_path(workspace), executor=executor))
+
+
 def main() -> None:
     app()
 
