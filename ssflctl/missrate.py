@@ -30,7 +30,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ssflctl.errors import UserError
 
@@ -173,18 +173,19 @@ def evaluate_images(gt: dict, dets: list, category: Union[str, int], image_ids: 
                     name: str = "all", iou_thr: float = IOU_THR) -> MissRate:
     """MR⁻² of one class on a set of images (default: every image in ``gt``)."""
     cid = _category_id(gt, category)
-    ids = [int(im["id"]) for im in gt.get("images", [])] if image_ids is None else [int(i) for i in image_ids]
+    # image ids as in the files (ints in COCO; mmdet's VOC->COCO conversion writes strings)
+    ids = [im["id"] for im in gt.get("images", [])] if image_ids is None else list(image_ids)
     idset = set(ids)
-    per_gt: Dict[int, list] = {i: [] for i in ids}
-    per_ig: Dict[int, list] = {i: [] for i in ids}
+    per_gt: Dict[Any, list] = {i: [] for i in ids}
+    per_ig: Dict[Any, list] = {i: [] for i in ids}
     for a in gt.get("annotations", []):
-        iid = int(a["image_id"])
+        iid = a["image_id"]
         if iid not in idset or int(a["category_id"]) != cid:
             continue
         (per_ig if (a.get("iscrowd") or a.get("ignore")) else per_gt)[iid].append(a["bbox"])
-    per_dt: Dict[int, list] = {i: [] for i in ids}
+    per_dt: Dict[Any, list] = {i: [] for i in ids}
     for d in dets:
-        iid = int(d["image_id"])
+        iid = d["image_id"]
         if iid in idset and int(d["category_id"]) == cid:
             per_dt[iid].append((float(d["score"]), d["bbox"]))
     num_gt = sum(len(v) for v in per_gt.values())
@@ -200,10 +201,10 @@ def evaluate_images(gt: dict, dets: list, category: Union[str, int], image_ids: 
     return MissRate(name, log_average(mrs), mrs, fppi, miss, len(ids), num_gt, num_ig, num_dets)
 
 
-def subsets_by_field(gt: dict, field_name: str) -> Dict[str, List[int]]:
+def subsets_by_field(gt: dict, field_name: str) -> Dict[str, list]:
     """Image ids grouped by the value of an image field (e.g. ``daytime``: ``day``/``night``).
     Boolean fields name their groups ``FIELD`` and ``not-FIELD``."""
-    groups: Dict[str, List[int]] = {}
+    groups: Dict[str, list] = {}
     missing = 0
     for im in gt.get("images", []):
         if field_name not in im:
@@ -211,21 +212,21 @@ def subsets_by_field(gt: dict, field_name: str) -> Dict[str, List[int]]:
             continue
         v = im[field_name]
         key = (field_name if v else f"not-{field_name}") if isinstance(v, bool) else str(v)
-        groups.setdefault(key, []).append(int(im["id"]))
+        groups.setdefault(key, []).append(im["id"])
     if not groups:
         raise UserError(f"--subset-field {field_name!r}: no image in the ground truth has this field; "
                         f"fields present: {', '.join(sorted({k for im in gt.get('images', []) for k in im}))}")
     return dict(sorted(groups.items()))
 
 
-def subset_from_list(gt: dict, names: Iterable[Union[str, int]], label: str = "list") -> List[int]:
+def subset_from_list(gt: dict, names: Iterable[Union[str, int]], label: str = "list") -> list:
     """Image ids for a list of image ids or file names (basename or as in the ground truth)."""
     by_name = {}
     for im in gt.get("images", []):
         fn = str(im.get("file_name", ""))
-        by_name[fn] = int(im["id"])
-        by_name.setdefault(Path(fn).name, int(im["id"]))
-    known_ids = set(by_name.values())
+        by_name[fn] = im["id"]
+        by_name.setdefault(Path(fn).name, im["id"])
+    known_ids = {str(im["id"]): im["id"] for im in gt.get("images", [])}
     out, unknown = [], []
     for n in names:
         s = str(n).strip()
@@ -233,8 +234,8 @@ def subset_from_list(gt: dict, names: Iterable[Union[str, int]], label: str = "l
             continue
         if s in by_name:
             out.append(by_name[s])
-        elif s.isdigit() and int(s) in known_ids:
-            out.append(int(s))
+        elif s in known_ids:
+            out.append(known_ids[s])
         else:
             unknown.append(s)
     if unknown:

@@ -129,6 +129,8 @@ def test_set(adir: Path) -> Tuple[Path, Path]:
         raise UserError(f"{cfg_path}: test_dataloader.dataset has no ann_file")
     prefix = ds.get("data_prefix") or {}
     img = (prefix.get("img") or prefix.get("img_path") or "") if isinstance(prefix, dict) else str(prefix)
+    if not img and isinstance(prefix, dict) and prefix.get("sub_data_root"):  # VOC: <year>/JPEGImages/<id>.jpg
+        img = str(Path(str(prefix["sub_data_root"])) / "JPEGImages")
     return Path(ann), root / str(img)
 
 
@@ -202,35 +204,37 @@ def show(attempt_dir, n: int = 8, score_thr: float = 0.3, out_dir=None, force: b
     gt = _json(ann_file, "test annotation file")
     names = {int(c["id"]): str(c["name"]) for c in gt.get("categories", [])}
     colours = {cid: PALETTE[k % len(PALETTE)] for k, cid in enumerate(sorted(names))}
-    images = sorted(gt.get("images", []), key=lambda im: int(im["id"]))[:n]
+    images = sorted(gt.get("images", []), key=lambda im: (str(type(im["id"])), im["id"]))[:n]
     if not images:
         raise UserError(f"{ann_file}: no images in the test annotation file")
     out_dir = Path(out_dir) if out_dir else adir / "show"
-    outs = [out_dir / f"{Path(str(im['file_name'])).stem}.png" for im in images]
+    # mmdet's COCO copy of VOC ground truth has empty file names: the VOC image id names the JPEG
+    files = [str(im.get("file_name") or f"{im['id']}.jpg") for im in images]
+    outs = [out_dir / f"{Path(f).stem}.png" for f in files]
     if not force:
         clash = [p for p in outs if p.exists()]
         if clash:
             raise UserError(f"{clash[0]}: already exists; pass --force to overwrite, or choose --out-dir")
     by_img_gt: Dict[int, list] = {}
     for a in gt.get("annotations", []):
-        by_img_gt.setdefault(int(a["image_id"]), []).append(a)
+        by_img_gt.setdefault(a["image_id"], []).append(a)
     by_img_dt: Dict[int, list] = {}
     for d in dets:
         if float(d.get("score", 0)) >= score_thr:
-            by_img_dt.setdefault(int(d["image_id"]), []).append(d)
+            by_img_dt.setdefault(d["image_id"], []).append(d)
     from rich.progress import track
 
     written = []
-    for im, out in track(list(zip(images, outs)), description="drawing", disable=not progress,
-                         console=None, transient=True):
-        path = img_dir / str(im["file_name"])
+    for im, name, out in track(list(zip(images, files, outs)), description="drawing", disable=not progress,
+                               console=None, transient=True):
+        path = img_dir / name
         try:
             with Image.open(path) as src:
                 img = src.convert("RGB")
         except FileNotFoundError:
             raise UserError(f"{path}: test image not found (config.py's data_root/data_prefix point there)") from None
-        dts = sorted(by_img_dt.get(int(im["id"]), []), key=lambda d: float(d["score"]))  # best drawn last
-        pic = side_by_side(img, by_img_gt.get(int(im["id"]), []), dts, names, colours, score_thr)
+        dts = sorted(by_img_dt.get(im["id"], []), key=lambda d: float(d["score"]))  # best drawn last
+        pic = side_by_side(img, by_img_gt.get(im["id"], []), dts, names, colours, score_thr)
         import io
 
         buf = io.BytesIO()

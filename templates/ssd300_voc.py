@@ -39,6 +39,18 @@ ssflctl_bindings = dict(img_scale=[
     'test_dataloader.dataset.pipeline.1.scale',
 ])
 
+# mmdet's test pipeline, with the ground truth kept in the metainfo ('instances'): a CocoMetric
+# without ann_file (format_only) can then dump detections and a COCO copy of the VOC ground truth.
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(300, 300), keep_ratio=False),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'instances')),
+]
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+
 model = dict(
     bbox_head=dict(
         type='FocalSSDHead',

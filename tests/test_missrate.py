@@ -136,6 +136,22 @@ def test_subsets_by_field_and_by_list():
         evaluate(gt, dets, "cyclist")
 
 
+def test_string_image_ids():
+    """mmdet's VOC->COCO ground truth (CocoMetric without ann_file) uses VOC image names as ids."""
+    from ssflctl.missrate import evaluate
+
+    gt = _gt([(1, {"daytime": "day"}), (2, {"daytime": "night"})],
+             [(1, 1, (0, 0, 10, 10), 0), (2, 1, (40, 40, 10, 10), 0)])
+    for im in gt["images"]:
+        im["id"] = f"2007_{im['id']:06d}"
+    for a in gt["annotations"]:
+        a["image_id"] = f"2007_{a['image_id']:06d}"
+    dets = [_det("2007_000001", (0, 0, 10, 10), 0.9), _det("2007_000002", (0, 0, 10, 10), 0.5)]
+    res = evaluate(gt, dets, "person", subset_field="daytime", subsets={"listed": ["2007_000002"]})
+    assert res["all"].lamr == pytest.approx(0.5) and res["night"].lamr == pytest.approx(1.0)
+    assert res["listed"].lamr == pytest.approx(1.0)
+
+
 def test_plot_writes_a_png(tmp_path):
     from PIL import Image
 

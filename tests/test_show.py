@@ -144,3 +144,33 @@ def test_cli_show(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["img1.png", "img2.png", "img3.png"]
     proc = run_cli("show", "tiny-synth", "--workspace", tmp_path / "ws", "--out-dir", out)
     assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_voc_attempt_with_mmdet_coco_copy_of_the_ground_truth(tmp_path):
+    """A VOC test set: images under VOC2007/JPEGImages, ground truth as mmdet's CocoMetric writes it
+    without ann_file (string ids = VOC image names, empty file names)."""
+    from PIL import Image
+
+    from ssflctl.show import PALETTE, show
+
+    data = tmp_path / "VOCdevkit"
+    (data / "VOC2007" / "JPEGImages").mkdir(parents=True)
+    Image.new("RGB", (W, H), (128, 128, 128)).save(data / "VOC2007" / "JPEGImages" / "000005.jpg", quality=95)
+    adir = tmp_path / "attempt-1"
+    adir.mkdir()
+    (adir / "test_gt.json").write_text(json.dumps({
+        "images": [{"id": "000005", "width": W, "height": H, "file_name": ""}],
+        "annotations": [{"id": 1, "image_id": "000005", "bbox": [20, 40, 40, 50], "iscrowd": 0, "category_id": 0,
+                         "area": 2000}],
+        "categories": [{"id": 0, "name": "aeroplane"}, {"id": 1, "name": "bicycle"}]}))
+    (adir / "metrics.json").write_text(json.dumps({"ann_file": str(adir / "test_gt.json")}))
+    (adir / "config.py").write_text(
+        "test_dataloader = dict(dataset=dict(type='VOCDataset', "
+        f"data_root={str(data) + '/'!r}, ann_file='VOC2007/ImageSets/Main/test.txt', "
+        "data_prefix=dict(sub_data_root='VOC2007/')))\n")
+    (adir / "detections.bbox.json").write_text(json.dumps(
+        [{"image_id": "000005", "category_id": 0, "bbox": [22, 42, 38, 46], "score": 0.8}]))
+    [p] = show(adir, n=4)
+    assert p.name == "000005.png"
+    left, right = _panels(p)
+    assert tuple(left[80, 20]) == PALETTE[0] and tuple(right[80, 22]) == PALETTE[0]
