@@ -175,6 +175,7 @@ def report(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
     missrate: Optional[str] = typer.Option(None, "--missrate", help="Also print the log-average miss rate MR⁻² of this class (Caltech protocol)."),
     subset_field: Optional[str] = typer.Option(None, "--subset-field", help="With --missrate: MR⁻² per value of this image field too (e.g. daytime)."),
+    subset_list: Optional[List[str]] = typer.Option(None, "--subset-list", help="With --missrate: NAME=FILE, MR⁻² on the images listed in FILE (ids or file names, one a line; repeatable)."),
 ):
     """COCO AP comparison tables: mean ± std over seeds, deltas vs the baseline, per-class AP, plots.
 
@@ -182,6 +183,8 @@ def report(
     """
     from ssflctl import report as report_mod
 
+    if (subset_field or subset_list) and not missrate:
+        raise UserError("--subset-field/--subset-list need --missrate CLASS (e.g. --missrate person)")
     code = report_mod.main(
         workspace_path(workspace), experiments or [], fmt=fmt, out=out, baseline=baseline,
         metrics=metrics, by=by or [], workdirs=workdirs or [], strict=strict, force=force,
@@ -190,7 +193,9 @@ def report(
         from ssflctl import missrate as missrate_mod
 
         typer.echo(missrate_mod.report_main(workspace_path(workspace), experiments or [], missrate, subset_field,
-                                            workdirs or [], plot_dir=Path(out).parent if out else None))
+                                            workdirs or [], plot_dir=Path(out).parent if out else None,
+                                            subset_lists=missrate_mod.read_subset_lists(subset_list or []),
+                                            force=force))
     raise typer.Exit(code or 0)
 
 

@@ -356,8 +356,23 @@ def _tested_attempt(rec: dict) -> Optional[str]:
     return None
 
 
+def read_subset_lists(specs: Iterable[str]) -> Dict[str, List[str]]:
+    """``NAME=FILE`` options -> {NAME: [image id or file name, ...]} (one a line, # comments)."""
+    out: Dict[str, List[str]] = {}
+    for spec in specs:
+        name, sep, file = str(spec).partition("=")
+        if not sep or not name.strip() or not file.strip():
+            raise UserError(f"--subset-list {spec!r}: expected NAME=FILE (e.g. hard=lists/hard.txt)")
+        try:
+            lines = Path(file.strip()).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UserError(f"{file.strip()}: cannot read the image list ({exc.strerror or exc})") from None
+        out[name.strip()] = [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+    return out
+
+
 def report_runs(ws, experiments: Iterable[str], category: str, subset_field: Optional[str] = None,
-                workdirs: Iterable = ()) -> List[dict]:
+                workdirs: Iterable = (), subset_lists: Optional[Mapping[str, Iterable]] = None) -> List[dict]:
     """Per tested run: {"run_id", "name", "attempt_dir", "results": {subset: MissRate}}."""
     from ssflctl.report import collect
 
@@ -368,7 +383,7 @@ def report_runs(ws, experiments: Iterable[str], category: str, subset_field: Opt
             continue
         ann, dets = attempt_files(adir)
         rows.append({"run_id": rec["run_id"], "name": rec.get("name") or rec["run_id"], "attempt_dir": adir,
-                     "results": evaluate(ann, dets, category, subset_field=subset_field)})
+                     "results": evaluate(ann, dets, category, subset_field=subset_field, subsets=subset_lists)})
     return rows
 
 
@@ -393,12 +408,17 @@ def format_table(rows: List[dict], category: str) -> str:
 
 
 def report_main(ws, experiments, category: str, subset_field: Optional[str] = None, workdirs=(),
-                plot_dir=None) -> str:
-    """Text of the miss-rate section of `ssflctl report`; with plot_dir, one PNG per run there."""
-    rows = report_runs(ws, experiments, category, subset_field, workdirs)
+                plot_dir=None, subset_lists: Optional[Mapping[str, Iterable]] = None, force: bool = False) -> str:
+    """Text of the miss-rate section of `ssflctl report`; with plot_dir, one PNG per run there
+    (existing figures are kept unless ``force``)."""
+    rows = report_runs(ws, experiments, category, subset_field, workdirs, subset_lists)
     if not rows:
         raise UserError(f"{ws}: no tested run has a detections.bbox.json; --missrate needs tested runs")
     if plot_dir is not None:
-        for r in rows:
-            plot(r["results"], Path(plot_dir) / f"missrate-{r['run_id']}.png", title=f"{r['name']} ({category})")
+        figs = [Path(plot_dir) / f"missrate-{r['run_id']}.png" for r in rows]
+        clash = [f for f in figs if f.exists()]
+        if clash and not force:
+            raise UserError(f"{clash[0]}: figure already exists; pass --force to overwrite it")
+        for r, fig in zip(rows, figs):
+            plot(r["results"], fig, title=f"{r['name']} ({category})")
     return format_table(rows, category)

@@ -237,10 +237,23 @@ def test_report_prints_missrate_all_day_night(tmp_path):
         [100 * expected[k].lamr for k in ("all", "day", "night")], abs=0.006)
     assert out.exists()  # the AP report itself
     assert (out.parent / "missrate-ssd-kaist-s1-0000abcd.png").stat().st_size > 1000
+    proc = run_cli("report", "--workspace", ws, "--missrate", "person", "--out", out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("report", "--workspace", ws, "--subset-field", "daytime")
+    assert proc.returncode == 2 and "--missrate" in proc.stderr
     # without --out: both reports on stdout
     proc = run_cli("report", "--workspace", ws, "--missrate", "person")
     assert proc.returncode == 0, proc.stderr
     assert "MR⁻² all (%)" in proc.stdout and "night" not in proc.stdout
+    # a named list of images (file names, a comment, a blank line)
+    (tmp_path / "hard.txt").write_text("ped_002.png  # night\nped_004.png\n\n")
+    proc = run_cli("report", "--workspace", ws, "--missrate", "person", "--subset-list", f"hard={tmp_path / 'hard.txt'}")
+    assert proc.returncode == 0, proc.stderr
+    row = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ssd-kaist-s1 ")][0]
+    hard = evaluate(ann, dets, "person", subsets={"hard": ["ped_002.png", "ped_004.png"]})["hard"]
+    assert "MR⁻² hard (%)" in proc.stdout and float(row.strip("|").split("|")[2]) == pytest.approx(100 * hard.lamr, abs=0.006)
+    proc = run_cli("report", "--workspace", ws, "--missrate", "person", "--subset-list", "hard")
+    assert proc.returncode == 2 and "NAME=FILE" in proc.stderr
     # an unknown class is one line, exit 2
     proc = run_cli("report", "--workspace", ws, "--missrate", "dog")
     assert proc.returncode == 2 and "no such class" in proc.stderr and "Traceback" not in proc.stderr
