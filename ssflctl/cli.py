@@ -176,6 +176,7 @@ def report(
     missrate: Optional[str] = typer.Option(None, "--missrate", help="Also print the log-average miss rate MR⁻² of this class (Caltech protocol)."),
     subset_field: Optional[str] = typer.Option(None, "--subset-field", help="With --missrate: MR⁻² per value of this image field too (e.g. daytime)."),
     subset_list: Optional[List[str]] = typer.Option(None, "--subset-list", help="With --missrate: NAME=FILE, MR⁻² on the images listed in FILE (ids or file names, one a line; repeatable)."),
+    min_height: Optional[float] = typer.Option(None, "--min-height", help="With --missrate: boxes lower than this are ignored (Caltech 'reasonable': 50)."),
 ):
     """COCO AP comparison tables: mean ± std over seeds, deltas vs the baseline, per-class AP, plots.
 
@@ -183,7 +184,7 @@ def report(
     """
     from ssflctl import report as report_mod
 
-    if (subset_field or subset_list) and not missrate:
+    if (subset_field or subset_list or min_height) and not missrate:
         raise UserError("--subset-field/--subset-list need --missrate CLASS (e.g. --missrate person)")
     code = report_mod.main(
         workspace_path(workspace), experiments or [], fmt=fmt, out=out, baseline=baseline,
@@ -195,7 +196,7 @@ def report(
         typer.echo(missrate_mod.report_main(workspace_path(workspace), experiments or [], missrate, subset_field,
                                             workdirs or [], plot_dir=Path(out).parent if out else None,
                                             subset_lists=missrate_mod.read_subset_lists(subset_list or []),
-                                            force=force))
+                                            force=force, min_height=min_height))
     raise typer.Exit(code or 0)
 
 

@@ -19,6 +19,11 @@ Caltech ``dbEval.m``), the reference implementation used for Caltech and KAIST r
 * the summary (``dbEval.m``): ``miss = exp(mean(log(max(1e-10, 1 - recall_at_ref))))`` — the
   geometric mean of the nine miss rates, with 1e-10 standing in for a miss rate of 0.
 
+Optionally (``height_range``, ``--min-height``) the Caltech experiment filter of ``dbEval.m``
+(``defineExps``): boxes outside the height range become ignore regions and detections outside it
+by more than a factor 1.25 are dropped ("reasonable": height >= 50 px). dbEval's other steps
+(visibility filter, resizing boxes to aspect ratio 0.41) are not applied.
+
 Subsets (e.g. KAIST day/night) are evaluated as separate image sets: the FPPI denominator is the
 number of images in the subset.
 
@@ -30,7 +35,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ssflctl.errors import UserError
 
@@ -170,9 +175,15 @@ def _category_id(gt: dict, category: Union[str, int]) -> int:
 
 
 def evaluate_images(gt: dict, dets: list, category: Union[str, int], image_ids: Optional[Iterable[int]] = None,
-                    name: str = "all", iou_thr: float = IOU_THR) -> MissRate:
-    """MR⁻² of one class on a set of images (default: every image in ``gt``)."""
+                    name: str = "all", iou_thr: float = IOU_THR,
+                    height_range: Optional[Tuple[float, float]] = None) -> MissRate:
+    """MR⁻² of one class on a set of images (default: every image in ``gt``).
+
+    ``height_range=(lo, hi)`` is the Caltech experiment filter (dbEval.m ``defineExps``, e.g.
+    "reasonable" = [50, inf)): boxes with height outside [lo, hi) become ignore regions, and
+    detections with height outside [lo / 1.25, hi * 1.25) are dropped before matching."""
     cid = _category_id(gt, category)
+    lo, hi = (float(height_range[0]), float(height_range[1])) if height_range else (0.0, math.inf)
     # image ids as in the files (ints in COCO; mmdet's VOC->COCO conversion writes strings)
     ids = [im["id"] for im in gt.get("images", [])] if image_ids is None else list(image_ids)
     idset = set(ids)
@@ -182,11 +193,12 @@ def evaluate_images(gt: dict, dets: list, category: Union[str, int], image_ids: 
         iid = a["image_id"]
         if iid not in idset or int(a["category_id"]) != cid:
             continue
-        (per_ig if (a.get("iscrowd") or a.get("ignore")) else per_gt)[iid].append(a["bbox"])
+        outside = not lo <= float(a["bbox"][3]) < hi
+        (per_ig if (a.get("iscrowd") or a.get("ignore") or outside) else per_gt)[iid].append(a["bbox"])
     per_dt: Dict[Any, list] = {i: [] for i in ids}
     for d in dets:
         iid = d["image_id"]
-        if iid in idset and int(d["category_id"]) == cid:
+        if iid in idset and int(d["category_id"]) == cid and lo / 1.25 <= float(d["bbox"][3]) < hi * 1.25:
             per_dt[iid].append((float(d["score"]), d["bbox"]))
     num_gt = sum(len(v) for v in per_gt.values())
     num_ig = sum(len(v) for v in per_ig.values())
@@ -255,18 +267,20 @@ def _load_json(path, what: str):
 
 
 def evaluate(ann_file, dets_file, category: Union[str, int], *, subset_field: Optional[str] = None,
-             subsets: Optional[Mapping[str, Iterable]] = None, iou_thr: float = IOU_THR) -> Dict[str, MissRate]:
+             subsets: Optional[Mapping[str, Iterable]] = None, iou_thr: float = IOU_THR,
+             height_range: Optional[Tuple[float, float]] = None) -> Dict[str, MissRate]:
     """MR⁻² for all images, then per subset (by an image field and/or named lists of images)."""
+    kw = dict(iou_thr=iou_thr, height_range=height_range)
     gt = ann_file if isinstance(ann_file, dict) else _load_json(ann_file, "ground-truth annotation file")
     dets = dets_file if isinstance(dets_file, list) else _load_json(dets_file, "detections dump")
     if not isinstance(dets, list):
         raise UserError(f"{dets_file}: not a COCO results list")
-    out = {"all": evaluate_images(gt, dets, category, None, "all", iou_thr)}
+    out = {"all": evaluate_images(gt, dets, category, None, "all", **kw)}
     if subset_field:
         for key, ids in subsets_by_field(gt, subset_field).items():
-            out[key] = evaluate_images(gt, dets, category, ids, key, iou_thr)
+            out[key] = evaluate_images(gt, dets, category, ids, key, **kw)
     for key, names in (subsets or {}).items():
-        out[key] = evaluate_images(gt, dets, category, subset_from_list(gt, names, key), key, iou_thr)
+        out[key] = evaluate_images(gt, dets, category, subset_from_list(gt, names, key), key, **kw)
     return out
 
 
@@ -372,7 +386,8 @@ def read_subset_lists(specs: Iterable[str]) -> Dict[str, List[str]]:
 
 
 def report_runs(ws, experiments: Iterable[str], category: str, subset_field: Optional[str] = None,
-                workdirs: Iterable = (), subset_lists: Optional[Mapping[str, Iterable]] = None) -> List[dict]:
+                workdirs: Iterable = (), subset_lists: Optional[Mapping[str, Iterable]] = None,
+                min_height: Optional[float] = None) -> List[dict]:
     """Per tested run: {"run_id", "name", "attempt_dir", "results": {subset: MissRate}}."""
     from ssflctl.report import collect
 
@@ -383,7 +398,8 @@ def report_runs(ws, experiments: Iterable[str], category: str, subset_field: Opt
             continue
         ann, dets = attempt_files(adir)
         rows.append({"run_id": rec["run_id"], "name": rec.get("name") or rec["run_id"], "attempt_dir": adir,
-                     "results": evaluate(ann, dets, category, subset_field=subset_field, subsets=subset_lists)})
+                     "results": evaluate(ann, dets, category, subset_field=subset_field, subsets=subset_lists,
+                                         height_range=(min_height, math.inf) if min_height else None)})
     return rows
 
 
@@ -391,7 +407,7 @@ def _pct(v: Optional[float]) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
-def format_table(rows: List[dict], category: str) -> str:
+def format_table(rows: List[dict], category: str, min_height: Optional[float] = None) -> str:
     """Markdown table: one row per run, MR⁻² (%) per subset (all first)."""
     cols: List[str] = []
     for r in rows:
@@ -399,7 +415,8 @@ def format_table(rows: List[dict], category: str) -> str:
             if k not in cols:
                 cols.append(k)
     head = ["run"] + [f"MR⁻² {k} (%)" for k in cols]
-    lines = [f"## Log-average miss rate MR⁻² ({category}; lower is better; FPPI 1e-2..1e0, IoU 0.5)", "",
+    hs = f"; boxes >= {min_height:g} px high" if min_height else ""
+    lines = [f"## Log-average miss rate MR⁻² ({category}{hs}; lower is better; FPPI 1e-2..1e0, IoU 0.5)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([r["name"]] + [_pct(getattr(r["results"].get(k), "lamr", None))
@@ -408,10 +425,11 @@ def format_table(rows: List[dict], category: str) -> str:
 
 
 def report_main(ws, experiments, category: str, subset_field: Optional[str] = None, workdirs=(),
-                plot_dir=None, subset_lists: Optional[Mapping[str, Iterable]] = None, force: bool = False) -> str:
+                plot_dir=None, subset_lists: Optional[Mapping[str, Iterable]] = None, force: bool = False,
+                min_height: Optional[float] = None) -> str:
     """Text of the miss-rate section of `ssflctl report`; with plot_dir, one PNG per run there
     (existing figures are kept unless ``force``)."""
-    rows = report_runs(ws, experiments, category, subset_field, workdirs, subset_lists)
+    rows = report_runs(ws, experiments, category, subset_field, workdirs, subset_lists, min_height)
     if not rows:
         raise UserError(f"{ws}: no tested run has a detections.bbox.json; --missrate needs tested runs")
     if plot_dir is not None:
@@ -421,4 +439,4 @@ def report_main(ws, experiments, category: str, subset_field: Optional[str] = No
             raise UserError(f"{clash[0]}: figure already exists; pass --force to overwrite it")
         for r, fig in zip(rows, figs):
             plot(r["results"], fig, title=f"{r['name']} ({category})")
-    return format_table(rows, category)
+    return format_table(rows, category, min_height)

@@ -136,6 +136,29 @@ def test_subsets_by_field_and_by_list():
         evaluate(gt, dets, "cyclist")
 
 
+def test_height_range_caltech_filter():
+    """1 image; persons A (h 60) and B (h 30). Detections: .95 FP of height 20, .9 on A, .8 FP of
+    height 45, .7 on B (height 42, IoU with B 30/42 = .71).
+    No filter: (FPPI, MR) = (1, 1), (1, .5), (2, .5), (2, 0): refs < 1 take the sentinel (MR 1),
+    ref 1 takes (1, .5): MR⁻² = .5^(1/9) = 0.9259.
+    Height >= 50: B becomes an ignore region; the height-20 FP is dropped (< 50/1.25 = 40); the
+    .7 detection overlaps B's region by 30/42 >= .5 and is ignored: curve (0, 0), (1, 0): MR⁻² 0."""
+    import math as _m
+
+    from ssflctl.missrate import evaluate
+
+    gt = _gt([(1, {})], [(1, 1, (0, 0, 25, 60), 0), (1, 1, (100, 20, 12, 30), 0)])
+    dets = [_det(1, (150, 0, 8, 20), 0.95), _det(1, (0, 0, 25, 60), 0.9), _det(1, (60, 100, 18, 45), 0.8),
+            _det(1, (100, 14, 12, 42), 0.7)]
+    r = evaluate(gt, dets, "person")["all"]
+    assert r.fppi == pytest.approx([1, 1, 2, 2]) and r.miss == pytest.approx([1, .5, .5, 0])
+    assert r.lamr == pytest.approx(.5 ** (1 / 9)) and r.lamr == pytest.approx(0.9259, abs=1e-4)
+    r = evaluate(gt, dets, "person", height_range=(50, _m.inf))["all"]
+    assert r.num_gt == 1 and r.num_ignored_gt == 1 and r.num_dets == 3
+    assert r.fppi == pytest.approx([0, 1]) and r.miss == pytest.approx([0, 0])
+    assert r.lamr == pytest.approx(0.0, abs=1e-9)
+
+
 def test_string_image_ids():
     """mmdet's VOC->COCO ground truth (CocoMetric without ann_file) uses VOC image names as ids."""
     from ssflctl.missrate import evaluate
@@ -245,6 +268,10 @@ def test_report_prints_missrate_all_day_night(tmp_path):
     proc = run_cli("report", "--workspace", ws, "--missrate", "person")
     assert proc.returncode == 0, proc.stderr
     assert "MR⁻² all (%)" in proc.stdout and "night" not in proc.stdout
+    # the Caltech height filter: every person is 40 px high, so --min-height 50 leaves none
+    proc = run_cli("report", "--workspace", ws, "--missrate", "person", "--min-height", "50")
+    assert proc.returncode == 0, proc.stderr
+    assert "boxes >= 50 px high" in proc.stdout and "| ssd-kaist-s1 | — |" in proc.stdout
     # a named list of images (file names, a comment, a blank line)
     (tmp_path / "hard.txt").write_text("ped_002.png  # night\nped_004.png\n\n")
     proc = run_cli("report", "--workspace", ws, "--missrate", "person", "--subset-list", f"hard={tmp_path / 'hard.txt'}")
