@@ -31,6 +31,7 @@ Pure Python + numpy; matplotlib only inside ``plot``.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -296,7 +297,6 @@ def plot(results: Mapping[str, MissRate], out_path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     from ssflctl.atomic import write_bytes
-    import io
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     for key, r in results.items():

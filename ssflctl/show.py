@@ -15,6 +15,7 @@ the evaluator's ``ann_file`` / ``metrics.json``'s ``ann_file`` when those are se
 """
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -235,8 +236,6 @@ def show(attempt_dir, n: int = 8, score_thr: float = 0.3, out_dir=None, force: b
             raise UserError(f"{path}: test image not found (config.py's data_root/data_prefix point there)") from None
         dts = sorted(by_img_dt.get(im["id"], []), key=lambda d: float(d["score"]))  # best drawn last
         pic = side_by_side(img, by_img_gt.get(im["id"], []), dts, names, colours, score_thr)
-        import io
-
         buf = io.BytesIO()
         pic.save(buf, format="PNG")
         written.append(write_bytes(out, buf.getvalue()))

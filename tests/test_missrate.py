@@ -3,7 +3,6 @@ regions, the plot, and `ssflctl report --missrate` on a small synthetic pedestri
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import pytest
@@ -143,7 +142,7 @@ def test_height_range_caltech_filter():
     ref 1 takes (1, .5): MR⁻² = .5^(1/9) = 0.9259.
     Height >= 50: B becomes an ignore region; the height-20 FP is dropped (< 50/1.25 = 40); the
     .7 detection overlaps B's region by 30/42 >= .5 and is ignored: curve (0, 0), (1, 0): MR⁻² 0."""
-    import math as _m
+    import math
 
     from ssflctl.missrate import evaluate
 
@@ -153,7 +152,7 @@ def test_height_range_caltech_filter():
     r = evaluate(gt, dets, "person")["all"]
     assert r.fppi == pytest.approx([1, 1, 2, 2]) and r.miss == pytest.approx([1, .5, .5, 0])
     assert r.lamr == pytest.approx(.5 ** (1 / 9)) and r.lamr == pytest.approx(0.9259, abs=1e-4)
-    r = evaluate(gt, dets, "person", height_range=(50, _m.inf))["all"]
+    r = evaluate(gt, dets, "person", height_range=(50, math.inf))["all"]
     assert r.num_gt == 1 and r.num_ignored_gt == 1 and r.num_dets == 3
     assert r.fppi == pytest.approx([0, 1]) and r.miss == pytest.approx([0, 0])
     assert r.lamr == pytest.approx(0.0, abs=1e-9)
@@ -274,11 +273,13 @@ def test_report_prints_missrate_all_day_night(tmp_path):
     assert "boxes >= 50 px high" in proc.stdout and "| ssd-kaist-s1 | — |" in proc.stdout
     # a named list of images (file names, a comment, a blank line)
     (tmp_path / "hard.txt").write_text("ped_002.png  # night\nped_004.png\n\n")
-    proc = run_cli("report", "--workspace", ws, "--missrate", "person", "--subset-list", f"hard={tmp_path / 'hard.txt'}")
+    proc = run_cli("report", "--workspace", ws, "--missrate", "person",
+                   "--subset-list", f"hard={tmp_path / 'hard.txt'}")
     assert proc.returncode == 0, proc.stderr
     row = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ssd-kaist-s1 ")][0]
     hard = evaluate(ann, dets, "person", subsets={"hard": ["ped_002.png", "ped_004.png"]})["hard"]
-    assert "MR⁻² hard (%)" in proc.stdout and float(row.strip("|").split("|")[2]) == pytest.approx(100 * hard.lamr, abs=0.006)
+    assert "MR⁻² hard (%)" in proc.stdout
+    assert float(row.strip("|").split("|")[2]) == pytest.approx(100 * hard.lamr, abs=0.006)
     proc = run_cli("report", "--workspace", ws, "--missrate", "person", "--subset-list", "hard")
     assert proc.returncode == 2 and "NAME=FILE" in proc.stderr
     # an unknown class is one line, exit 2
