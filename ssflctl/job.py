@@ -178,6 +178,13 @@ def _load_cfg(adir: Path):
     cfg = Config(cfg.to_dict(), cfg_text=cfg.text)
     cfg.work_dir = str(adir)
     cfg.launcher = _launcher()
+    # mmengine keeps loggers and visualizers as process-wide named instances: a second Runner in
+    # the same process (test after train, several runs in one local worker) with mmdet's fixed
+    # name 'visualizer' would write its scalars into the first runner's log dir. Unique names:
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    cfg.experiment_name = f"{adir.parent.name}-{adir.name}-{stamp}-{time.time_ns() % 10**9:09d}"
+    if isinstance(cfg.get("visualizer"), dict):
+        cfg.visualizer.name = cfg.experiment_name
     return cfg
 
 
