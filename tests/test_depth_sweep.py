@@ -67,7 +67,7 @@ def test_shipped_experiment_dry_run_and_every_run_renders(tmp_path):
     path = REPO / "experiments" / "retinanet_depth_sweep.yaml"
     proc = run_cli("submit", path, "--dry-run", "--workspace", tmp_path / "ws")
     assert proc.returncode == 0, proc.stderr
-    assert "would submit 9 runs" in proc.stdout
+    assert "would submit 11 runs" in proc.stdout
     seen = set()
     for r in spec.expand(spec.load(path), dry_run=True):
         cfg = render_config(r.template, r.params, r.overrides)
@@ -81,7 +81,7 @@ def test_shipped_experiment_dry_run_and_every_run_renders(tmp_path):
     assert {d for d, *_ in seen} == {18, 34, 50, 101, 152}
     assert {(lr, s) for d, lr, s, e in seen if d == 18 and e == 50} == {
         (0.0001, 0), (0.001, 3407), (0.0001, 3407), (0.00001, 3407)}
-    assert (18, 0.0001, 0, 80) in seen
+    assert (18, 0.0001, 0, 80) in seen and {e for d, lr, s, e in seen if d == 50} == {20, 40, 50}
 
 
 @pytest.mark.parametrize("depth", [18, 50])
