@@ -173,7 +173,7 @@ def test_experiment_runs_render_the_focal_head():
         assert head.type == "FocalSSDHead" and head.num_classes == 20
         assert head.loss_cls.type == "FocalLoss" and head.loss_cls.alpha == 0.25
         assert cfg.test_evaluator.type == "VOCMetric" and cfg.test_evaluator.metric == "mAP"
-        assert cfg.model.test_cfg.nms.iou_threshold == 0.45
+        assert cfg.model.test_cfg.nms.iou_threshold == 0.5
         gammas.append(head.loss_cls.gamma)
     assert sorted(gammas) == [1.0, 2.0]
 
