@@ -22,7 +22,7 @@ app = typer.Typer(
     "Example: ssflctl submit experiments/ssfl_vs_fl.yaml --dry-run",
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 convert_app = typer.Typer(
