@@ -297,6 +297,16 @@ def _coco_metric(cfg) -> Dict[str, Any]:
                     "(with ann_file) to dump and evaluate detections")
 
 
+def _voc_only(cfg) -> Optional[Dict[str, Any]]:
+    """The VOCMetric when it is the only detection metric (no CocoMetric), else None."""
+    ev = cfg.get("test_evaluator")
+    evs = [e for e in (ev if isinstance(ev, (list, tuple)) else [ev]) if isinstance(e, dict)]
+    types = {str(e.get("type", "")).split(".")[-1] for e in evs}
+    if "CocoMetric" in types:
+        return None
+    return next((e for e in evs if str(e.get("type", "")).split(".")[-1] == "VOCMetric"), None)
+
+
 def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool = False) -> Dict[str, Any]:
     """Test one attempt's checkpoint; write detections.bbox.json and metrics.json."""
     from mmengine.runner import Runner
@@ -316,16 +326,23 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
         raise TestFailed(f"{adir}: no checkpoint to test")
     cfg = _load_cfg(adir)
     cfg.resume, cfg.load_from = False, str(checkpoint)
-    metric = _coco_metric(cfg)
-    ann_file = metric.get("ann_file")
-    if not ann_file:
-        raise UserError(f"{adir / 'config.py'}: test_evaluator.ann_file is not set")
+    voc = _voc_only(cfg)
+    if voc is not None:
+        # VOC: VOCMetric gives mAP@0.5; a CocoMetric without ann_file dumps the detections and a
+        # COCO copy of the ground truth (the template keeps 'instances' in the test metainfo).
+        metric: Dict[str, Any] = {"type": "CocoMetric", "metric": "bbox"}
+        ann_file = str(adir / "detections.gt.json")
+    else:
+        metric = _coco_metric(cfg)
+        ann_file = metric.get("ann_file")
+        if not ann_file:
+            raise UserError(f"{adir / 'config.py'}: test_evaluator.ann_file is not set")
     prefix = adir / "detections.tmp"
     metric["format_only"] = True
     metric["outfile_prefix"] = str(prefix)
-    cfg.test_evaluator = metric
+    cfg.test_evaluator = [voc, metric] if voc is not None else metric
     runner = Runner.from_cfg(cfg)
-    runner.test()
+    results = runner.test() or {}
     tmp = Path(f"{prefix}.bbox.json")
     dets = adir / "detections.bbox.json"
     if _is_main_process():
@@ -333,7 +350,13 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
             os.replace(tmp, dets)
         else:  # no detections at all: mmdet may not write the file
             atomic.write_text(dets, "[]\n")
+        if voc is not None and Path(f"{prefix}.gt.json").exists():
+            os.replace(f"{prefix}.gt.json", ann_file)
     metrics = coco_eval.evaluate(ann_file, dets)
+    if voc is not None:
+        mean_ap = results.get("pascal_voc/AP50", results.get("pascal_voc/mAP"))
+        metrics["voc"] = {"mAP50": None if mean_ap is None else float(mean_ap),
+                          "eval_mode": voc.get("eval_mode", "11points"), "evaluator": "mmdet.VOCMetric"}
     metrics["checkpoint"] = Path(checkpoint).name
     metrics["attempt_dir"] = str(adir)
     metrics["tested_at"] = _now()
