@@ -200,7 +200,7 @@ def test_ssd300_vgg16_builds_with_20_classes():
 # ------------------------------------------------------------------------- tiny training run
 
 
-def test_tiny_ssd_focal_trains_two_iterations_and_validates(tmp_path, voc):
+def test_tiny_ssd_focal_trains_two_iterations_validates_and_tests(tmp_path, voc):
     from ssflctl import job, logs
 
     run_dir = tmp_path / "runs" / "ssd-tiny"
@@ -220,3 +220,20 @@ def test_tiny_ssd_focal_trains_two_iterations_and_validates(tmp_path, voc):
     assert all(math.isfinite(r["loss_cls"]) and r["loss_cls"] > 0 and math.isfinite(r["loss_bbox"]) for r in train)
     val = [r for r in scalars if "pascal_voc/mAP" in r]
     assert len(val) == 1 and 0.0 <= val[0]["pascal_voc/mAP"] <= 1.0
+
+    # the test step: VOCMetric's mAP@0.5 plus the 12 COCO numbers on mmdet's COCO copy of the VOC GT
+    metrics = job.test_run(run_dir)
+    assert json.loads((adir / "metrics.json").read_text()) == metrics
+    assert 0.0 <= metrics["voc"]["mAP50"] <= 1.0 and metrics["voc"]["eval_mode"] == "11points"
+    from ssflctl.coco_eval import STAT_NAMES
+    assert list(metrics["bbox"]) == list(STAT_NAMES)
+    assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["bbox"].values())
+    gt = json.loads((adir / "detections.gt.json").read_text())
+    assert metrics["ann_file"] == str(adir / "detections.gt.json") and metrics["num_images"] == 2
+    assert sorted(im["id"] for im in gt["images"]) == ["2007_test_000", "2007_test_001"]
+    assert len(gt["categories"]) == 20 and set(VOC_CLASSES) <= {c["name"] for c in gt["categories"]}
+    n_gt = sum((voc / "VOC2007" / "Annotations" / f"{i}.xml").read_text().count("<object>")
+               for i in ("2007_test_000", "2007_test_001"))
+    assert len(gt["annotations"]) == n_gt
+    dets = json.loads((adir / "detections.bbox.json").read_text())
+    assert metrics["num_detections"] == len(dets) and {d["image_id"] for d in dets} <= {im["id"] for im in gt["images"]}
