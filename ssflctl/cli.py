@@ -168,7 +168,7 @@ def report(
     fmt: str = typer.Option("markdown", "--format", "-f", help="markdown, csv, latex, html or json."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (plots beside it) instead of stdout."),
     baseline: str = typer.Option("loss=focal", "--baseline", help="AXIS=VALUE of the baseline configuration."),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated, e.g. AP,AP50,AP75."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated, e.g. AP,AP50,AP75 (VOC: Pascal VOC mAP@0.5)."),
     by: Optional[List[str]] = typer.Option(None, "--by", help="Axes that define a configuration (repeatable)."),
     workdirs: Optional[List[Path]] = typer.Option(None, "--workdirs", help="Plain MMDetection work dirs to include."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any cell is missing."),
@@ -177,6 +177,7 @@ def report(
     subset_field: Optional[str] = typer.Option(None, "--subset-field", help="With --missrate: MR⁻² per value of this image field too (e.g. daytime)."),
     subset_list: Optional[List[str]] = typer.Option(None, "--subset-list", help="With --missrate: NAME=FILE, MR⁻² on the images listed in FILE (ids or file names, one a line; repeatable)."),
     min_height: Optional[float] = typer.Option(None, "--min-height", help="With --missrate: boxes lower than this are ignored (Caltech 'reasonable': 50)."),
+    gallery: int = typer.Option(0, "--gallery", help="HTML only: N test images (GT | predictions) of one run per configuration."),
 ):
     """COCO AP comparison tables: mean ± std over seeds, deltas vs the baseline, per-class AP, plots.
 
@@ -188,7 +189,7 @@ def report(
         raise UserError("--subset-field/--subset-list need --missrate CLASS (e.g. --missrate person)")
     code = report_mod.main(
         workspace_path(workspace), experiments or [], fmt=fmt, out=out, baseline=baseline,
-        metrics=metrics, by=by or [], workdirs=workdirs or [], strict=strict, force=force,
+        metrics=metrics, by=by or [], workdirs=workdirs or [], strict=strict, force=force, gallery=gallery,
     )
     if missrate:
         from ssflctl import missrate as missrate_mod

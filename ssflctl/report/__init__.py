@@ -50,14 +50,32 @@ def make_report(ws, experiments: Iterable[str] = (), *, baseline: Optional[str] 
     return aggregate.build(records, metrics=metrics, by=list(by or []), baseline=baseline)
 
 
-def render(rep, fmt: str, images: list = ()) -> str:
+def _check_gallery(fmt: str, gallery: int) -> int:
+    gallery = int(gallery or 0)
+    if gallery < 0:
+        raise UserError(f"--gallery {gallery}: give a number of images per configuration (0: none)")
+    if gallery and fmt != "html":
+        raise UserError(f"--gallery {gallery}: only the HTML report has a gallery; add --format html "
+                        "(or --out report.html)")
+    return gallery
+
+
+def _gallery(rep, gallery: int, progress: bool = False) -> list:
+    if not gallery:
+        return []
+    from ssflctl.report import gallery as gallery_mod
+
+    return gallery_mod.draw(rep, gallery, progress=progress)
+
+
+def render(rep, fmt: str, images: list = (), gallery: list = ()) -> str:
     from ssflctl.report import writers
 
     fmt = normalize_format(fmt)
     if fmt == "markdown":
         return writers.markdown(rep, [(c, Path(p).name) for c, p in images])
     if fmt == "html":
-        return writers.html_page(rep, images)
+        return writers.html_page(rep, images, gallery)
     if fmt == "latex":
         return writers.latex(rep)
     if fmt == "csv":
@@ -66,26 +84,29 @@ def render(rep, fmt: str, images: list = ()) -> str:
 
 
 def build_report(ws, experiments: Iterable[str] = (), fmt: str = "markdown", *, baseline="loss=focal",
-                 metrics=None, by=(), workdirs=(), plots: bool = False) -> str:
+                 metrics=None, by=(), workdirs=(), plots: bool = False, gallery: int = 0) -> str:
     """The report as text. With plots=True (or for html) figures are drawn into a temporary
-    directory and embedded (html) or referenced by file name (markdown)."""
+    directory and embedded (html) or referenced by file name (markdown). gallery=N (html only):
+    N pictures of test-set detections for one run of each configuration."""
     fmt = normalize_format(fmt)
+    gallery = _check_gallery(fmt, gallery)
     rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs)
     if fmt == "html" or (plots and fmt == "markdown"):
         from ssflctl.report import plots as plots_mod
 
         with tempfile.TemporaryDirectory(prefix="ssflctl-report-") as tmp:
             images = plots_mod.draw(rep, tmp)
-            return render(rep, fmt, images)
+            return render(rep, fmt, images, _gallery(rep, gallery))
     return render(rep, fmt)
 
 
-def write_report(rep, fmt: str, out, *, force: bool = False, progress: bool = False) -> list:
+def write_report(rep, fmt: str, out, *, force: bool = False, progress: bool = False, gallery: int = 0) -> list:
     """Write the report to `out` (atomically), figures beside it for markdown; returns the paths."""
     from ssflctl.atomic import write_text
     from ssflctl.report import plots as plots_mod
 
     fmt = normalize_format(fmt)
+    gallery = _check_gallery(fmt, gallery)
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out}: --out is a directory; give a file name such as {out / 'index.md'}")
@@ -103,7 +124,7 @@ def write_report(rep, fmt: str, out, *, force: bool = False, progress: bool = Fa
         text = render(rep, fmt, images)
     elif fmt == "html":
         with tempfile.TemporaryDirectory(prefix="ssflctl-report-") as tmp:
-            text = render(rep, fmt, plots_mod.draw(rep, tmp, progress=progress))
+            text = render(rep, fmt, plots_mod.draw(rep, tmp, progress=progress), _gallery(rep, gallery, progress))
     else:
         text = render(rep, fmt)
     write_text(out, text)
@@ -112,12 +133,13 @@ def write_report(rep, fmt: str, out, *, force: bool = False, progress: bool = Fa
 
 
 def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", metrics=None, by=(),
-         workdirs=(), strict=False, force=False) -> int:
+         workdirs=(), strict=False, force=False, gallery: int = 0) -> int:
     """CLI body of `ssflctl report`: returns the exit code (1 with --strict and missing cells).
     With --out and the default format, the file's suffix picks the format (.html, .tex, .csv, .json)."""
     fmt = normalize_format(fmt)
     if out is not None and fmt == "markdown":
         fmt = _SUFFIX_FORMAT.get(Path(out).suffix.lower(), fmt)
+    gallery = _check_gallery(fmt, gallery)
     if out is not None and Path(out).exists() and not force and not Path(out).is_dir():
         raise UserError(f"{out}: already exists; pass --force to overwrite it")
     rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs)
@@ -126,13 +148,14 @@ def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", me
             from ssflctl.report import plots as plots_mod
 
             with tempfile.TemporaryDirectory(prefix="ssflctl-report-") as tmp:
-                text = render(rep, fmt, plots_mod.draw(rep, tmp, progress=sys.stderr.isatty()))
+                text = render(rep, fmt, plots_mod.draw(rep, tmp, progress=sys.stderr.isatty()),
+                              _gallery(rep, gallery, sys.stderr.isatty()))
         else:
             text = render(rep, fmt)
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        paths = write_report(rep, fmt, out, force=force, progress=sys.stderr.isatty())
+        paths = write_report(rep, fmt, out, force=force, progress=sys.stderr.isatty(), gallery=gallery)
         extra = f" and {len(paths) - 1} figure(s) beside it" if len(paths) > 1 else ""
         print(f"wrote {paths[0]}{extra}", file=sys.stderr)
     if strict and rep.missing:

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ssflctl.errors import UserError
-from ssflctl.report.collect import COCO_METRICS
+from ssflctl.report.collect import COCO_METRICS, VOC_METRIC
 
 SEED_AXIS = "seed"
+NO_VOC = "n/a (no VOCMetric)"
 DATASET_AXIS = "dataset"
 EXPERIMENT_AXIS = "experiment"
 NOT_DONE_ORDER = ("failed", "cancelled", "unknown", "running", "submitting", "queued", "pending", "missing")
@@ -66,23 +67,31 @@ class Report:
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_metrics(metrics) -> list:
+# --metrics spellings of the VOC metric (lower case, without spaces, '_', '-', '@', '.')
+VOC_ALIASES = ("voc", "vocmap", "vocmap50", "vocmap05", "vocap50")
+
+
+def parse_metrics(metrics, voc: bool = False) -> list:
+    """--metrics as metric names; the default is the 12 COCO numbers, led by VOC mAP@0.5 when
+    ``voc`` (some run has it)."""
     if metrics is None or metrics == "" or metrics == []:
-        return list(COCO_METRICS)
+        return ([VOC_METRIC] if voc else []) + list(COCO_METRICS)
     names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
     out = []
     lookup = {m.lower(): m for m in COCO_METRICS}
+    lookup.update({a: VOC_METRIC for a in VOC_ALIASES})
+    choices = ",".join(COCO_METRICS) + ",VOC (Pascal VOC mAP@0.5)"
     for n in names:
         n = n.strip()
         if not n:
             continue
-        m = lookup.get(n.lower())
+        m = lookup.get(n.lower()) or lookup.get("".join(ch for ch in n.lower() if ch not in " _-@."))
         if m is None:
-            raise UserError(f"--metrics: unknown metric {n!r}; choose from {','.join(COCO_METRICS)}")
+            raise UserError(f"--metrics: unknown metric {n!r}; choose from {choices}")
         if m not in out:
             out.append(m)
     if not out:
-        raise UserError(f"--metrics: no metric given; choose from {','.join(COCO_METRICS)}")
+        raise UserError(f"--metrics: no metric given; choose from {choices}")
     return out
 
 
@@ -240,6 +249,9 @@ def long_frame(records: list, metrics: list, by: list):
                 rows.append((k, "", None, r["unavailable"][k]))
             else:
                 v = m["bbox"].get(k)
+                if v is None and k == VOC_METRIC and k not in m["bbox"]:
+                    rows.append((k, "", None, "no VOC metric (not tested with VOCMetric)"))
+                    continue
                 rows.append((k, "", v, "" if v is not None else "no value (-1: no ground truth)"))
         if m:
             rows.extend(("class_AP", cls, v, "" if v is not None else "no ground truth")
@@ -279,10 +291,11 @@ def _state_text(recs: list) -> str:
 
 def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: str = "") -> Report:
     """The report's content from run records (see collect)."""
-    metrics = parse_metrics(metrics)
-    base = parse_baseline(baseline)
     if not records:
         raise UserError("no runs to report; check the experiment names and --workspace, or pass --workdirs")
+    metrics = parse_metrics(metrics, voc=any(VOC_METRIC in (r.get("metrics") or {}).get("bbox", {})
+                                             for r in records))
+    base = parse_baseline(baseline)
     by = choose_axes(records, list(by or []))
     records = complete_seed_grid([dict(r) for r in records])
     # configuration and dataset of every record
@@ -356,6 +369,9 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                 why = sorted({(r.get("unavailable") or {}).get(k) for r in done} - {None})
                 if done and why:
                     cells.append(Cell(why[0]))
+                elif done and k == VOC_METRIC and not any(k in r["metrics"]["bbox"] for r in done):
+                    cells.append(Cell(NO_VOC))  # not a gap: these runs were not tested with VOCMetric
+                    continue
                 elif done and any(k in r["metrics"]["bbox"] for r in done):
                     cells.append(Cell("n/a (no GT)"))  # COCOeval -1: no ground truth of this size
                 elif done:
@@ -376,7 +392,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     stub = list(by) if by else ["configuration"]
     if not by:
         rows = [(["(all)"], cells) for _, cells in rows]
-    main = Table("Main results (COCO bbox, %)", stub, groups, rows)
+    main = Table("Main results (VOC mAP@0.5 and COCO bbox, %)" if VOC_METRIC in metrics
+                 else "Main results (COCO bbox, %)", stub, groups, rows)
 
     # ---- per-class AP (one table per dataset: rows = classes, columns = configurations)
     per_class = []
@@ -448,6 +465,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
         f"Experiments: {', '.join(exps) or '—'}. Runs: {len(records)} ({', '.join(parts)}).",
         "COCO bbox metrics in %: mean ± sample std (ddof=1) over seeds; n = runs with results / runs.",
     ]
+    if VOC_METRIC in metrics:
+        summary.append(f"{VOC_METRIC}: Pascal VOC mAP at IoU 0.5 (mmdet VOCMetric), in % likewise.")
     notes = []
     if show_delta:
         summary.append(f"ΔAP: AP points against the baseline {base[0]}={base[1]} with the other axes equal. "
@@ -466,6 +485,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
             notes.append(f"{r['name']}: {r['reason']}.")
     if any(c.text == "n/a (no GT)" for _, cells in rows for c in cells):
         notes.append("n/a (no GT): COCOeval reports -1 because the test set has no ground truth of that size.")
+    if any(c.text == NO_VOC for _, cells in rows for c in cells):
+        notes.append(f"{NO_VOC}: these runs were not tested with mmdet's VOCMetric (no {VOC_METRIC}).")
     if any(r.get("unavailable") for r in records):
         notes.append("n/a (CocoMetric): the work dir has only mmdet CocoMetric numbers (AP, AP50, AP75, APs, APm, "
                      "APl); the AR numbers need a pycocotools summary in its log.")

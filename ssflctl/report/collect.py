@@ -9,7 +9,8 @@ fast, so it reads small JSON files directly and builds nothing per run but dicts
  "reason": "one line", "run_dir": str|None,
  "attempts": [{"attempt", "lr", "state", "reason", "dir", "nan": {...}|None}],
  "final": attempt number the metrics come from, or None,
- "metrics": {"bbox": {AP..ARl: fraction|None}, "per_class": {...}, "evaluator": str} or None,
+ "metrics": {"bbox": {AP..ARl[, "VOC mAP@0.5"]: fraction|None}, "per_class": {...}, "evaluator": str}
+            or None,
  "unavailable": {metric: "why"} (metrics the evaluator did not produce, e.g. AR1 from CocoMetric)}
 ```
 """
@@ -25,6 +26,9 @@ from typing import Iterable, Optional
 from ssflctl.errors import UserError
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# Pascal VOC's mAP at IoU 0.5 (mmdet's VOCMetric; metrics.json "voc": {"mAP50": ...}); reported
+# beside the COCO numbers when runs have it.
+VOC_METRIC = "VOC mAP@0.5"
 
 # mmdet's CocoMetric keys (in scalars.json, prefixed "coco/") -> our names.
 COCOMETRIC_KEYS = {
@@ -255,11 +259,15 @@ def _metrics_from_file(path: str) -> Optional[dict]:
         return None
     bbox = m.get("bbox") if isinstance(m.get("bbox"), dict) else {}
     per_class = m.get("per_class") if isinstance(m.get("per_class"), dict) else {}
-    return {
+    out = {
         "bbox": {k: _num(bbox.get(k)) for k in COCO_METRICS if k in bbox},
         "per_class": {str(k): _num(v) for k, v in per_class.items()},
         "evaluator": m.get("evaluator") or "pycocotools",
     }
+    voc = m.get("voc")
+    if isinstance(voc, dict) and "mAP50" in voc:
+        out["bbox"][VOC_METRIC] = _num(voc.get("mAP50"))
+    return out
 
 
 def _summarise_state(attempts: list, retry: dict) -> tuple:

@@ -134,6 +134,8 @@ td.gap{color:#a33}b{color:#000}table.text td,table.text th{text-align:left}
 thead th[colspan]{text-align:center;border-left:2px solid #fff}.scroll{overflow-x:auto}
 .notes li{margin:0.2rem 0}.fig{margin:1rem 0}.fig img{max-width:100%;border:1px solid #eee}
 .summary{color:#444}
+.gallery{display:flex;flex-wrap:wrap;gap:0.5rem}.gallery figure{margin:0}.gallery img{max-width:100%}
+.gallery figcaption{font-size:0.8rem;color:#555}
 """.strip()
 
 
@@ -164,8 +166,26 @@ def html_table(t: Table, tid: str) -> str:
     return "\n".join(out)
 
 
-def html_page(rep: Report, images: list = ()) -> str:
-    """A self-contained page: CSS inline, figures as base64 PNG data URIs."""
+def html_gallery(gallery: list) -> list:
+    """HTML lines of the gallery (see report.gallery.draw): pictures as base64 JPEG data URIs."""
+    out = ["<h2>Detections (ground truth | predictions)</h2>"]
+    for i, (caption, pics, why) in enumerate(gallery):
+        out.append(f"<h3>{_h(caption)}</h3>")
+        if not pics:
+            out.append(f'<p class="summary">no pictures: {_h(why)}</p>')
+            continue
+        out.append(f'<div class="gallery" id="gallery-{i + 1}">')
+        for name, data in pics:
+            b64 = base64.b64encode(data).decode("ascii")
+            out.append(f'<figure><img alt="{_h(name)}" src="data:image/jpeg;base64,{b64}">'
+                       f"<figcaption>{_h(name)}</figcaption></figure>")
+        out.append("</div>")
+    return out
+
+
+def html_page(rep: Report, images: list = (), gallery: list = ()) -> str:
+    """A self-contained page: CSS inline, figures as base64 PNG data URIs (and the gallery's
+    pictures as JPEG ones)."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{_h(rep.title)}</title>", f"<style>{_CSS}</style>", "</head><body>",
            f"<h1>{_h(rep.title)}</h1>", f'<p class="summary">{_h(" ".join(rep.summary))}</p>',
@@ -185,6 +205,8 @@ def html_page(rep: Report, images: list = ()) -> str:
             data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
             out.append(f'<div class="fig"><img alt="{_h(caption)}" src="data:image/png;base64,{data}">'
                        f"<div>{_h(caption)}</div></div>")
+    if gallery:
+        out += html_gallery(gallery)
     out += ["</body></html>"]
     return "\n".join(out) + "\n"
 
