@@ -237,3 +237,13 @@ def test_tiny_ssd_focal_trains_two_iterations_validates_and_tests(tmp_path, voc)
     assert len(gt["annotations"]) == n_gt
     dets = json.loads((adir / "detections.bbox.json").read_text())
     assert metrics["num_detections"] == len(dets) and {d["image_id"] for d in dets} <= {im["id"] for im in gt["images"]}
+
+    # the report: a "VOC mAP@0.5" column, and the gallery draws the VOC images (JPEGImages/<id>.jpg)
+    from ssflctl.report import build_report, make_report
+    from ssflctl.report.aggregate import pct
+
+    rep = make_report(tmp_path)
+    assert rep.main.flat_columns()[:2] == ["VOC mAP@0.5", "AP"]
+    assert rep.main.rows[0][1][0].text == pct(metrics["voc"]["mAP50"])
+    page = build_report(tmp_path, fmt="html", gallery=2)
+    assert page.count("data:image/jpeg;base64,") == 2 and "no pictures" not in page
