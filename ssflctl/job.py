@@ -188,6 +188,55 @@ def _load_cfg(adir: Path):
     return cfg
 
 
+def _restart_count() -> int:
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def record_recovery(adir: PathLike, kind: str, message: str, **extra: Any) -> None:
+    """Append ``{"at", "kind", "message", ...}`` to ``attempt-N/recovery.json`` (rank 0): the node's
+    record of interruptions and resumes, folded into the registry's event log by reconcile."""
+    if not _is_main_process():
+        return
+    path = Path(adir) / "recovery.json"
+    try:
+        items = list(atomic.read_json(path) or [])
+    except (ValueError, OSError):
+        items = []
+    items.append({"at": _now(), "kind": kind, "message": message, **extra})
+    atomic.write_json(path, items)
+
+
+def current_attempt_dir(run_dir: PathLike) -> Optional[Path]:
+    done = attempts(run_dir)
+    return render.attempt_dir(run_dir, done[-1]) if done else None
+
+
+def note_interrupted(run_dir: PathLike, why: str) -> None:
+    """Called on the node when the scheduler signals a time limit/preemption (submitit checkpoint)."""
+    adir = current_attempt_dir(run_dir)
+    if adir is None or (adir / "outcome.json").exists():
+        return
+    prog = atomic.read_json(adir / "progress.json") or {}
+    ck = last_checkpoint(adir)
+    record_recovery(adir, "interrupted", f"{why} at iter {prog.get('iter')}; last checkpoint "
+                    f"{_name(ck) or 'none'}; requeued", iter=prog.get("iter"), checkpoint=_name(ck),
+                    restart_count=_restart_count())
+
+
+def _resume_cause(adir: Path) -> str:
+    try:
+        items = list(atomic.read_json(adir / "recovery.json") or [])
+    except (ValueError, OSError):
+        items = []
+    if items and items[-1].get("kind") == "interrupted":
+        return items[-1]["message"].split(" at iter")[0]
+    n = _restart_count()
+    return f"requeue (SLURM_RESTART_COUNT={n})" if n else "an interrupted job"
+
+
 def train_attempt(adir: PathLike) -> Dict[str, Any]:
     """Train one attempt directory to its end; return (and write) its outcome.json body.
 
@@ -202,6 +251,10 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
     own = last_checkpoint(adir)
     if own:
         cfg.resume, cfg.load_from = True, None  # mmengine finds last_checkpoint in work_dir
+        prog = atomic.read_json(adir / "progress.json") or {}
+        record_recovery(adir, "resumed", f"resumed from {_name(own)} at lr {meta.get('lr')} after "
+                        f"{_resume_cause(adir)} (iter {prog.get('iter')} reached before)",
+                        checkpoint=_name(own), lr=meta.get("lr"), restart_count=_restart_count())
     elif meta.get("resume_from"):
         cfg.resume, cfg.load_from = True, meta["resume_from"]
     else:

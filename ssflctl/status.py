@@ -154,6 +154,7 @@ def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
             "test_job": run.get("test_job_id") or "", "progress": progress,
             "loss_val": loss_val, "elapsed": _fmt_elapsed(elapsed), "elapsed_s": elapsed, "note": note,
             "axes": ax, "attempts": run["attempts"],
+            "log_tail": ((last or {}).get("outcome") or {}).get("log_tail") if run["state"] == "failed" else None,
         })
     return out
 
@@ -182,6 +183,7 @@ def main(workspace, experiment: Optional[str] = None, as_json: bool = False, wat
         title = f"ssflctl status ({experiment or 'all experiments'})"
         if not watch:
             print_table(title, HEADERS, _rows(items), styles=[STATE_STYLE.get(i["state"]) for i in items])
+            _failures(items)
             _summary(items)
             return items
         from rich.console import Console
@@ -208,6 +210,14 @@ def main(workspace, experiment: Optional[str] = None, as_json: bool = False, wat
         return items
     finally:
         reg.close()
+
+
+def _failures(items, lines: int = 5) -> None:
+    """Failed runs: the reason and the last lines of the attempt's log (stderr; stdout is the table)."""
+    for i in items:
+        if i["state"] == "failed" and i.get("log_tail"):
+            tail = [ln for ln in i["log_tail"].splitlines() if ln.strip()][-lines:]
+            sys.stderr.write(f"{i['run']} failed: {i['note']}\n" + "".join(f"  | {ln}\n" for ln in tail))
 
 
 def _summary(items) -> None:

@@ -60,7 +60,7 @@ def read_attempt(p: Path) -> Dict[str, Any]:
         except (ValueError, OSError):
             return None
     return {"dir": p, "attempt": attempt_no(p), "info": rj("attempt.json") or {}, "progress": rj("progress.json"),
-            "outcome": rj("outcome.json"), "metrics": rj("metrics.json")}
+            "outcome": rj("outcome.json"), "metrics": rj("metrics.json"), "recovery": rj("recovery.json") or []}
 
 
 def _attempt_state(a: Dict[str, Any], test: bool) -> str:
@@ -215,7 +215,10 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[
         run_json = read_json(rdir / "run.json", default={}) or {}
         test = bool(run_json.get("test", True))
         local_state = None
-        # attempts -> registry
+        # attempts -> registry; every change of an attempt and every node-side recovery step
+        # (interrupted, resumed: attempt-N/recovery.json) is an event
+        known = {a["attempt"]: a for a in registry.attempts(r["run_id"])} if attempts else {}
+        logged = {(e["kind"], e["message"]) for e in registry.events(r["run_id"])} if attempts else set()
         for a in attempts:
             info = a["info"]
             n = a["attempt"]
@@ -239,6 +242,20 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[
             if r["state"] in ("cancelled",) and fields["state"] in ("queued", "running"):
                 fields["state"] = "cancelled"
             registry.upsert_attempt(r["run_id"], n, **fields)
+            before = known.get(n)
+            if before is None or before["state"] != fields["state"]:
+                lr = fields["lr"]
+                registry.event("attempt", run_id=r["run_id"], experiment=r["experiment"],
+                               old_state=before["state"] if before is not None else None, new_state=fields["state"],
+                               message=f"attempt {n}" + (f" · lr {lr:g}" if isinstance(lr, (int, float)) else "")
+                               + (f" · {fields['reason']}" if fields["reason"] else ""))
+            for rec in a["recovery"] if isinstance(a["recovery"], list) else []:
+                if not isinstance(rec, dict) or not rec.get("kind"):
+                    continue
+                msg = f"attempt {n}: {rec.get('message', '')} ({rec.get('at', '')})"
+                if (rec["kind"], msg) not in logged:
+                    registry.event(str(rec["kind"]), run_id=r["run_id"], experiment=r["experiment"], message=msg)
+                    logged.add((rec["kind"], msg))
         # run state
         state, reason = r["state"], r["reason"]
         if r["state"] == "submitting" and _claim_abandoned(r):

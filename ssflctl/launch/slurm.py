@@ -35,6 +35,16 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self, run_dir: str):
         return _resolve(self.fn)(run_dir)
 
+    def checkpoint(self, run_dir: str, *args, **kwargs):
+        """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call."""
+        try:
+            from ssflctl.job import note_interrupted
+
+            note_interrupted(run_dir, "SIGUSR2 (time limit or preemption)")
+        except Exception:  # noqa: BLE001 - the requeue matters more than the note
+            pass
+        return super().checkpoint(run_dir, *args, **kwargs)
+
 
 def run_test(run_dir: str, fn: str = "ssflctl.job:test_run"):
     """The test job (imports the heavy job module only on the node)."""

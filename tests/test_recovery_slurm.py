@@ -1,0 +1,231 @@
+"""Recovery on the local Slurm cluster with the REAL job (tiny RetinaNet on the CPU):
+
+* nan       SSFL* at lr 0.01 goes NaN within a few iterations; the guard stops it; the job itself
+            retries at lr 0.001 (no ssflctl process alive after `submit` returned) and finishes.
+* interrupt requeued with `scontrol requeue` after its first checkpoint, then signalled like a time
+            limit (`scancel -s USR2`: submitit checkpoints and requeues, as ~60 s before a real
+            limit) after a later one; each time it resumes from its own checkpoint at the same lr.
+* fail      the model raises at iteration 1 (a string as the focal loss' alpha): failed, with the
+            reason and the log tail, and no lower-lr attempt.
+
+All runs go out at once (2 CPUs: two train jobs at a time); the module fixture drives the
+interruptions and waits, the tests read the files, the mmengine logs, the registry and `status`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from ssflctl import submit as submit_mod
+from ssflctl.store import Registry
+
+pytestmark = [pytest.mark.slurm, pytest.mark.training, pytest.mark.slow]
+
+EPOCHS = 4           # 2 iterations per epoch (8 images, batch 4); a checkpoint every epoch
+LR = 0.01
+NAN_EPOCHS = 3     # SSFL* at lr 0.01 goes NaN at iteration 4 here (seed 0)
+
+EXP = """\
+name: {name}
+template: retinanet_tiny
+datasets:
+  synth: {{root: {root}}}
+matrix:
+  loss: [{loss}]
+  seed: [0]
+params: {{max_epochs: {epochs}, batch_size: 4, log_interval: 1, lr: {lr}}}
+{extra}
+resources: {{gpus: 0, cpus: 1, mem: 3G, time: "00:10:00"}}
+retry: {{on_nan: lower_lr, factor: 0.1, max_attempts: 3}}
+executor:
+  type: slurm
+  slurm: {{partition: {partition}, qos: {qos}}}
+"""
+
+
+def _write(tmp: Path, cluster, name, loss="focal", epochs=EPOCHS, extra=""):
+    p = tmp / f"{name}.yaml"
+    p.write_text(EXP.format(name=name, root=tmp / "data", loss=loss, epochs=epochs, lr=LR, extra=extra,
+                            **cluster))
+    return p
+
+
+def _wait_file(path: Path, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"timed out waiting for {what} ({path})"
+        time.sleep(0.3)
+
+
+def _view(ws, exp=None):
+    from ssflctl.status import view
+
+    with Registry(ws) as reg:
+        return view(reg, ws, exp)
+
+
+@pytest.fixture(scope="module")
+def recovered(tmp_path_factory, slurm_cluster):
+    from ssflctl import synth_coco
+
+    tmp = tmp_path_factory.mktemp("recovery")
+    synth_coco.generate(tmp / "data", n_train=8, n_val=4, seed=0)
+    ws = tmp / "ws"
+    paths = {
+        "interrupt": _write(tmp, slurm_cluster, "recinterrupt"),
+        "nan": _write(tmp, slurm_cluster, "recnan", loss="ssfl", epochs=NAN_EPOCHS),
+        "fail": _write(tmp, slurm_cluster, "recfail", epochs=1,
+                       extra='overrides: {model.bbox_head.loss_cls.alpha: "not-a-number"}'),
+    }
+    t0 = time.time()
+    runs = {}
+    for key, p in paths.items():
+        res = submit_mod.submit(p, ws)
+        (item,) = res.submitted
+        runs[key] = {"run_id": item.run.run_id, "job_id": item.job_id, "test_job_id": item.test_job_id,
+                     "run_dir": ws / "runs" / item.run.run_id, "exp": res.experiment.name}
+    # no ssflctl process is needed from here on: only the scheduler and this test's signals
+    a1 = runs["interrupt"]["run_dir"] / "attempt-1"
+    job = runs["interrupt"]["job_id"]
+    _wait_file(a1 / "epoch_1.pth", 400, "the first checkpoint")
+    time.sleep(1)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    _wait_file(a1 / "recovery.json", 200, "the resume after the requeue")
+    # the requeued job saves a new checkpoint, then gets SIGUSR2 as before a time limit
+    first_resume = json.loads((a1 / "recovery.json").read_text())[0]
+    n_ckpt = int(re.search(r"epoch_(\d+)", first_resume["checkpoint"]).group(1))
+    _wait_file(a1 / f"epoch_{n_ckpt + 1}.pth", 300, "a checkpoint after the resume")
+    time.sleep(1)
+    assert not (a1 / "outcome.json").exists(), "the run finished before it could be interrupted twice"
+    subprocess.run(["scancel", "-s", "USR2", job], check=True)
+    deadline = time.time() + 600
+    while True:
+        items = {i["run"]: i for i in _view(ws)}
+        if all(i["state"] in ("done", "failed", "cancelled", "unknown") for i in items.values()):
+            break
+        assert time.time() < deadline, items
+        time.sleep(2)
+    print(f"\nrecovery scenarios on Slurm: {time.time() - t0:.0f}s")
+    return {"ws": ws, "runs": runs, "items": items}
+
+
+def _train_lines(adir: Path):
+    """(log file, epoch, iter-in-epoch, lr) of every mmengine train line, oldest log first."""
+    out = []
+    for log in sorted(adir.glob("*/*.log")):
+        for m in re.finditer(r"Epoch\(train\)\s+\[(\d+)\]\[\s*(\d+)/\d+\]\s+lr: (\S+)", log.read_text()):
+            out.append((log.parent.name, int(m.group(1)), int(m.group(2)), float(m.group(3))))
+    return out
+
+
+def _events(ws, run_id):
+    with Registry(ws) as reg:
+        return reg.events(run_id)
+
+
+def test_requeue_and_time_limit_resume_from_the_checkpoint_at_the_same_lr(recovered):
+    r = recovered["runs"]["interrupt"]
+    item = recovered["items"][r["run_id"]]
+    assert item["state"] == "done", item
+    assert [p.name for p in r["run_dir"].glob("attempt-*")] == ["attempt-1"]  # no new attempt, no lr change
+    a1 = r["run_dir"] / "attempt-1"
+    rec = json.loads((a1 / "recovery.json").read_text())
+    kinds = [x["kind"] for x in rec]
+    assert kinds == ["resumed", "interrupted", "resumed"], rec
+    assert "requeue (SLURM_RESTART_COUNT=1)" in rec[0]["message"] and rec[0]["restart_count"] == 1
+    assert "SIGUSR2" in rec[1]["message"] and "SIGUSR2" in rec[2]["message"]
+    assert rec[2]["restart_count"] == 2 and all(x.get("lr", LR) == LR for x in rec)
+    # three mmengine logs; each resumed one continues after its checkpoint, none restarts at epoch 1
+    lines = _train_lines(a1)
+    logs = sorted({ln[0] for ln in lines})
+    assert len(logs) == 3, logs
+    starts = [min(e for lg, e, _, _ in lines if lg == name) for name in logs]
+    ck = [int(re.search(r"epoch_(\d+)", x["checkpoint"]).group(1)) for x in rec if x["kind"] == "resumed"]
+    assert starts == [1, ck[0] + 1, ck[1] + 1] and ck[1] > ck[0] >= 1
+    # the same lr schedule as an uninterrupted run: lr until the x0.1 step after 80% of the epochs
+    for _, epoch, _, lr in lines:
+        assert lr == pytest.approx(LR if epoch <= int(0.8 * EPOCHS) else LR * 0.1), (epoch, lr)
+    assert max(e for _, e, _, _ in lines) == EPOCHS
+    out = json.loads((a1 / "outcome.json").read_text())
+    assert out["outcome"] == "done" and out["checkpoint"] == f"epoch_{EPOCHS}.pth"
+    metrics = json.loads((a1 / "metrics.json").read_text())
+    assert 0.0 <= metrics["bbox"]["AP"] <= 1.0 and metrics["checkpoint"] == f"epoch_{EPOCHS}.pth"
+    # Slurm ran the same job three times
+    assert item["job"] == r["job_id"]
+    # every step is in the registry's event log
+    ev = _events(recovered["ws"], r["run_id"])
+    msgs = [(e["kind"], e["message"]) for e in ev]
+    assert [k for k, _ in msgs if k in ("resumed", "interrupted")] == kinds, msgs
+    assert any(k == "attempt" and e["new_state"] == "done" for e, (k, _) in zip(ev, msgs))
+
+
+def test_nan_is_retried_at_a_tenth_of_the_lr_inside_the_job(recovered):
+    ws, r = recovered["ws"], recovered["runs"]["nan"]
+    item = recovered["items"][r["run_id"]]
+    assert item["state"] == "done", item
+    a1, a2 = r["run_dir"] / "attempt-1", r["run_dir"] / "attempt-2"
+    first = json.loads((a1 / "outcome.json").read_text())
+    assert first["outcome"] == "nan", first
+    nan_iter = first["nan"]["iter"]
+    assert nan_iter < 2 * NAN_EPOCHS
+    # the guard stopped it within one iteration of the first NaN: nothing trained after it
+    lines = _train_lines(a1)
+    assert all((e - 1) * 2 + i <= nan_iter for _, e, i, _ in lines), (nan_iter, lines)
+    assert json.loads((a1 / "progress.json").read_text())["iter"] <= nan_iter
+    info2 = json.loads((a2 / "attempt.json").read_text())
+    assert info2["lr"] == pytest.approx(LR * 0.1) and "NaN" in info2["reason"]
+    lines2 = _train_lines(a2)
+    assert max(e for _, e, _, _ in lines2) == NAN_EPOCHS
+    for _, epoch, _, lr in lines2:  # the new lr took effect (and its schedule)
+        assert lr == pytest.approx(LR * 0.1 * (1 if epoch <= int(0.8 * NAN_EPOCHS) else 0.1)), (epoch, lr)
+    assert json.loads((a2 / "outcome.json").read_text())["outcome"] == "done"
+    assert (a2 / "metrics.json").is_file() and not (a1 / "metrics.json").exists()
+    # one job did it all (the retry ran inside the train job's own allocation)
+    assert item["job"] == r["job_id"] and item["attempt"] == 2
+    # registry: every attempt with its lr, state and reason
+    with Registry(ws) as reg:
+        (run,) = reg.list_runs(r["exp"])
+    atts = {a["attempt"]: a for a in run["attempts"]}
+    assert atts[1]["state"] == "nan" and atts[1]["lr"] == pytest.approx(LR) and "NaN" in atts[1]["reason"]
+    assert atts[2]["state"] == "done" and atts[2]["lr"] == pytest.approx(LR * 0.1)
+    assert "NaN" in atts[2]["reason"]
+    ev = [e for e in _events(ws, r["run_id"]) if e["kind"] == "attempt"]
+    assert any(e["new_state"] == "nan" and e["message"].startswith("attempt 1 · lr 0.01") for e in ev), ev
+    assert any(e["new_state"] == "done" and e["message"].startswith("attempt 2 · lr 0.001 · after NaN") for e in ev)
+    # status shows the lineage
+    proc = run_cli("status", r["exp"], "--json", "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr
+    (st,) = json.loads(proc.stdout)
+    assert st["state"] == "done" and st["note"].startswith("attempt 2/3 · lr 0.001 · after NaN in loss_")
+    assert [a["state"] for a in st["attempts"]] == ["nan", "done"]
+
+
+def test_code_that_raises_is_failed_not_retried(recovered):
+    ws, r = recovered["ws"], recovered["runs"]["fail"]
+    item = recovered["items"][r["run_id"]]
+    assert item["state"] == "failed", item
+    assert [p.name for p in r["run_dir"].glob("attempt-*")] == ["attempt-1"]
+    out = json.loads((r["run_dir"] / "attempt-1" / "outcome.json").read_text())
+    assert out["outcome"] == "failed" and out["reason"].startswith("TypeError") and out["nan"] is None
+    assert "Epoch(train)" in out["log_tail"] or "Checkpoints will be saved" in out["log_tail"]
+    assert "TypeError" in item["note"] and "attempt 1" in item["note"]
+    with Registry(ws) as reg:
+        (run,) = reg.list_runs(r["exp"])
+    assert [(a["attempt"], a["state"]) for a in run["attempts"]] == [(1, "failed")]
+    assert run["attempts"][0]["lr"] == pytest.approx(LR)
+    ev = _events(ws, r["run_id"])
+    assert any(e["kind"] == "attempt" and e["new_state"] == "failed" for e in ev), ev
+    assert any(e["new_state"] == "failed" and "TypeError" in (e["message"] or "") for e in ev if e["kind"] == "state")
+    # status: the reason and the log tail
+    proc = run_cli("status", r["exp"], "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "failed" in proc.stdout and "TypeError" in proc.stdout
+    assert f"{r['run_id']} failed: attempt 1: TypeError" in proc.stderr
+    assert out["log_tail"].strip().splitlines()[-1].strip()[-60:] in proc.stderr
