@@ -407,7 +407,10 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
             os.replace(f"{prefix}.gt.json", ann_file)
     metrics = coco_eval.evaluate(ann_file, dets)
     if voc is not None:
-        mean_ap = results.get("pascal_voc/AP50", results.get("pascal_voc/mAP"))
+        thrs = voc.get("iou_thrs", 0.5)
+        # 'pascal_voc/mAP' is the mean over iou_thrs at full precision; 'AP50' is rounded to 3 digits
+        full = list(thrs) if isinstance(thrs, (list, tuple)) else [thrs]
+        mean_ap = results.get("pascal_voc/mAP" if full == [0.5] else "pascal_voc/AP50")
         metrics["voc"] = {"mAP50": None if mean_ap is None else float(mean_ap),
                           "eval_mode": voc.get("eval_mode", "11points"), "evaluator": "mmdet.VOCMetric"}
     metrics["checkpoint"] = Path(checkpoint).name
