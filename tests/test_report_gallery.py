@@ -147,6 +147,31 @@ def test_runs_without_voc_metric_say_so_and_are_not_gaps(ws):
     assert "VOC mAP@0.5" not in rep.main.flat_columns() and rep.main.title == "Main results (COCO bbox, %)"
 
 
+def test_outside_workdir_with_vocmetric_only(ws, tmp_path):
+    from ssflctl.report import build_report, make_report
+    from ssflctl.report.collect import read_workdir
+
+    ws, _data, _dirs = ws
+    wd = tmp_path / "ssd300_voc0712"
+    vis = wd / "20260101_120000" / "vis_data"
+    vis.mkdir(parents=True)
+    (vis / "scalars.json").write_text(
+        '{"lr": 0.001, "loss": 5.1, "iter": 50, "epoch": 1, "step": 50}\n'
+        '{"pascal_voc/mAP": 0.7012345, "pascal_voc/AP50": 0.701, "step": 1}\n')
+    rec = read_workdir(wd)
+    assert rec["state"] == "done" and rec["metrics"]["bbox"] == {"VOC mAP@0.5": 0.7012345}
+    assert rec["unavailable"]["AP"] == "n/a (VOCMetric)"
+    rep = make_report(ws, baseline="gamma=1", metrics="voc,AP", workdirs=[wd])
+    rows = {tuple(stub): [c.text for c in cells] for stub, cells in rep.main.rows}
+    assert rows[("workdirs", "ssd300_voc0712", "")][:2] == ["70.1", "n/a (VOCMetric)"]
+    assert any(n.startswith("n/a (VOCMetric)") for n in rep.notes)
+    assert not any("CocoMetric" in n for n in rep.notes)
+    # with other IoU thresholds too, mAP is their mean: AP50 is the VOC number then
+    (vis / "scalars.json").write_text('{"pascal_voc/mAP": 0.5, "pascal_voc/AP50": 0.7, "pascal_voc/AP75": 0.3, "step": 1}\n')
+    assert read_workdir(wd)["metrics"]["bbox"] == {"VOC mAP@0.5": 0.7}
+    assert "70.0" in build_report(ws, ["workdirs"], metrics="voc", workdirs=[wd])
+
+
 def pct_of(x):
     from ssflctl.report.aggregate import pct
 

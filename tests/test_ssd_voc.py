@@ -247,3 +247,9 @@ def test_tiny_ssd_focal_trains_two_iterations_validates_and_tests(tmp_path, voc)
     assert rep.main.rows[0][1][0].text == pct(metrics["voc"]["mAP50"])
     page = build_report(tmp_path, fmt="html", gallery=2)
     assert page.count("data:image/jpeg;base64,") == 2 and "no pictures" not in page
+    # the attempt dir read as an outside mmdet work dir: VOCMetric's number from mmengine's own logs
+    from ssflctl.report.collect import read_workdir
+
+    outside = read_workdir(adir)
+    assert outside["state"] == "done"
+    assert outside["metrics"]["bbox"]["VOC mAP@0.5"] == pytest.approx(metrics["voc"]["mAP50"])

@@ -487,7 +487,9 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
         notes.append("n/a (no GT): COCOeval reports -1 because the test set has no ground truth of that size.")
     if any(c.text == NO_VOC for _, cells in rows for c in cells):
         notes.append(f"{NO_VOC}: these runs were not tested with mmdet's VOCMetric (no {VOC_METRIC}).")
-    if any(r.get("unavailable") for r in records):
+    if any("n/a (VOCMetric)" in (r.get("unavailable") or {}).values() for r in records):
+        notes.append("n/a (VOCMetric): the work dir has only mmdet VOCMetric's mAP@0.5 (no COCO numbers).")
+    if any("n/a (CocoMetric)" in (r.get("unavailable") or {}).values() for r in records):
         notes.append("n/a (CocoMetric): the work dir has only mmdet CocoMetric numbers (AP, AP50, AP75, APs, APm, "
                      "APl); the AR numbers need a pycocotools summary in its log.")
     rep = Report(title or _title(exps), summary, main, per_class, retries, gaps, notes, df, missing,

@@ -476,6 +476,20 @@ def _cocometric_from_scalars(tsdir: str):
     return bbox, pcs
 
 
+def _vocmetric_from_scalars(tsdir: str) -> Optional[float]:
+    """mAP@0.5 of the last mmdet VOCMetric record (`pascal_voc/mAP`, or `pascal_voc/AP50` when
+    mAP averages other IoU thresholds too) of a timestamp dir's scalars, or None."""
+    last = None
+    for f in _vis_files(tsdir):
+        for rec in read_scalars(f):
+            if "pascal_voc/mAP" in rec or "pascal_voc/AP50" in rec:
+                last = rec
+    if last is None:
+        return None
+    others = [k for k in last if k.startswith("pascal_voc/AP") and k != "pascal_voc/AP50"]
+    return _num(last.get("pascal_voc/AP50") if others or "pascal_voc/mAP" not in last else last["pascal_voc/mAP"])
+
+
 def _same_numbers(summary: dict, bbox: dict) -> bool:
     """A pycocotools summary and CocoMetric's numbers (3 decimals) describe the same evaluation."""
     keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox]
@@ -516,6 +530,11 @@ def read_workdir(path) -> dict:
             continue
         sums = parse_coco_summaries(text)
         cm = _cocometric_from_scalars(ts)
+        voc = _vocmetric_from_scalars(ts)
+        if cm is None and not sums and voc is not None:  # mmdet's VOCMetric only (Pascal VOC configs)
+            bbox, evaluator = {VOC_METRIC: voc}, "VOCMetric"
+            unavailable.update({k: "n/a (VOCMetric)" for k in COCO_METRICS})
+            continue
         if cm is None and not sums:
             continue
         if cm is not None and not (sums and _same_numbers(sums[-1], cm[0])):
@@ -534,6 +553,8 @@ def read_workdir(path) -> dict:
                 if k not in bbox:
                     unavailable[k] = "n/a (CocoMetric)"
         per_class = parse_classwise_table(text) or (cm[1] if cm else {})
+        if voc is not None:
+            bbox[VOC_METRIC] = voc
     losses = workdir_has_loss(tsdirs)
     if bbox is not None:
         state, reason = "done", ""
