@@ -245,3 +245,33 @@ def test_gallery_shrinks_wide_pictures(tmp_path):
     Image.new("RGB", (100, 50), (0, 0, 0)).save(tmp_path / "small.png")
     with Image.open(io.BytesIO(_shrink(tmp_path / "small.png"))) as im:
         assert im.size == (100, 50)
+
+
+_PROBE = """<script>window.addEventListener('load', function () {
+  var d = document.createElement('pre'); d.id = 'probe';
+  d.textContent = JSON.stringify(Array.from(document.querySelectorAll('.gallery img')).map(function (i) {
+    return i.complete ? [i.naturalWidth, i.naturalHeight] : [0, 0]; }));
+  document.body.appendChild(d); });</script></body>"""
+
+
+@pytest.mark.browser
+def test_gallery_pictures_load_in_headless_chromium(ws, tmp_path):
+    import shutil
+    import subprocess
+
+    from ssflctl.report import build_report
+    from ssflctl.show import GAP, HEADER
+
+    ws, _data, _dirs = ws
+    page = build_report(ws, fmt="html", baseline="gamma=1", gallery=2)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", _PROBE, 1))
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    start = dom.stdout.index('<pre id="probe">') + len('<pre id="probe">')
+    sizes = json.loads(dom.stdout[start: dom.stdout.index("</pre>", start)])
+    assert sizes == [[2 * W + GAP, H + HEADER]] * 4  # every picture decoded at its own size
