@@ -167,7 +167,8 @@ def test_outside_workdir_with_vocmetric_only(ws, tmp_path):
     assert any(n.startswith("n/a (VOCMetric)") for n in rep.notes)
     assert not any("CocoMetric" in n for n in rep.notes)
     # with other IoU thresholds too, mAP is their mean: AP50 is the VOC number then
-    (vis / "scalars.json").write_text('{"pascal_voc/mAP": 0.5, "pascal_voc/AP50": 0.7, "pascal_voc/AP75": 0.3, "step": 1}\n')
+    (vis / "scalars.json").write_text(
+        '{"pascal_voc/mAP": 0.5, "pascal_voc/AP50": 0.7, "pascal_voc/AP75": 0.3, "step": 1}\n')
     assert read_workdir(wd)["metrics"]["bbox"] == {"VOC mAP@0.5": 0.7}
     assert "70.0" in build_report(ws, ["workdirs"], metrics="voc", workdirs=[wd])
 
