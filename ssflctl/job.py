@@ -301,6 +301,17 @@ def _next_attempt(run: Dict[str, Any], run_dir: Path, n: int, outcome: Dict[str,
     return n + 1
 
 
+def _interrupted(adir: Path) -> bool:
+    """The attempt ran before (progress or a checkpoint) and has no outcome: requeue/time limit."""
+    return (adir / "progress.json").exists() or last_checkpoint(adir) is not None
+
+
+def _on_preempt(run: Dict[str, Any], run_dir: Path) -> str:
+    from ssflctl import retry
+
+    return retry.RetryPolicy.from_dict(run.get("retry"), where=f"{run_dir / 'run.json'}: retry").on_preempt
+
+
 def train_run(run_dir: PathLike) -> Dict[str, Any]:
     """Train the run in ``run_dir`` until an attempt finishes; return that attempt's outcome.
 
@@ -317,6 +328,10 @@ def train_run(run_dir: PathLike) -> Dict[str, Any]:
     while True:
         adir = render.attempt_dir(run_dir, n)
         outcome = atomic.read_json(adir / "outcome.json")
+        if outcome is None and _interrupted(adir) and _on_preempt(run, run_dir) != "resume":
+            # requeued/timed out with retry.on_preempt restart|fail: the policy decides below
+            outcome = _write_outcome(adir, {"outcome": "preempted", "reason": f"interrupted by {_resume_cause(adir)}",
+                                            "checkpoint": _name(last_checkpoint(adir))})
         if outcome is None:
             outcome = train_attempt(adir)
         if outcome.get("outcome") == "done":

@@ -40,7 +40,7 @@ datasets:
 matrix:
   loss: [{loss}]
   seed: [0]
-params: {{max_epochs: {epochs}, batch_size: 4, log_interval: 1, lr: {lr}}}
+params: {{max_epochs: {epochs}, batch_size: 4, log_interval: 1, lr: {lr}, val_interval: 100}}
 {extra}
 resources: {{gpus: 0, cpus: 1, mem: 3G, time: "00:10:00"}}
 retry: {{on_nan: lower_lr, factor: 0.1, max_attempts: 3}}
@@ -167,8 +167,12 @@ def test_requeue_and_time_limit_resume_from_the_checkpoint_at_the_same_lr(recove
 
 
 def test_nan_is_retried_at_a_tenth_of_the_lr_inside_the_job(recovered):
-    ws, r = recovered["ws"], recovered["runs"]["nan"]
-    item = recovered["items"][r["run_id"]]
+    r = recovered["runs"]["nan"]
+    check_nan_run(recovered["ws"], r, recovered["items"][r["run_id"]])
+
+
+def check_nan_run(ws, r, item):
+    """The NaN run's files, registry rows, events and status (shared with test_recovery_local.py)."""
     assert item["state"] == "done", item
     a1, a2 = r["run_dir"] / "attempt-1", r["run_dir"] / "attempt-2"
     first = json.loads((a1 / "outcome.json").read_text())
@@ -187,7 +191,7 @@ def test_nan_is_retried_at_a_tenth_of_the_lr_inside_the_job(recovered):
         assert lr == pytest.approx(LR * 0.1 * (1 if epoch <= int(0.8 * NAN_EPOCHS) else 0.1)), (epoch, lr)
     assert json.loads((a2 / "outcome.json").read_text())["outcome"] == "done"
     assert (a2 / "metrics.json").is_file() and not (a1 / "metrics.json").exists()
-    # one job did it all (the retry ran inside the train job's own allocation)
+    # one job did it all (the retry ran inside the train job's own process)
     assert item["job"] == r["job_id"] and item["attempt"] == 2
     # registry: every attempt with its lr, state and reason
     with Registry(ws) as reg:
