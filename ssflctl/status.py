@@ -142,6 +142,9 @@ def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
         note = run["reason"] or ""
         if last is not None and last["attempt"] > 1:
             note = lineage(last, max_attempts) + (f" — {note}" if note and run["state"] != "done" else "")
+        resumes = [x for x in (last or {}).get("recovery") or [] if isinstance(x, dict) and x.get("kind") == "resumed"]
+        if resumes:  # requeue / time limit / preemption: resumed in place at the same lr
+            note = (f"{note} · " if note else "") + f"resumed {len(resumes)}× (last from {resumes[-1].get('checkpoint')})"
         ax = run["axes"]
         lr = (last or {}).get("info", {}).get("lr")
         if lr is None:
