@@ -259,6 +259,9 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
         cfg.resume, cfg.load_from = True, meta["resume_from"]
     else:
         cfg.resume = False
+    if not own and (adir / "progress.json").exists():  # interrupted before its first checkpoint
+        record_recovery(adir, "restarted", f"no checkpoint yet: restarted at lr {meta.get('lr')} after "
+                        f"{_resume_cause(adir)}", lr=meta.get("lr"), restart_count=_restart_count())
     try:
         from ssflctl.guard import NonFiniteLossError
     except ImportError:  # pragma: no cover - the guard is part of the package
