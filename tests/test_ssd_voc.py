@@ -92,7 +92,11 @@ def _head(**kw):
     import ssflctl.losses  # noqa: F401  (registers ShiftStepFocalLoss)
     from mmdet.registry import MODELS
     from mmengine.config import ConfigDict
+    from mmengine.logging import MMLogger
 
+    # init_weights() dumps to the *current* MMLogger's file handlers; make a fresh logger current so
+    # a Runner finished earlier in this process (whose log file is closed) is not written to.
+    MMLogger.get_instance(f"test-ssd-head-{id(kw)}")
     cfg = dict(type="FocalSSDHead", num_classes=3, in_channels=(8, 8, 8), anchor_generator=dict(
         type="SSDAnchorGenerator", scale_major=False, input_size=64, min_sizes=[10, 20, 40],
         max_sizes=[20, 40, 60], strides=[8, 16, 32], ratios=[[2], [2], [2]]),
