@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -238,10 +239,9 @@ def wait(ws, console=None, err=None, interval: float = 2.0) -> List[Dict[str, An
                 if seen.get(it["run"]) != key:
                     seen[it["run"]] = key
                     lr = it["lr"]
-                    note = f" · {it['note']}" if it["note"] else ""
-                    err.print(f"{time.strftime('%H:%M:%S')} {it['run']}: {it['state']} · attempt {it['attempt']} "
-                              f"· lr {lr:g}{note}" if isinstance(lr, (int, float)) else
-                              f"{time.strftime('%H:%M:%S')} {it['run']}: {it['state']}{note}", markup=False)
+                    what = it["note"] or (f"attempt {it['attempt']} · lr {lr:g}" if isinstance(lr, (int, float))
+                                          else f"attempt {it['attempt']}")
+                    err.print(f"{time.strftime('%H:%M:%S')} {it['run']}: {it['state']} · {what}", markup=False)
             if not any(i["state"] in ACTIVE for i in items):
                 return items
             time.sleep(max(0.2, interval))
@@ -260,6 +260,8 @@ def run(ws, *, data: Optional[Dict[str, Any]] = None, params: Optional[Dict[str,
     from ssflctl import submit as submit_mod
 
     console, err = _consoles(console, err)
+    # a newcomer's first screen: not the training stack's import-time deprecation notices
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     ws = Path(ws)
     ws.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
