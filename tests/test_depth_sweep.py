@@ -104,3 +104,51 @@ def test_depth_builds_and_runs_forward(depth):
     assert len(feats) == 5 and all(f.shape[1] == 256 for f in feats)
     optim = build_optim_wrapper(model, cfg.optim_wrapper)
     assert type(optim.optimizer).__name__ == "Adam" and optim.optimizer.param_groups[0]["lr"] == 0.001
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_tiny_variant_of_the_sweep_trains_a_few_iterations(tmp_path, depth):
+    """The shipped sweep's template at depth 18 and 50, shrunk to small synthetic images, trains
+    two iterations through mmengine's Runner with Adam (the sweep's optimizer) and finite losses."""
+    import math
+
+    from mmengine.runner import Runner
+
+    from ssflctl import synth_coco
+    from ssflctl.render import render_config
+
+    data = tmp_path / "data"
+    synth_coco.generate(data, n_train=4, n_val=0, n_test=0, size=(64, 64), min_size=16, max_size=32)
+    classes = list(synth_coco.CLASSES)
+    params = {"depth": depth, "optimizer": "adam", "lr": 0.0001, "data_root": f"{data}/", "max_epochs": 1,
+              "batch_size": 2, "workers": 0, "train_ann": "annotations/train.json", "train_img": "images/train/",
+              "log_interval": 1}
+    overrides = {
+        "model.backbone.init_cfg": None,  # nothing can be downloaded here
+        "model.bbox_head.num_classes": len(classes),
+        "train_dataloader.dataset.metainfo": {"classes": classes},
+        "train_dataloader.dataset.pipeline.2.scale": (64, 64),
+        "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False,
+        "train_cfg.val_interval": 99,
+    }
+    cfg = render_config(TEMPLATE, params, overrides)
+    cfg.work_dir = str(tmp_path / "work")
+    cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
+    cfg.test_dataloader = cfg.test_evaluator = cfg.test_cfg = None
+    cfg.default_hooks.checkpoint = None
+    cfg.visualizer.name = f"depth-sweep-{depth}-{tmp_path.name}"
+    runner = Runner.from_cfg(cfg)
+    seen = []
+
+    from mmengine.hooks import Hook
+
+    class Record(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            seen.append(float(outputs["loss"].detach() if hasattr(outputs["loss"], "detach") else outputs["loss"]))
+
+    runner.register_hook(Record(), priority="LOWEST")
+    runner.train()
+    assert runner.iter == 2 and len(seen) == 2
+    assert all(math.isfinite(v) and v > 0 for v in seen)
+    assert type(runner.optim_wrapper.optimizer).__name__ == "Adam"
+    assert [c.conv.in_channels for c in runner.model.neck.lateral_convs] == (SMALL if depth < 50 else LARGE)[1:]
