@@ -14,9 +14,8 @@ Each step is the code path a real study takes; nothing here is special-cased dow
 5. report   ``report.write_report`` writes ``<ws>/report/quickstart.md`` with its PNG figures beside
             it (the quickstart's own report is regenerated each time) and the markdown is printed.
 
-Executor: the file says ``auto``. ``sbatch`` on PATH is not enough to pick Slurm here (the project's
-setup installs the Slurm client everywhere): when no controller answers ``sinfo``, the quickstart
-submits with ``--executor local``. Threads: each run gets ``resources.cpus`` torch threads
+Executor: the file says ``auto``: Slurm when a controller answers ``sinfo``, else local processes
+(``spec.executor_kind``). Threads: the local executor gives each run ``resources.cpus`` threads
 (``OMP_NUM_THREADS``, unless already set), so ``max_parallel`` runs share the cores without
 oversubscription.
 """
@@ -25,13 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 from ssflctl.errors import UserError
 
@@ -189,34 +186,6 @@ def resolved_spec(ws, spec=SPEC, params: Optional[Dict[str, Any]] = None) -> Pat
     return out
 
 
-def slurm_answers(timeout: float = 15.0) -> bool:
-    """True when a Slurm controller answers (``sinfo`` lists a partition)."""
-    if not shutil.which("sinfo"):
-        return False
-    try:
-        p = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return p.returncode == 0 and bool(p.stdout.strip())
-
-
-def choose_executor(exp, override: Optional[str] = None) -> tuple:
-    """(executor override for submit or None, note): ``auto`` with sbatch installed but no
-    controller answering means local processes."""
-    if override:
-        return override, None
-    if exp.executor.get("type", "auto") == "auto" and shutil.which("sbatch") and not slurm_answers():
-        return "local", "sbatch is installed but no Slurm controller answers (sinfo); running on local processes"
-    return None, None
-
-
-def _threads(runs) -> None:
-    """Each run uses ``resources.cpus`` torch threads (as a Slurm cpus-per-task allocation would)."""
-    cpus = max([int(r.resources.get("cpus", 1) or 1) for r in runs] or [1])
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(cpus))
-
-
 # ------------------------------------------------------------------------------------------
 # 4. wait
 # ------------------------------------------------------------------------------------------
@@ -271,10 +240,8 @@ def run(ws, *, data: Optional[Dict[str, Any]] = None, params: Optional[Dict[str,
 
     res.spec = resolved_spec(ws, spec, params)
     exp = spec_mod.load(res.spec)
-    kind, note = choose_executor(exp, executor)
-    if note:
-        err.print(f"executor: {note}", markup=False)
-    _threads(spec_mod.expand(exp, check_paths=False, dry_run=True))
+    kind = executor
+    err.print(f"executor: {spec_mod.executor_kind(exp, executor)}", markup=False)
     err.print(f"submit: ssflctl submit {res.spec} --workspace {ws}" + (f" --executor {kind}" if kind else ""),
               markup=False)
     res.submit = submit_mod.main(res.spec, ws, executor=kind)

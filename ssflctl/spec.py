@@ -844,5 +844,19 @@ def executor_kind(exp: Experiment, override: Optional[str] = None) -> str:
     if kind not in EXECUTOR_TYPES:
         raise UserError(f"--executor: expected slurm, local or auto, got {kind!r}")
     if kind == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
+        return "slurm" if slurm_answers() else "local"
     return kind
+
+
+def slurm_answers(timeout: float = 15.0) -> bool:
+    """True when a Slurm controller answers (``sinfo`` lists a partition): having the client
+    installed (``sbatch`` on PATH) is not enough for ``auto`` to pick Slurm."""
+    import subprocess
+
+    if not shutil.which("sinfo") or not shutil.which("sbatch"):
+        return False
+    try:
+        p = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return p.returncode == 0 and bool(p.stdout.strip())

@@ -229,6 +229,11 @@ def test_executor_choice(tmp_path, data_root, monkeypatch):
     fake = tmp_path / "sbatch"
     fake.write_text("#!/bin/sh\nexit 1\n")
     fake.chmod(0o755)
+    sinfo = tmp_path / "sinfo"
+    sinfo.write_text("#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm controller' >&2\nexit 1\n")
+    sinfo.chmod(0o755)
+    assert spec.executor_kind(exp) == "local"  # the client is installed but no controller answers
+    sinfo.write_text("#!/bin/sh\necho gpulab02\n")
     assert spec.executor_kind(exp) == "slurm"
     assert spec.executor_kind(exp, "local") == "local"  # --executor wins
     res = submit.submit(REPO / "experiments" / "ssfl_vs_fl.yaml", tmp_path / "ws", dry_run=True, executor="local")

@@ -50,7 +50,8 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
         "max_parallel": int(options.get("max_parallel") or 1),
         "fn": fn,
         "tasks": [{"index": i, "run_id": t["run_id"], "run_dir": str(Path(t["run_dir"]).resolve()),
-                   "gpus": int((t.get("resources") or {}).get("gpus", 0))}
+                   "gpus": int((t.get("resources") or {}).get("gpus", 0)),
+                   "cpus": int((t.get("resources") or {}).get("cpus", 0) or 0)}
                   for i, t in enumerate(tasks)],
         "created_at": _now(),
     }
@@ -193,6 +194,9 @@ def run_queue(folder: Path, poll_s: float = 0.5) -> int:
                     break  # wait for a running task to give its GPUs back
                 held[t["index"]], free[:] = free[:need], free[need:]
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(held[t["index"]])
+            if t.get("cpus"):  # a run's cpus are its threads, as a Slurm cpus-per-task allocation would be
+                for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                    env.setdefault(var, str(t["cpus"]))
             pending.pop(0)
             logf = open(folder / f"{t['index']}.log", "ab")
             try:
