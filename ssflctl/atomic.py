@@ -58,6 +58,22 @@ def read_json(path: PathLike, default: Any = None) -> Any:
         return default
 
 
+def load_json(path: PathLike, what: str = "file", missing_hint: str = "") -> Any:
+    """Read a JSON file the user or a job wrote; a missing or broken file is a one-line UserError
+    that names the file (and the line for broken JSON)."""
+    from ssflctl.errors import UserError
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found{missing_hint}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: {what} is not valid JSON ({exc.msg})") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
 def _finite(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None

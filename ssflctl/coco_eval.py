@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -29,13 +29,7 @@ def _num(x: float) -> Optional[float]:
 
 def _load_dets(dets: Union[str, Path, List[dict]]) -> List[dict]:
     if isinstance(dets, (str, Path)):
-        try:
-            with open(dets, encoding="utf-8") as fh:
-                dets = json.load(fh)
-        except FileNotFoundError:
-            raise UserError(f"{dets}: detections file not found; run the test step first") from None
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{dets}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        dets = load_json(dets, "detections file", "; run the test step first")
     if not isinstance(dets, list):
         raise UserError("detections: expected a JSON list of COCO results")
     return dets

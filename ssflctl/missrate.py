@@ -32,12 +32,12 @@ Pure Python + numpy; matplotlib only inside ``plot``.
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
 
 REF_FPPI = tuple(10.0 ** (-2.0 + 0.25 * k) for k in range(9))
@@ -257,23 +257,13 @@ def subset_from_list(gt: dict, names: Iterable[Union[str, int]], label: str = "l
     return out
 
 
-def _load_json(path, what: str):
-    p = Path(path)
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{p}: {what} not found") from None
-    except ValueError as exc:
-        raise UserError(f"{p}: {what} is not valid JSON ({exc})") from None
-
-
 def evaluate(ann_file, dets_file, category: Union[str, int], *, subset_field: Optional[str] = None,
              subsets: Optional[Mapping[str, Iterable]] = None, iou_thr: float = IOU_THR,
              height_range: Optional[Tuple[float, float]] = None) -> Dict[str, MissRate]:
     """MR⁻² for all images, then per subset (by an image field and/or named lists of images)."""
     kw = dict(iou_thr=iou_thr, height_range=height_range)
-    gt = ann_file if isinstance(ann_file, dict) else _load_json(ann_file, "ground-truth annotation file")
-    dets = dets_file if isinstance(dets_file, list) else _load_json(dets_file, "detections dump")
+    gt = ann_file if isinstance(ann_file, dict) else load_json(ann_file, "ground-truth annotation file")
+    dets = dets_file if isinstance(dets_file, list) else load_json(dets_file, "detections dump")
     if not isinstance(dets, list):
         raise UserError(f"{dets_file}: not a COCO results list")
     out = {"all": evaluate_images(gt, dets, category, None, "all", **kw)}
@@ -338,7 +328,7 @@ def attempt_files(attempt_dir) -> tuple:
     ann = None
     mpath = adir / "metrics.json"
     if mpath.is_file():
-        ann = (_load_json(mpath, "metrics.json") or {}).get("ann_file")
+        ann = (load_json(mpath, "metrics.json") or {}).get("ann_file")
     if not ann:
         ann = config_ann_file(adir)
     if not ann:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from ssflctl import atomic
+from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
 
 REPO_TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
@@ -401,13 +402,7 @@ def attempt_dir(run_dir: Union[str, Path], attempt: int) -> Path:
 
 def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
     path = Path(run_dir) / "run.json"
-    try:
-        with open(path, encoding="utf-8") as fh:
-            run = json.load(fh)
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found; is {run_dir} a run directory (ssflctl submit writes it)?") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    run = load_json(path, "run.json", f"; is {run_dir} a run directory (ssflctl submit writes it)?")
     if not isinstance(run, dict) or "template" not in run:
         raise UserError(f"{path}: needs at least a 'template' key")
     return run

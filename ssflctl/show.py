@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
 
 HEADER = 14
@@ -28,15 +29,6 @@ GAP = 6
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0),
            (255, 225, 25), (0, 0, 128), (128, 128, 0), (255, 215, 180), (170, 255, 195), (128, 128, 128)]
-
-
-def _json(path: Path, what: str):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
 def _attempts(rdir: Path) -> List[Path]:
@@ -117,7 +109,7 @@ def test_set(adir: Path) -> Tuple[Path, Path]:
     ann = None
     metrics = adir / "metrics.json"
     if metrics.is_file():
-        ann = (_json(metrics, "metrics.json") or {}).get("ann_file")
+        ann = (load_json(metrics, "metrics.json") or {}).get("ann_file")
     if not ann:
         ev = cfg.get("test_evaluator")
         for e in (ev if isinstance(ev, (list, tuple)) else [ev]):
@@ -198,11 +190,11 @@ def show(attempt_dir, n: int = 8, score_thr: float = 0.3, out_dir=None, force: b
     if n < 1:
         raise UserError(f"--n {n}: give at least 1 image")
     dets_path = adir / "detections.bbox.json"
-    dets = _json(dets_path, "detections dump")
+    dets = load_json(dets_path, "detections dump")
     if not isinstance(dets, list):
         raise UserError(f"{dets_path}: not a COCO results list")
     ann_file, img_dir = test_set(adir)
-    gt = _json(ann_file, "test annotation file")
+    gt = load_json(ann_file, "test annotation file")
     names = {int(c["id"]): str(c["name"]) for c in gt.get("categories", [])}
     colours = {cid: PALETTE[k % len(PALETTE)] for k, cid in enumerate(sorted(names))}
     images = sorted(gt.get("images", []), key=lambda im: (str(type(im["id"])), im["id"]))[:n]
