@@ -10,6 +10,7 @@ import importlib
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -27,20 +28,37 @@ def _resolve(fn: str):
 
 class TrainTask(submitit.helpers.Checkpointable):
     """The train job. On preemption/timeout submitit calls `checkpoint()`, which (inherited)
-    requeues the same call; `job.train_run` resumes the run dir from its last checkpoint."""
+    requeues the same call; `job.train_run` resumes the run dir from its last checkpoint.
 
-    def __init__(self, fn: str = "ssflctl.job:train_run"):
+    ``timeout_min`` (the job's --time) lets the note tell a time limit from a preemption by
+    submitit's own rule (``SignalHandler.has_timed_out``: the job ran at least
+    min(80% of its limit, limit - 10 min)), the rule by which submitit counts ``max_num_timeout``.
+    """
+
+    def __init__(self, fn: str = "ssflctl.job:train_run", timeout_min: Optional[float] = None):
         self.fn = fn
+        self.timeout_min = timeout_min
+        self._started: Optional[float] = None
 
     def __call__(self, run_dir: str):
+        self._started = time.time()
         return _resolve(self.fn)(run_dir)
+
+    def cause(self, now: Optional[float] = None) -> str:
+        if not self.timeout_min or self._started is None:
+            return "SIGUSR2 (time limit or preemption)"
+        ran = ((now or time.time()) - self._started) / 60.0
+        limit = float(self.timeout_min)
+        if ran >= min(0.8 * limit, limit - 10):
+            return f"SIGUSR2 before the time limit (ran {ran:.1f} of {limit:g} min)"
+        return f"SIGUSR2, preempted (ran {ran:.1f} of {limit:g} min)"
 
     def checkpoint(self, run_dir: str, *args, **kwargs):
         """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call."""
         try:
             from ssflctl.job import note_interrupted
 
-            note_interrupted(run_dir, "SIGUSR2 (time limit or preemption)")
+            note_interrupted(run_dir, self.cause())
         except Exception:  # noqa: BLE001 - the requeue matters more than the note
             pass
         return super().checkpoint(run_dir, *args, **kwargs)
@@ -51,6 +69,9 @@ def run_test(run_dir: str, fn: str = "ssflctl.job:test_run"):
     return _resolve(fn)(run_dir)
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, Any]:
     p: Dict[str, Any] = {
         "job_name": name,
@@ -59,7 +80,7 @@ def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, A
         "mem": f"{max(1, int(round(float(res.get('mem_gb', 8)) * 1024)))}M",
         "ntasks_per_node": 1,
         "nodes": 1,
-        "signal_delay_s": 60 if int(res.get("time_min", 60)) > 5 else 10,
+        "signal_delay_s": int(opts.get("signal_delay_s") or (60 if int(res.get("time_min", 60)) > 5 else 10)),
     }
     for k in ("partition", "qos", "account", "constraint"):
         if opts.get(k):
@@ -71,8 +92,11 @@ def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, A
         p["gres"] = f"gpu:{gpus}"
     if opts.get("array_parallelism"):
         p["array_parallelism"] = int(opts["array_parallelism"])
-    if opts.get("setup"):
-        p["setup"] = list(opts["setup"])
+    # a run's threads are its cpus-per-task, whatever the submitting shell had (torch would otherwise
+    # start one thread per core of the node: measured here, two 1-CPU jobs on a 2-core node without
+    # CPU binding ran 10x slower); the user's own setup lines come after and may change it
+    p["setup"] = [f"export {var}=${{SLURM_CPUS_PER_TASK:-{int(res.get('cpus', 1))}}}"
+                  for var in THREAD_VARS] + list(opts.get("setup") or [])
     extra = dict(opts.get("sbatch") or {})
     if extra:
         p["additional_parameters"] = extra
@@ -80,7 +104,7 @@ def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, A
 
 
 def make_executor(folder: Path, res: Dict[str, Any], opts: Dict[str, Any], name: str = "ssflctl"):
-    ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=3)
+    ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=int(opts.get("max_num_timeout", 3)))
     ex.update_parameters(**_params(res, opts, name))
     return ex
 
@@ -115,7 +139,8 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
         ex = make_executor(sub / "train", res, options, name=manifest["groups"][gi]["train_name"])
         try:
             with ex.batch():
-                train_jobs = [ex.submit(TrainTask(train_fn), str(t["run_dir"])) for t in group]
+                train_jobs = [ex.submit(TrainTask(train_fn, int(res.get("time_min", 60))), str(t["run_dir"]))
+                              for t in group]
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
             _cancel_quietly(out)
             raise _sbatch_error(exc)
