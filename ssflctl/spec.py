@@ -22,7 +22,7 @@ Schema (see experiments/ssfl_vs_fl.yaml)::
     executor:
       type: slurm                           # slurm | local | auto (slurm when sbatch is found)
       slurm: {partition: gpulab02, qos: gpulab02, account: null, gres: null, constraint: null,
-              array_parallelism: null, sbatch: {}, setup: []}
+              array_parallelism: null, max_num_timeout: 3, signal_delay_s: null, sbatch: {}, setup: []}
       local: {max_parallel: 2}
     retry: {on_nan: lower_lr, factor: 0.1, max_attempts: 3}
     test: true
@@ -37,7 +37,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -50,7 +50,8 @@ TOP_KEYS = ("name", "description", "template", "datasets", "matrix", "params", "
 DATASET_KEYS = ("root", "template", "params", "overrides", "resources")
 RESOURCE_KEYS = ("gpus", "cpus", "mem", "time")
 EXECUTOR_KEYS = ("type", "slurm", "local")
-SLURM_KEYS = ("partition", "qos", "account", "gres", "constraint", "array_parallelism", "sbatch", "setup")
+SLURM_KEYS = ("partition", "qos", "account", "gres", "constraint", "array_parallelism", "max_num_timeout",
+              "signal_delay_s", "sbatch", "setup")
 LOCAL_KEYS = ("max_parallel",)
 EXECUTOR_TYPES = ("slurm", "local", "auto")
 DEFAULT_RESOURCES = {"gpus": 0, "cpus": 1, "mem_gb": 8, "time_min": 60}
@@ -508,6 +509,16 @@ def load(path) -> Experiment:
         elif k == "array_parallelism":
             if val is not None and (not _is_int(val) or val < 1):
                 v.fail(kl, key, f"expected a whole number >= 1 (the %N throttle of the job array), got {_kind(val)}")
+            slurm[k] = val
+        elif k == "max_num_timeout":
+            if not _is_int(val) or val < 0:
+                v.fail(kl, key, "expected a whole number >= 0 (how many times a run that reaches its time limit "
+                       f"is requeued to resume from its checkpoint), got {_kind(val)}")
+            slurm[k] = val
+        elif k == "signal_delay_s":
+            if val is not None and (not _is_int(val) or val < 1):
+                v.fail(kl, key, "expected a whole number of seconds >= 1 (how long before the time limit Slurm "
+                       f"sends SIGUSR2 to checkpoint and requeue), got {_kind(val)}")
             slurm[k] = val
         elif k == "sbatch":
             sm = v.mapping(val, kl, key, what="a mapping of sbatch option -> value (e.g. mail-type: END)")

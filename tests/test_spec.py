@@ -177,6 +177,10 @@ BROKEN = {
     "array_parallelism": (_sub("  local:\n    max_parallel: 2", "  slurm:\n    array_parallelism: 0"), 20,
                           "array_parallelism"),
     "max_parallel_type": (_sub("max_parallel: 2", "max_parallel: two"), 20, "max_parallel"),
+    "max_num_timeout": (_sub("  local:\n    max_parallel: 2", "  slurm:\n    max_num_timeout: -1"), 20,
+                        "executor.slurm.max_num_timeout: expected a whole number >= 0"),
+    "signal_delay_s": (_sub("  local:\n    max_parallel: 2", "  slurm:\n    signal_delay_s: soon"), 20,
+                       "executor.slurm.signal_delay_s: expected a whole number of seconds"),
 }
 
 
