@@ -16,12 +16,12 @@ the evaluator's ``ann_file`` / ``metrics.json``'s ``ann_file`` when those are se
 from __future__ import annotations
 
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ssflctl.atomic import load_json
+from ssflctl import runref
 from ssflctl.errors import UserError
 
 HEADER = 14
@@ -49,29 +49,7 @@ def find_attempt(run: str, ws=None, attempt: Optional[int] = None) -> Path:
     if p.is_dir() and (p / "run.json").is_file():
         rdir = p
     else:
-        runs = Path(ws or ".ssflctl") / "runs"
-        cands = []
-        if runs.is_dir():
-            for d in sorted(runs.iterdir()):
-                if not d.is_dir():
-                    continue
-                if d.name == run:
-                    cands = [d]
-                    break
-                if d.name.startswith(run):
-                    cands.append(d)
-                    continue
-                try:
-                    if json.loads((d / "run.json").read_text()).get("name") == run:
-                        cands.append(d)
-                except (OSError, ValueError):
-                    pass
-        if not cands:
-            raise UserError(f"show: no run matching {run!r} in {runs}; see `ssflctl status` (or pass a run directory)")
-        if len(cands) > 1:
-            raise UserError(f"show: {run!r} matches {len(cands)} runs ({', '.join(c.name for c in cands[:3])}"
-                            f"{'...' if len(cands) > 3 else ''}); give a longer prefix")
-        rdir = cands[0]
+        rdir = runref.resolve(ws or ".ssflctl", run, "show")
     dirs = _attempts(rdir)
     if attempt is not None:
         dirs = [d for d in dirs if d.name == f"attempt-{attempt}"]

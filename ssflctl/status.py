@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ssflctl import runref
 from ssflctl.errors import UserError
 
 COLUMNS = ["run", "loss", "dataset", "seed", "lr", "attempt", "state", "job", "progress", "loss_val", "elapsed", "note"]
@@ -326,14 +326,10 @@ def _job_output(reg, row) -> Optional[Path]:
 def logs_main(workspace, run: str, follow: bool = False, attempt: Optional[int] = None) -> List[Path]:
     reg = _ws_registry(workspace)
     try:
-        rows = reg.find_runs(run)
-        rows = [r for r in rows if r["run_id"].startswith(run) or r["name"] == run] or rows
-        if not rows:
-            raise UserError(f"logs: no run matching {run!r}; see `ssflctl status`")
-        if len(rows) > 1:
-            raise UserError(f"logs: {run!r} matches {len(rows)} runs ({', '.join(r['run_id'] for r in rows[:3])}"
-                            f"{'...' if len(rows) > 3 else ''}); give a longer prefix")
-        row = rows[0]
+        run_id = runref.resolve(workspace, run, "logs").name
+        row = reg.get_run(run_id)
+        if row is None:
+            raise UserError(f"logs: run {run_id} is not in this workspace's registry; see `ssflctl status`")
         paths = find_logs(workspace, row["run_id"], attempt)
         if not paths:
             alt = _job_output(reg, row)
