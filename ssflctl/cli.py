@@ -6,8 +6,6 @@ mmengine, pandas or submitit. Each command imports what it needs inside its body
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 

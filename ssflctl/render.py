@@ -45,7 +45,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from ssflctl import atomic
 from ssflctl.atomic import load_json

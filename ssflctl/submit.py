@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from ssflctl import spec as spec_mod
-from ssflctl.atomic import read_json, write_json
+from ssflctl.atomic import write_json
 from ssflctl.errors import UserError
 
 RESUBMIT_STATES = ("pending", "failed", "cancelled", "unknown")

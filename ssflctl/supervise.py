@@ -7,11 +7,10 @@ Every state change goes to the events table (`Registry.update_run`).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 

@@ -11,7 +11,6 @@ and records every task's state in ``<folder>/tasks/<i>.json`` (atomically). Canc
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import signal
 import subprocess
