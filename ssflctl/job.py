@@ -214,8 +214,15 @@ def current_attempt_dir(run_dir: PathLike) -> Optional[Path]:
     return render.attempt_dir(run_dir, done[-1]) if done else None
 
 
+#: set in this process by `note_interrupted`: the scheduler's signal arrived and submitit has
+#: requeued the job; whatever the SystemExit it raises turns into on its way out is not a failure
+_INTERRUPTED: Optional[str] = None
+
+
 def note_interrupted(run_dir: PathLike, why: str) -> None:
     """Called on the node when the scheduler signals a time limit/preemption (submitit checkpoint)."""
+    global _INTERRUPTED
+    _INTERRUPTED = why
     adir = current_attempt_dir(run_dir)
     if adir is None or (adir / "outcome.json").exists():
         return
@@ -278,6 +285,12 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
         return _write_outcome(adir, {"outcome": "nan", "reason": str(err), "nan": rec,
                                      "checkpoint": _name(last_checkpoint(adir))})
     except Exception as err:  # noqa: BLE001 - recorded, then the retry policy decides
+        if _INTERRUPTED is not None:
+            # submitit's signal handler requeued the job and raised SystemExit wherever training was;
+            # library code with a bare `except:` may have turned it into another error (mmengine's
+            # Config.pretty_text, called at every checkpoint, raises SyntaxError). Not a failure:
+            # leave the attempt without an outcome so the requeued job resumes it.
+            raise SystemExit(-1) from err
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         return _write_outcome(adir, {"outcome": "failed", "reason": reason,
                                      "checkpoint": _name(last_checkpoint(adir))})

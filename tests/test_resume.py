@@ -146,3 +146,43 @@ def test_job_resumes_an_interrupted_attempt(first_epoch, tmp_path):
     logs = sorted(adir.glob("*/*.log"))
     assert len(logs) == 2 and "resumed epoch: 1, iter: 2" in logs[-1].read_text()
     assert json.loads((adir / "progress.json").read_text())["iter"] == 4
+
+
+def test_a_requeue_signal_turned_into_another_error_is_not_a_failure(first_epoch, tmp_path, monkeypatch):
+    """submitit's SIGUSR2 handler requeues the job and raises SystemExit wherever training is; measured
+    on the cluster: it landed in mmengine's Config.pretty_text (called at each checkpoint), whose bare
+    `except:` re-raises it as SyntaxError, and the attempt was recorded failed. Once the interruption is
+    noted, the job exits without an outcome and the requeued job resumes the attempt."""
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS
+
+    @HOOKS.register_module(name="_SsflctlTestSignalInPrettyText", force=True)
+    class SignalDuringCheckpoint(Hook):
+        priority = "LOWEST"
+
+        def after_train_epoch(self, runner):
+            if job._INTERRUPTED is None and runner.epoch == 0:
+                job.note_interrupted(runner.work_dir.rsplit("/attempt-", 1)[0], "SIGUSR2 (test)")
+                try:
+                    raise SystemExit(-1)          # what submitit's handler raises after the requeue
+                except:  # noqa: E722 - what mmengine's Config.pretty_text does
+                    raise SyntaxError("Failed to format the config file, please check the syntax of: ")
+
+    monkeypatch.setattr(job, "_INTERRUPTED", None)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({
+        "run_id": "signalled", "template": "retinanet_tiny",
+        "params": {"data_root": str(first_epoch["root"]) + "/", "max_epochs": 2, "batch_size": 4,
+                   "img_scale": [96, 96], "log_interval": 1},
+        "overrides": {"custom_hooks": [{"type": "_SsflctlTestSignalInPrettyText"}]}, "test": False}))
+    with pytest.raises(SystemExit):
+        job.train_run(run_dir)
+    adir = run_dir / "attempt-1"
+    assert not (adir / "outcome.json").exists() and (adir / "epoch_1.pth").is_file()
+    rec = json.loads((adir / "recovery.json").read_text())
+    assert [r["kind"] for r in rec] == ["interrupted"] and rec[0]["checkpoint"] == "epoch_1.pth"
+    monkeypatch.setattr(job, "_INTERRUPTED", None)       # the requeued job is a new process
+    out = job.train_run(run_dir)
+    assert out["outcome"] == "done" and out["attempt"] == 1 and out["checkpoint"] == "epoch_2.pth"
+    assert [r["kind"] for r in json.loads((adir / "recovery.json").read_text())] == ["interrupted", "resumed"]
