@@ -37,10 +37,10 @@ def test_time_limit_or_preemption_by_submitits_rule():
     assert t.cause() == "SIGUSR2 (time limit or preemption)"   # not started: no claim either way
     t._started = 1000.0
     # submitit counts a timeout when the job ran >= min(80% of the limit, limit - 10 min): 50 min here
-    assert t.cause(now=1000.0 + 51 * 60).startswith("SIGUSR2 before the time limit (ran 51.0 of 60 min)")
-    assert t.cause(now=1000.0 + 5 * 60) == "SIGUSR2, preempted (ran 5.0 of 60 min)"
+    assert t.cause(now=1000.0 + 51 * 60) == "SIGUSR2, a time limit by submitit's rule (ran 51.0 of 60 min)"
+    assert t.cause(now=1000.0 + 5 * 60) == "SIGUSR2, a preemption by submitit's rule (ran 5.0 of 60 min)"
     short = slurm.TrainTask(timeout_min=1)
     short._started = 0.0
-    assert "before the time limit" in short.cause(now=50.0)     # 0.8 x 1 min = 48 s
+    assert "a time limit" in short.cause(now=50.0)               # 0.8 x 1 min = 48 s
     back = pickle.loads(pickle.dumps(t))                         # submitit pickles the task
     assert back.fn == t.fn and back.timeout_min == 60

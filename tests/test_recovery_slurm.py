@@ -5,6 +5,10 @@
 * interrupt requeued with `scontrol requeue` after its first checkpoint, then signalled like a time
             limit (`scancel -s USR2`: submitit checkpoints and requeues, as ~60 s before a real
             limit) after a later one; each time it resumes from its own checkpoint at the same lr.
+* timelimit a run with `--time=1` (one minute) that needs several minutes: before each limit Slurm
+            sends SIGUSR2, submitit checkpoints and requeues it (max_num_timeout), and it resumes from
+            its last checkpoint at the same lr until it finishes — a real time limit, no signal sent
+            by the test.
 * fail      the model raises at iteration 1 (a string as the focal loss' alpha): failed, with the
             reason and the log tail, and no lower-lr attempt.
 
@@ -16,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,9 +31,10 @@ from ssflctl.store import Registry
 
 pytestmark = [pytest.mark.slurm, pytest.mark.training, pytest.mark.slow]
 
-EPOCHS = 4           # 2 iterations per epoch (8 images, batch 4); a checkpoint every epoch
+EPOCHS = 12          # 2 iterations per epoch (8 images, batch 4); a checkpoint every epoch
+INTERRUPT_PARAMS = ", img_scale: [224, 224]"   # ~1 s per epoch: slow enough to be interrupted twice
 LR = 0.01
-NAN_EPOCHS = 3     # SSFL* at lr 0.01 goes NaN at iteration 4 here (seed 0)
+NAN_EPOCHS = 3     # SSFL* at lr 0.01 goes NaN at iteration 3 here (seed 0)
 
 EXP = """\
 name: {name}
@@ -40,20 +44,26 @@ datasets:
 matrix:
   loss: [{loss}]
   seed: [0]
-params: {{max_epochs: {epochs}, batch_size: 4, log_interval: 1, lr: {lr}, val_interval: 100}}
+params: {{max_epochs: {epochs}, batch_size: 4, log_interval: 1, lr: {lr}, val_interval: 100{params}}}
 {extra}
-resources: {{gpus: 0, cpus: 1, mem: 3G, time: "00:10:00"}}
+resources: {{gpus: 0, cpus: 1, mem: 3G, time: "{time}"}}
 retry: {{on_nan: lower_lr, factor: 0.1, max_attempts: 3}}
 executor:
   type: slurm
-  slurm: {{partition: {partition}, qos: {qos}}}
+  slurm: {{partition: {partition}, qos: {qos}{slurm}}}
 """
+# the time-limit run: 1 minute per job, ~2 minutes of training here (a checkpoint every 2 epochs of
+# 2 iterations at 224x224): Slurm signals a job between 20 and 50 s after it starts (its 30-s
+# time-limit tick), so the limit interrupts the run at least once even on a machine twice as fast
+TL_EPOCHS = 120
+TL_PARAMS = ", img_scale: [224, 224], ckpt_interval: 2"
 
 
-def _write(tmp: Path, cluster, name, loss="focal", epochs=EPOCHS, extra=""):
+def _write(tmp: Path, cluster, name, loss="focal", epochs=EPOCHS, extra="", params="", time="00:10:00",
+           slurm=""):
     p = tmp / f"{name}.yaml"
     p.write_text(EXP.format(name=name, root=tmp / "data", loss=loss, epochs=epochs, lr=LR, extra=extra,
-                            **cluster))
+                            params=params, time=time, slurm=slurm, **cluster))
     return p
 
 
@@ -79,8 +89,10 @@ def recovered(tmp_path_factory, slurm_cluster):
     synth_coco.generate(tmp / "data", n_train=8, n_val=4, seed=0)
     ws = tmp / "ws"
     paths = {
-        "interrupt": _write(tmp, slurm_cluster, "recinterrupt"),
+        "interrupt": _write(tmp, slurm_cluster, "recinterrupt", params=INTERRUPT_PARAMS),
         "nan": _write(tmp, slurm_cluster, "recnan", loss="ssfl", epochs=NAN_EPOCHS),
+        "timelimit": _write(tmp, slurm_cluster, "rectimelimit", epochs=TL_EPOCHS, params=TL_PARAMS,
+                            time="00:01:00", slurm=", max_num_timeout: 12"),
         "fail": _write(tmp, slurm_cluster, "recfail", epochs=1,
                        extra='overrides: {model.bbox_head.loss_cls.alpha: "not-a-number"}'),
     }
@@ -105,7 +117,7 @@ def recovered(tmp_path_factory, slurm_cluster):
     time.sleep(1)
     assert not (a1 / "outcome.json").exists(), "the run finished before it could be interrupted twice"
     subprocess.run(["scancel", "-s", "USR2", job], check=True)
-    deadline = time.time() + 600
+    deadline = time.time() + 900
     while True:
         items = {i["run"]: i for i in _view(ws)}
         if all(i["state"] in ("done", "failed", "cancelled", "unknown") for i in items.values()):
@@ -141,6 +153,9 @@ def test_requeue_and_time_limit_resume_from_the_checkpoint_at_the_same_lr(recove
     assert kinds == ["resumed", "interrupted", "resumed"], rec
     assert "requeue (SLURM_RESTART_COUNT=1)" in rec[0]["message"] and rec[0]["restart_count"] == 1
     assert "SIGUSR2" in rec[1]["message"] and "SIGUSR2" in rec[2]["message"]
+    # submitit counts a signal as a time limit once the job ran min(80% of its limit, limit - 10 min):
+    # always, with a 10-minute limit; the note says which rule decided (tests/test_launch_slurm.py)
+    assert "by submitit's rule (ran" in rec[1]["message"] and "of 10 min)" in rec[1]["message"]
     assert rec[2]["restart_count"] == 2 and all(x.get("lr", LR) == LR for x in rec)
     # three mmengine logs; each resumed one continues after its checkpoint, none restarts at epoch 1
     lines = _train_lines(a1)
@@ -165,6 +180,44 @@ def test_requeue_and_time_limit_resume_from_the_checkpoint_at_the_same_lr(recove
     msgs = [(e["kind"], e["message"]) for e in ev]
     assert [k for k, _ in msgs if k in ("resumed", "interrupted")] == kinds, msgs
     assert any(k == "attempt" and e["new_state"] == "done" for e, (k, _) in zip(ev, msgs))
+
+
+def test_a_run_past_its_time_limit_is_requeued_and_resumes_at_the_same_lr(recovered):
+    r = recovered["runs"]["timelimit"]
+    item = recovered["items"][r["run_id"]]
+    assert item["state"] == "done", item
+    assert [p.name for p in r["run_dir"].glob("attempt-*")] == ["attempt-1"]  # same attempt, same lr
+    a1 = r["run_dir"] / "attempt-1"
+    rec = json.loads((a1 / "recovery.json").read_text())
+    kinds = [x["kind"] for x in rec]
+    n = kinds.count("resumed")
+    assert n >= 1 and kinds == ["interrupted", "resumed"] * n, rec
+    for k, x in enumerate(rec):  # submitit's own rule said "timed out" each time (not a preemption)
+        assert "SIGUSR2, a time limit by submitit's rule" in x["message"] and "of 1 min" in x["message"], x
+        assert x["restart_count"] == k // 2 + (k % 2), x
+    # each job of the chain resumed after the checkpoint it found; none started over at epoch 1
+    lines = _train_lines(a1)
+    logs = sorted({ln[0] for ln in lines})
+    assert len(logs) == n + 1, logs
+    starts = [min(e for lg, e, _, _ in lines if lg == name) for name in logs]
+    ck = [int(re.search(r"epoch_(\d+)", x["checkpoint"]).group(1)) for x in rec if x["kind"] == "resumed"]
+    assert starts == [1] + [c + 1 for c in ck] and ck == sorted(ck), (starts, ck)
+    step = int(re.search(r"milestones=\[\s*(\d+)", (a1 / "config.py").read_text()).group(1))
+    assert 0.7 * TL_EPOCHS <= step < TL_EPOCHS
+    for _, epoch, _, lr in lines:  # the lr schedule of an uninterrupted run
+        assert lr == pytest.approx(LR if epoch <= step else LR * 0.1), (epoch, lr)
+    assert max(e for _, e, _, _ in lines) == TL_EPOCHS
+    out = json.loads((a1 / "outcome.json").read_text())
+    assert out["outcome"] == "done" and out["checkpoint"] == f"epoch_{TL_EPOCHS}.pth"
+    assert (a1 / "metrics.json").is_file()
+    # Slurm: one job id, a one-minute limit, requeued n times (sacct --duplicates keeps each run)
+    assert item["job"] == r["job_id"]
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", r["job_id"], "-o", "JobID,State,Timelimit"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [ln.split("|") for ln in out.splitlines() if ln]
+    assert {row[2] for row in rows} == {"00:01:00"}, rows
+    assert [row[1] for row in rows].count("REQUEUED") == n and rows[-1][1] == "COMPLETED", rows
+    assert item["note"] == f"resumed {n}× (last from epoch_{ck[-1]}.pth)"
 
 
 def test_nan_is_retried_at_a_tenth_of_the_lr_inside_the_job(recovered):

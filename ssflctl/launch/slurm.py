@@ -50,8 +50,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         ran = ((now or time.time()) - self._started) / 60.0
         limit = float(self.timeout_min)
         if ran >= min(0.8 * limit, limit - 10):
-            return f"SIGUSR2 before the time limit (ran {ran:.1f} of {limit:g} min)"
-        return f"SIGUSR2, preempted (ran {ran:.1f} of {limit:g} min)"
+            return f"SIGUSR2, a time limit by submitit's rule (ran {ran:.1f} of {limit:g} min)"
+        return f"SIGUSR2, a preemption by submitit's rule (ran {ran:.1f} of {limit:g} min)"
 
     def checkpoint(self, run_dir: str, *args, **kwargs):
         """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call."""
