@@ -1,8 +1,10 @@
 """Slurm executor on the real local cluster (scripts/slurm-cluster.sh): one train array per
 submission (one sbatch call), dependent test array, status/resubmission, SIGHUP, cancel.
 
-The matrix uses the LIGHT stand-in job (tests/submit_light_job.py): the cluster node has 2 CPUs and
-the point here is the scheduler plumbing; the real job is exercised in test_submit_local.py.
+The 8-run matrix runs the REAL job (the tiny RetinaNet template, one iteration on 4 synthetic
+images, then its test job). The other scenarios (SIGHUP, cancel, refusal, adoption) are about the
+scheduler plumbing and use the LIGHT stand-in job (tests/submit_light_job.py), which writes the same
+attempt files in about a second.
 """
 import json
 import os
@@ -78,10 +80,18 @@ def sacct(*ids):
     return [line.split("|") for line in out.splitlines() if line]
 
 
+@pytest.mark.training
 def test_matrix_one_array_dependent_tests_resubmit(env, slurm_cluster):
+    """8 real tiny runs: one train array (one sbatch call) + one dependent test array."""
+    from ssflctl import synth_coco
+
+    synth_coco.generate(env / "data" / "synth", n_train=4, n_val=2, seed=0)
     ws = env / "ws"
-    path = experiment(env, slurm_cluster)
-    res = do_submit(path, ws)
+    path = experiment(env, slurm_cluster, name="slurmmatrix")
+    path.write_text(path.read_text().replace("params: {max_epochs: 1}",
+                                             "params: {max_epochs: 1, batch_size: 4, log_interval: 1}")
+                    .replace("mem: 500M", "mem: 2G"))
+    res = submit_mod.submit(path, ws)
     assert len(res.submitted) == 8
     train = [p.job_id for p in res.submitted]
     test = [p.test_job_id for p in res.submitted]
@@ -95,17 +105,26 @@ def test_matrix_one_array_dependent_tests_resubmit(env, slurm_cluster):
     assert f"--dependency=aftercorr:{train[0].split('_')[0]}" in script
     assert "--array=0-7%4" in next((sub / "train").glob("*_submission.sh")).read_text()
 
-    items = wait_all(ws, "slurmlight")
+    items = wait_all(ws, "slurmmatrix", timeout=900)
     assert {i["state"] for i in items.values()} == {"done"}, items
     assert {i["job"] for i in items.values()} == set(train)
+    for rid in items:  # the real job: an mmengine checkpoint, then COCO metrics from the test job
+        adir = ws / "runs" / rid / "attempt-1"
+        metrics = json.loads((adir / "metrics.json").read_text())
+        assert metrics["checkpoint"] == "epoch_1.pth" and 0.0 <= metrics["bbox"]["AP"] <= 1.0
+    # the registry says done when metrics.json is there; the test job's process may still be exiting
+    deadline = time.time() + 60
+    while {row[1] for row in sacct(train[0].split("_")[0], test[0].split("_")[0])} != {"COMPLETED"} \
+            and time.time() < deadline:
+        time.sleep(1)
     assert {row[1] for row in sacct(train[0].split("_")[0], test[0].split("_")[0])} == {"COMPLETED"}
 
-    proc = run_cli("status", "slurmlight", "--workspace", ws)
+    proc = run_cli("status", "slurmmatrix", "--workspace", ws)
     assert proc.returncode == 0, proc.stderr
     rows = [ln.split("\t") for ln in proc.stdout.splitlines()[1:]]
     assert len(rows) == 8 and {r[6] for r in rows} == {"done"} and {r[7] for r in rows} == set(train)
 
-    res2 = do_submit(path, ws)  # second submit: nothing
+    res2 = submit_mod.submit(path, ws)  # second submit: nothing
     assert res2.submitted == [] and {p.why for p in res2.plan} == {"done"}
 
     # make one run fail: its results disappear -> failed -> the third submit sends exactly it
@@ -114,10 +133,10 @@ def test_matrix_one_array_dependent_tests_resubmit(env, slurm_cluster):
     proc = run_cli("status", "--json", "--workspace", ws)
     states = {d["run"]: d["state"] for d in json.loads(proc.stdout)}
     assert states[victim] == "failed" and list(states.values()).count("done") == 7
-    res3 = do_submit(path, ws)
+    res3 = submit_mod.submit(path, ws)
     assert [p.run.run_id for p in res3.submitted] == [victim]
     assert res3.submitted[0].attempt == 2 and res3.submitted[0].job_id not in train
-    items = wait_all(ws, "slurmlight")
+    items = wait_all(ws, "slurmmatrix", timeout=600)
     assert {i["state"] for i in items.values()} == {"done"}
     assert items[victim]["attempt"] == 2 and items[victim]["job"] == res3.submitted[0].job_id
 
