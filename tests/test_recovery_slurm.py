@@ -166,7 +166,7 @@ def test_requeue_and_time_limit_resume_from_the_checkpoint_at_the_same_lr(recove
     assert starts == [1, ck[0] + 1, ck[1] + 1] and ck[1] > ck[0] >= 1
     # the same lr schedule as an uninterrupted run: lr until the x0.1 step after 80% of the epochs
     for _, epoch, _, lr in lines:
-        assert lr == pytest.approx(LR if epoch <= int(0.8 * EPOCHS) else LR * 0.1), (epoch, lr)
+        assert lr == pytest.approx(LR if epoch <= int(0.75 * EPOCHS) else LR * 0.1), (epoch, lr)
     assert max(e for _, e, _, _ in lines) == EPOCHS
     out = json.loads((a1 / "outcome.json").read_text())
     assert out["outcome"] == "done" and out["checkpoint"] == f"epoch_{EPOCHS}.pth"
@@ -243,7 +243,7 @@ def check_nan_run(ws, r, item):
         out = json.loads((adir / "outcome.json").read_text())
         lines = _train_lines(adir)
         for _, epoch, _, lr in lines:  # the attempt's lr took effect (and its schedule)
-            assert lr == pytest.approx(lr_k * (1 if epoch <= int(0.8 * NAN_EPOCHS) else 0.1)), (k, epoch, lr)
+            assert lr == pytest.approx(lr_k * (1 if epoch <= int(0.75 * NAN_EPOCHS) else 0.1)), (k, epoch, lr)
         if k < n:
             assert out["outcome"] == "nan", out
             nan_iter = out["nan"]["iter"]
