@@ -164,7 +164,7 @@ def test_requeue_and_time_limit_resume_from_the_checkpoint_at_the_same_lr(recove
     starts = [min(e for lg, e, _, _ in lines if lg == name) for name in logs]
     ck = [int(re.search(r"epoch_(\d+)", x["checkpoint"]).group(1)) for x in rec if x["kind"] == "resumed"]
     assert starts == [1, ck[0] + 1, ck[1] + 1] and ck[1] > ck[0] >= 1
-    # the same lr schedule as an uninterrupted run: lr until the x0.1 step after 80% of the epochs
+    # the same lr schedule as an uninterrupted run: lr until the x0.1 step after 3/4 of the epochs
     for _, epoch, _, lr in lines:
         assert lr == pytest.approx(LR if epoch <= int(0.75 * EPOCHS) else LR * 0.1), (epoch, lr)
     assert max(e for _, e, _, _ in lines) == EPOCHS
