@@ -240,9 +240,9 @@ def run(ws, *, data: Optional[Dict[str, Any]] = None, params: Optional[Dict[str,
 
     res.spec = resolved_spec(ws, spec, params)
     exp = spec_mod.load(res.spec)
-    kind = executor
-    err.print(f"executor: {spec_mod.executor_kind(exp, executor)}", markup=False)
-    err.print(f"submit: ssflctl submit {res.spec} --workspace {ws}" + (f" --executor {kind}" if kind else ""),
+    kind = spec_mod.executor_kind(exp, executor)  # asked once: sinfo takes 9 s to fail where no controller runs
+    err.print(f"executor: {kind}", markup=False)
+    err.print(f"submit: ssflctl submit {res.spec} --workspace {ws}" + (f" --executor {executor}" if executor else ""),
               markup=False)
     res.submit = submit_mod.main(res.spec, ws, executor=kind)
 
