@@ -207,6 +207,37 @@ def test_options_baseline_metrics_by():
 
 
 @unit
+def test_voc_studies_get_a_delta_of_their_headline_metric(tmp_path):
+    """With VOC mAP@0.5 in the table, the baseline delta is given for it too, not only for COCO AP."""
+    import statistics
+
+    from ssflctl.report import make_report
+    from ssflctl.report.writers import markdown
+
+    ws = tmp_path / "ws"
+    shutil.copytree(GOLDEN_WS, ws)
+    voc = {}
+    for k, f in enumerate(sorted(ws.glob("runs/*/attempt-*/metrics.json"))):
+        m = json.loads(f.read_text())
+        m["voc"] = {"mAP50": 0.40 + 0.01 * k, "eval_mode": "11points"}
+        f.write_text(json.dumps(m))
+        voc[f.parts[-3]] = m["voc"]["mAP50"]
+    rep = make_report(ws, by=["loss", "dataset"], metrics="voc,AP")
+    assert rep.main.flat_columns() == ["VOC mAP@0.5", "AP", "ΔVOC mAP@0.5", "ΔAP", "n"]
+    rows = {tuple(stub): cells for stub, cells in rep.main.rows}
+    assert rows[("focal", "coco")][2].text == "baseline" and rows[("focal", "coco")][3].text == "baseline"
+
+    def mean(loss, ds):  # straight from the files: every run of the cell with metrics is done here
+        return statistics.mean(v for run, v in voc.items() if run.startswith(f"{loss}-{ds}-"))
+
+    assert rows[("ssfl", "coco")][0].value == pytest.approx(mean("ssfl", "coco"))
+    delta = 100 * (mean("ssfl", "coco") - mean("focal", "coco"))
+    assert rows[("ssfl", "coco")][2].text == f"{delta:+.1f}" and abs(delta) >= 0.05
+    assert rows[("ssfl", "coco")][2].value == pytest.approx(delta / 100)
+    assert "ΔVOC mAP@0.5: VOC mAP@0.5 points and ΔAP: AP points against the baseline loss=focal" in markdown(rep)
+
+
+@unit
 def test_cli_out_writes_figures_and_refuses_overwrite(tmp_path):
     out = tmp_path / "report" / "index.md"
     proc = run_cli("report", "-w", GOLDEN_WS, "--out", out, "--metrics", "AP,AP50")

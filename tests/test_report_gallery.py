@@ -91,13 +91,16 @@ def test_voc_column_is_reported_with_seed_statistics(ws):
     ws, _data, _dirs = ws
     rep = make_report(ws, baseline="gamma=1")
     cols = rep.main.flat_columns()
-    assert cols[:2] == ["VOC mAP@0.5", "AP"] and len(cols) == 1 + 12 + 2  # + ΔAP, n
+    assert cols[:2] == ["VOC mAP@0.5", "AP"] and cols[-3:] == ["ΔVOC mAP@0.5", "ΔAP", "n"] and len(cols) == 1 + 12 + 3
     rows = {stub[0]: cells for stub, cells in rep.main.rows}
     for g in (1.0, 2.0):
         vals = [MAP50[(g, 1)], MAP50[(g, 2)]]
         assert rows[f"{g:g}"][0].text == f"{pct(statistics.mean(vals))} ± {pct(statistics.stdev(vals))}"
     assert rows["0.5"][0].text == pct(0.45)
     assert rows["2"][0].best and not rows["1"][0].best
+    # the VOC study's own delta against the baseline gamma=1, beside ΔAP
+    d = 100 * (statistics.mean([MAP50[(2.0, 1)], MAP50[(2.0, 2)]]) - statistics.mean([MAP50[(1.0, 1)], MAP50[(1.0, 2)]]))
+    assert rows["1"][13].text == "baseline" and rows["2"][13].text == f"{d:+.1f}"
     assert "Main results (VOC mAP@0.5 and COCO bbox, %)" == rep.main.title
     md = build_report(ws, baseline="gamma=1")
     assert "VOC mAP@0.5: Pascal VOC mAP at IoU 0.5" in md and "| VOC mAP@0.5 | AP |" in md
@@ -115,7 +118,7 @@ def test_metrics_option_spells_voc(ws):
     ws, _data, _dirs = ws
     for spelling in ("voc,AP", "VOC mAP@0.5,ap", "voc_map50,AP", "VOC-mAP50,AP"):
         rep = make_report(ws, baseline="gamma=1", metrics=spelling)
-        assert rep.main.flat_columns() == ["VOC mAP@0.5", "AP", "ΔAP", "n"], spelling
+        assert rep.main.flat_columns() == ["VOC mAP@0.5", "AP", "ΔVOC mAP@0.5", "ΔAP", "n"], spelling
     rep = make_report(ws, baseline="gamma=1", metrics="AP")
     assert rep.main.flat_columns() == ["AP", "ΔAP", "n"]
     for bad in ("mAP", "voc2"):

@@ -335,8 +335,11 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
 
     # ---- main table
     missing = []
-    show_delta = base_idx is not None and "AP" in metrics
-    columns = list(metrics) + (["ΔAP"] if show_delta else []) + ["n"]
+    # deltas against the baseline: COCO AP, and VOC mAP@0.5 when the table has it (a VOC study's
+    # headline number)
+    delta_keys = [k for k in (VOC_METRIC, "AP") if k in metrics] if base_idx is not None else []
+    show_delta = bool(delta_keys)
+    columns = list(metrics) + [_delta_name(k) for k in delta_keys] + ["n"]
     groups = [(ds, list(columns)) for ds in datasets]
     rows = []
     best = {}
@@ -382,8 +385,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                     cells.append(Cell(f"—, {_state_text(others)}" if j == 0 else "—"))
                 if cells[-1].text != "n/a (no GT)":  # a real value of COCOeval, not a gap
                     missing.append(f"{label} / {ds or '-'} / {k}: {cells[-1].text}")
-            if show_delta:
-                cells.append(_delta_cell(c, ds, base_idx, base[1], stats))
+            for k in delta_keys:
+                cells.append(_delta_cell(c, ds, base_idx, base[1], stats, k))
             nd, ne = len(done), len(recs)
             cells.append(Cell(f"{nd}/{ne}" if nd != ne else f"{nd}", mark=retried))
             if done and others:
@@ -469,7 +472,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
         summary.append(f"{VOC_METRIC}: Pascal VOC mAP at IoU 0.5 (mmdet VOCMetric), in % likewise.")
     notes = []
     if show_delta:
-        summary.append(f"ΔAP: AP points against the baseline {base[0]}={base[1]} with the other axes equal. "
+        what = " and ".join(f"{_delta_name(k)}: {k} points" for k in delta_keys)
+        summary.append(f"{what} against the baseline {base[0]}={base[1]} with the other axes equal. "
                        "Bold: the best value of each column.")
     elif base:
         notes.append(f"No baseline: no configuration has {base[0]}={base[1]} "
@@ -509,13 +513,17 @@ def _lowered_lr(r: dict) -> bool:
     return any(a.get("state") == "nan" for a in r["attempts"])
 
 
-def _delta_cell(c, ds, base_idx, base_value, stats) -> Cell:
+def _delta_name(metric: str) -> str:
+    return "ΔAP" if metric == "AP" else f"Δ{metric}"
+
+
+def _delta_cell(c, ds, base_idx, base_value, stats, metric: str = "AP") -> Cell:
     if c[base_idx] == base_value:
-        return Cell("baseline" if (c, ds, "AP") in stats else "—")
+        return Cell("baseline" if (c, ds, metric) in stats else "—")
     bc = list(c)
     bc[base_idx] = base_value
-    b = stats.get((tuple(bc), ds, "AP"))
-    s = stats.get((c, ds, "AP"))
+    b = stats.get((tuple(bc), ds, metric))
+    s = stats.get((c, ds, metric))
     if b is None or s is None:
         return Cell("—")
     d = (s["mean"] - b["mean"]) * 100
