@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ssflctl import spec as spec_mod
 from ssflctl.atomic import write_json
@@ -30,6 +30,8 @@ class PlanItem:
     job_id: Optional[str] = None
     test_job_id: Optional[str] = None
     attempt: Optional[int] = None
+    lr: Optional[float] = None      # set when the attempt resumes another at that attempt's lr
+    reason: Optional[str] = None    # why this attempt exists (attempt.json, the registry)
 
 
 @dataclass
@@ -69,6 +71,22 @@ def _next_attempt(rdir: Path) -> int:
 
     dirs = attempt_dirs(rdir)
     return attempt_no(dirs[-1]) + 1 if dirs else 1
+
+
+def _resume_point(rdir: Path, n: int) -> Optional[Tuple[Optional[float], str]]:
+    """(lr, checkpoint) when attempt ``n`` ended without an outcome but saved a checkpoint: its job
+    was stopped from outside (time limit after its last requeue, node failure, a cancel). The
+    resubmission continues it at the same lr instead of training again from scratch."""
+    from ssflctl import atomic, job
+
+    prev = rdir / f"attempt-{n}"
+    if n < 1 or (prev / "outcome.json").exists():
+        return None
+    ck = job.last_checkpoint(prev)
+    if ck is None:
+        return None
+    lr = (atomic.read_json(prev / "attempt.json") or {}).get("lr")
+    return (float(lr) if lr is not None else None), ck
 
 
 def submission_id() -> str:
@@ -142,8 +160,15 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
                 write_json(rdir / "run.json", rj)
                 n = _next_attempt(rdir)
                 reason = "first attempt" if n == 1 else f"resubmitted ({item.why})"
-                render(rdir, n, reason=reason)
-                item.attempt = n
+                resume = _resume_point(rdir, n - 1)
+                if resume is None:
+                    render(rdir, n, reason=reason)
+                else:
+                    item.lr, ck = resume
+                    reason += f"; resumes attempt-{n - 1}/{Path(ck).name}" + \
+                        (f" at lr {item.lr:g}" if item.lr is not None else "")
+                    render(rdir, n, lr=item.lr, resume_from=ck, reason=reason)
+                item.attempt, item.reason = n, reason
                 tasks.append({"run_id": item.run.run_id, "run_dir": str(rdir.resolve()),
                               "resources": item.run.resources, "test": item.run.test})
             options = dict(exp.executor.get(kind) or {})
@@ -166,8 +191,9 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
                 reg.update_run(item.run.run_id, state="queued", reason="", event="submitted",
                                job_id=item.job_id, test_job_id=item.test_job_id, attempt=item.attempt,
                                submitted_at=now(), claim_pid=None)
-                reg.upsert_attempt(item.run.run_id, item.attempt, lr=item.run.params.get("lr"), state="queued",
-                                   reason=item.why if item.attempt > 1 else "first attempt", job_id=item.job_id,
+                reg.upsert_attempt(item.run.run_id, item.attempt,
+                                   lr=item.lr if item.lr is not None else item.run.params.get("lr"), state="queued",
+                                   reason=item.reason or "first attempt", job_id=item.job_id,
                                    submission_id=sid)
             reg.update_submission(sid, {"jobs": {i.run.run_id: [i.job_id, i.test_job_id] for i in claimed}})
         return result

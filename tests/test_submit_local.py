@@ -102,6 +102,48 @@ def test_matrix_failure_and_resubmission(env):
     assert ("failed", "submitting") in events
 
 
+def test_resubmitting_an_attempt_stopped_from_outside_resumes_its_checkpoint(env):
+    """A job stopped with no outcome but a checkpoint (time limit after its last requeue, node failure,
+    a cancel): submitting again continues that attempt's checkpoint at its lr, not from scratch; an
+    attempt that ended with an outcome (a failure, a NaN) is trained again as before."""
+    ws = env / "ws"
+    path = experiment(env, name="stopped", seeds="[1]")
+    res = do_submit(path, ws)
+    items = wait_all(ws, "stopped")
+    assert {i["state"] for i in items.values()} == {"done"}
+    stopped, failed = (p.run.run_id for p in res.submitted)
+    # `stopped`: attempt 1 ran at lr 0.001 (after a NaN, say), saved epoch_3.pth, and was killed
+    a1 = ws / "runs" / stopped / "attempt-1"
+    for name in ("outcome.json", "metrics.json"):
+        (a1 / name).unlink()
+    meta = json.loads((a1 / "attempt.json").read_text())
+    (a1 / "attempt.json").write_text(json.dumps(dict(meta, lr=0.001)))
+    (a1 / "epoch_3.pth").write_bytes(b"weights")
+    (a1 / "last_checkpoint").write_text(str(a1 / "epoch_3.pth"))
+    # `failed`: its attempt ended with an outcome (the code raised): no resume
+    f1 = ws / "runs" / failed / "attempt-1"
+    (f1 / "metrics.json").unlink()
+    out = json.loads((f1 / "outcome.json").read_text())
+    (f1 / "outcome.json").write_text(json.dumps(dict(out, outcome="failed", reason="ValueError: boom")))
+    (f1 / "epoch_1.pth").write_bytes(b"weights")
+    (f1 / "last_checkpoint").write_text(str(f1 / "epoch_1.pth"))
+
+    res2 = do_submit(path, ws)
+    assert sorted(p.run.run_id for p in res2.submitted) == sorted([stopped, failed])
+    a2 = json.loads((ws / "runs" / stopped / "attempt-2" / "attempt.json").read_text())
+    assert a2["resume_from"] == str(a1 / "epoch_3.pth") and a2["lr"] == pytest.approx(0.001)
+    assert a2["reason"].startswith("resubmitted (was failed") and a2["reason"].endswith(
+        "; resumes attempt-1/epoch_3.pth at lr 0.001")
+    f2 = json.loads((ws / "runs" / failed / "attempt-2" / "attempt.json").read_text())
+    assert f2["resume_from"] is None and f2["lr"] == json.loads((f1 / "attempt.json").read_text())["lr"]
+    items = wait_all(ws, "stopped")
+    assert {i["state"] for i in items.values()} == {"done"}
+    with Registry(ws) as reg:
+        runs = {r["run_id"]: r for r in reg.list_runs("stopped")}
+    att2 = runs[stopped]["attempts"][-1]
+    assert att2["attempt"] == 2 and att2["lr"] == pytest.approx(0.001) and "resumes attempt-1" in att2["reason"]
+
+
 def test_status_json_and_logs_cli(env):
     ws = env / "ws"
     do_submit(experiment(env, seeds="[1]"), ws)
