@@ -131,6 +131,14 @@ def _failure_reason(attempts: List[Dict[str, Any]], fallback: str) -> str:
         out = attempts[-1]["outcome"]
         reason = out.get("reason") or out.get("outcome")
         return f"attempt {attempts[-1]['attempt']}: {reason}"
+    rec = attempts[-1]["recovery"] if attempts and isinstance(attempts[-1]["recovery"], list) else []
+    if rec and isinstance(rec[-1], dict) and rec[-1].get("kind") == "interrupted":
+        # the scheduler's signal came and the job did not come back: the requeues are spent
+        n = sum(1 for x in rec if isinstance(x, dict) and x.get("kind") == "resumed")
+        ck = rec[-1].get("checkpoint")
+        return (f"{fallback}: stopped by {str(rec[-1].get('message', 'a signal')).split(' at iter')[0]} after "
+                f"{n} requeue{'s' if n != 1 else ''}; raise resources.time or executor.slurm.max_num_timeout"
+                + (f", then `ssflctl submit` again: it continues from {ck}" if ck else ""))
     return fallback
 
 
