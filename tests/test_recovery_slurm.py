@@ -9,6 +9,9 @@
             sends SIGUSR2, submitit checkpoints and requeues it (max_num_timeout), and it resumes from
             its last checkpoint at the same lr until it finishes — a real time limit, no signal sent
             by the test.
+* spent     the same with max_num_timeout: 0: the first limit ends the job, `status` says the
+            requeues are spent and what to raise, and submitting again continues the run from its
+            checkpoint at the same lr in attempt 2 (then the test cancels it).
 * fail      the model raises at iteration 1 (a string as the focal loss' alpha): failed, with the
             reason and the log tail, and no lower-lr attempt.
 
@@ -93,6 +96,8 @@ def recovered(tmp_path_factory, slurm_cluster):
         "nan": _write(tmp, slurm_cluster, "recnan", loss="ssfl", epochs=NAN_EPOCHS),
         "timelimit": _write(tmp, slurm_cluster, "rectimelimit", epochs=TL_EPOCHS, params=TL_PARAMS,
                             time="00:01:00", slurm=", max_num_timeout: 12"),
+        "spent": _write(tmp, slurm_cluster, "recspent", epochs=TL_EPOCHS, params=TL_PARAMS,
+                        time="00:01:00", slurm=", max_num_timeout: 0"),
         "fail": _write(tmp, slurm_cluster, "recfail", epochs=1,
                        extra='overrides: {model.bbox_head.loss_cls.alpha: "not-a-number"}'),
     }
@@ -124,6 +129,17 @@ def recovered(tmp_path_factory, slurm_cluster):
             break
         assert time.time() < deadline, items
         time.sleep(2)
+    # requeues spent: submit again; attempt 2 resumes attempt 1's checkpoint, then it is cancelled
+    spent = runs["spent"]
+    spent["status_before"] = items[spent["run_id"]]
+    res = submit_mod.submit(paths["spent"], ws)
+    spent["resubmitted"] = [(p.run.run_id, p.attempt) for p in res.submitted]
+    a2 = spent["run_dir"] / "attempt-2"
+    deadline = time.time() + 300
+    while not _train_lines(a2):  # attempt 2 resumed and trained an iteration
+        assert time.time() < deadline, "attempt 2 never trained"
+        time.sleep(1)
+    assert run_cli("cancel", spent["run_id"], "--workspace", ws).returncode == 0
     print(f"\nrecovery scenarios on Slurm: {time.time() - t0:.0f}s")
     return {"ws": ws, "runs": runs, "items": items}
 
@@ -218,6 +234,28 @@ def test_a_run_past_its_time_limit_is_requeued_and_resumes_at_the_same_lr(recove
     assert {row[2] for row in rows} == {"00:01:00"}, rows
     assert [row[1] for row in rows].count("REQUEUED") == n and rows[-1][1] == "COMPLETED", rows
     assert item["note"] == f"resumed {n}× (last from epoch_{ck[-1]}.pth)"
+
+
+def test_spent_requeues_are_explained_and_a_new_submit_continues_the_checkpoint(recovered):
+    r = recovered["runs"]["spent"]
+    before = r["status_before"]
+    assert before["state"] == "failed", before
+    a1 = r["run_dir"] / "attempt-1"
+    assert not (a1 / "outcome.json").exists()   # stopped from outside, not an ending of the job's own
+    (rec,) = json.loads((a1 / "recovery.json").read_text())
+    ck = rec["checkpoint"]
+    assert rec["kind"] == "interrupted" and ck and (a1 / ck).is_file()
+    assert f"after 0 requeues; raise resources.time or executor.slurm.max_num_timeout, then `ssflctl submit` " \
+           f"again: it continues from {ck}" in before["note"], before["note"]
+    assert r["resubmitted"] == [(r["run_id"], 2)]
+    a2 = r["run_dir"] / "attempt-2"
+    info = json.loads((a2 / "attempt.json").read_text())
+    assert info["resume_from"] == str(a1 / ck) and info["lr"] == pytest.approx(LR)
+    assert info["reason"].endswith(f"; resumes attempt-1/{ck} at lr {LR:g}")
+    n = int(re.search(r"epoch_(\d+)", ck).group(1))
+    lines = _train_lines(a2)
+    assert lines and min(e for _, e, _, _ in lines) == n + 1 and all(lr == pytest.approx(LR) for *_, lr in lines)
+    assert any(f"resumed epoch: {n}," in log.read_text() for log in a2.glob("*/*.log"))
 
 
 def test_nan_is_retried_at_a_tenth_of_the_lr_inside_the_job(recovered):
