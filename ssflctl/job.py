@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -67,15 +68,34 @@ def attempts(run_dir: PathLike) -> list:
 
 
 def last_checkpoint(attempt_dir: PathLike) -> Optional[str]:
-    """mmengine's ``last_checkpoint`` pointer of this attempt, if it points at an existing file."""
-    ptr = Path(attempt_dir) / "last_checkpoint"
+    """The attempt's latest complete checkpoint: mmengine's ``last_checkpoint`` pointer when it names
+    an existing file, else the highest ``epoch_N.pth``/``iter_N.pth`` that is a complete archive.
+
+    The fallback matters: mmengine rewrites the pointer in place (truncate, then write) after each
+    save, so a job killed at that moment (the time-limit signal, measured on the test cluster)
+    leaves it empty, and mmengine's own resume then starts the attempt over from scratch. A
+    checkpoint cut short while being written has no zip end record and is skipped.
+    """
+    import zipfile
+
+    adir = Path(attempt_dir)
     try:
-        path = ptr.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
+        path = (adir / "last_checkpoint").read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        path = ""
     if path and not os.path.isabs(path):
-        path = str(Path(attempt_dir) / path)
-    return path if path and os.path.isfile(path) else None
+        path = str(adir / path)
+    if path and os.path.isfile(path):
+        return path
+    numbered = []
+    for cand in adir.glob("*.pth"):
+        m = re.fullmatch(r"(?:epoch|iter)_(\d+)\.pth", cand.name)
+        if m:
+            numbered.append((int(m.group(1)), cand))
+    for _, cand in sorted(numbered, reverse=True):
+        if zipfile.is_zipfile(cand):
+            return str(cand)
+    return None
 
 
 def log_tail(attempt_dir: PathLike, lines: int = LOG_TAIL_LINES) -> str:
@@ -257,7 +277,7 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
     cfg = _load_cfg(adir)
     own = last_checkpoint(adir)
     if own:
-        cfg.resume, cfg.load_from = True, None  # mmengine finds last_checkpoint in work_dir
+        cfg.resume, cfg.load_from = True, own  # named: mmengine's own lookup trusts the pointer file
         prog = atomic.read_json(adir / "progress.json") or {}
         record_recovery(adir, "resumed", f"resumed from {_name(own)} at lr {meta.get('lr')} after "
                         f"{_resume_cause(adir)} (iter {prog.get('iter')} reached before)",

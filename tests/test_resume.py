@@ -115,10 +115,15 @@ class _NotAllowed:
 _INTERRUPTED = {"done": False}
 
 
-def test_job_resumes_an_interrupted_attempt(first_epoch, tmp_path):
-    """An attempt with a checkpoint and no outcome (preemption, time limit) resumes in train_run."""
+@pytest.mark.parametrize("pointer", ["kept", "emptied"])
+def test_job_resumes_an_interrupted_attempt(first_epoch, tmp_path, pointer):
+    """An attempt with a checkpoint and no outcome (preemption, time limit) resumes in train_run;
+    also when the kill came while mmengine rewrote its `last_checkpoint` pointer (left empty: seen
+    on the cluster, where mmengine's own lookup then started the attempt over)."""
     from mmengine.hooks import Hook
     from mmengine.registry import HOOKS
+
+    _INTERRUPTED["done"] = False
 
     @HOOKS.register_module(name="_SsflctlTestInterrupt", force=True)
     class Interrupt(Hook):
@@ -140,6 +145,8 @@ def test_job_resumes_an_interrupted_attempt(first_epoch, tmp_path):
         job.train_run(run_dir)
     adir = run_dir / "attempt-1"
     assert (adir / "epoch_1.pth").is_file() and not (adir / "outcome.json").exists()
+    if pointer == "emptied":
+        (adir / "last_checkpoint").write_text("")
     out = job.train_run(run_dir)
     assert out["outcome"] == "done" and out["attempt"] == 1 and out["checkpoint"] == "epoch_2.pth"
     assert not (run_dir / "attempt-2").exists()
