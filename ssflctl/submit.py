@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ssflctl import spec as spec_mod
-from ssflctl.atomic import write_json
+from ssflctl.atomic import read_json, write_json
 from ssflctl.errors import UserError
 
 RESUBMIT_STATES = ("pending", "failed", "cancelled", "unknown")
@@ -77,7 +77,7 @@ def _resume_point(rdir: Path, n: int) -> Optional[Tuple[Optional[float], str]]:
     """(lr, checkpoint) when attempt ``n`` ended without an outcome but saved a checkpoint: its job
     was stopped from outside (time limit after its last requeue, node failure, a cancel). The
     resubmission continues it at the same lr instead of training again from scratch."""
-    from ssflctl import atomic, job
+    from ssflctl import job
 
     prev = rdir / f"attempt-{n}"
     if n < 1 or (prev / "outcome.json").exists():
@@ -85,7 +85,7 @@ def _resume_point(rdir: Path, n: int) -> Optional[Tuple[Optional[float], str]]:
     ck = job.last_checkpoint(prev)
     if ck is None:
         return None
-    lr = (atomic.read_json(prev / "attempt.json") or {}).get("lr")
+    lr = (read_json(prev / "attempt.json") or {}).get("lr")
     return (float(lr) if lr is not None else None), ck
 
 
