@@ -135,7 +135,10 @@ def _failure_reason(attempts: List[Dict[str, Any]], fallback: str) -> str:
     if rec and isinstance(rec[-1], dict) and rec[-1].get("kind") == "interrupted":
         # the scheduler's signal came and the job did not come back: the requeues are spent
         n = sum(1 for x in rec if isinstance(x, dict) and x.get("kind") == "resumed")
-        ck = rec[-1].get("checkpoint")
+        from ssflctl.job import last_checkpoint  # what is on disk now (the job may have gone on after the note)
+
+        path = last_checkpoint(attempts[-1]["dir"]) if attempts[-1].get("dir") else None
+        ck = Path(path).name if path else rec[-1].get("checkpoint")
         return (f"{fallback}: stopped by {str(rec[-1].get('message', 'a signal')).split(' at iter')[0]} after "
                 f"{n} requeue{'s' if n != 1 else ''}; raise resources.time or executor.slurm.max_num_timeout"
                 + (f", then `ssflctl submit` again: it continues from {ck}" if ck else ""))
