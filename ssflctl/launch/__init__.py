@@ -11,6 +11,9 @@ from typing import Any, Dict, List
 
 from ssflctl.errors import UserError
 
+#: the variables that set a run's BLAS/OpenMP threads to its cpus, on every backend
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
 TRAIN_FN = "ssflctl.job:train_run"
 TEST_FN = "ssflctl.job:test_run"
 LOCAL_FN = "ssflctl.job:train_and_test"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ssflctl.atomic import read_json, write_json
+from ssflctl.launch import THREAD_VARS
 
 RUNNER_MODULE = "ssflctl.launch.local"
 
@@ -194,7 +195,7 @@ def run_queue(folder: Path, poll_s: float = 0.5) -> int:
                 held[t["index"]], free[:] = free[:need], free[need:]
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(held[t["index"]])
             if t.get("cpus"):  # a run's cpus are its threads, as a Slurm cpus-per-task allocation would be
-                for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                for var in THREAD_VARS:
                     env.setdefault(var, str(t["cpus"]))
             pending.pop(0)
             logf = open(folder / f"{t['index']}.log", "ab")

@@ -19,6 +19,7 @@ import submitit.helpers
 
 from ssflctl.atomic import read_json, write_json
 from ssflctl.errors import UserError
+from ssflctl.launch import THREAD_VARS
 
 
 def _resolve(fn: str):
@@ -67,9 +68,6 @@ class TrainTask(submitit.helpers.Checkpointable):
 def run_test(run_dir: str, fn: str = "ssflctl.job:test_run"):
     """The test job (imports the heavy job module only on the node)."""
     return _resolve(fn)(run_dir)
-
-
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, Any]:
