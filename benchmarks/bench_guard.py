@@ -81,7 +81,7 @@ def _guard_time(calls: int, rounds: int) -> float:
     import torch
     from mmengine.logging import MessageHub
 
-    from ssflctl.guard import NanGuardHook
+    from ssflctl.node.guard import NanGuardHook
 
     hub = MessageHub.get_instance(f"bench_guard_{time.time_ns()}")
     p = torch.nn.Parameter(torch.zeros(1))

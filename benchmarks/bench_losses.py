@@ -63,7 +63,7 @@ def run(quick: bool, device: str | None = None) -> list[dict]:
     import torch
     from mmdet.models.losses import FocalLoss
 
-    from ssflctl.losses import FocalFamilyLoss, ShiftStepFocalLoss
+    from ssflctl.extensions.losses import FocalFamilyLoss, ShiftStepFocalLoss
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

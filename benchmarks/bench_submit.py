@@ -52,8 +52,8 @@ def _scancel(ids):
 
 
 def _slurm_rows(n: int, tmp: Path):
-    from ssflctl import submit
-    from ssflctl.launch import slurm as sl
+    from ssflctl.control import submit
+    from ssflctl.backends import slurm as sl
 
     seeds = list(range(n // 2))
     path = tmp / "bench.yaml"
@@ -81,8 +81,8 @@ def _slurm_rows(n: int, tmp: Path):
 
 
 def _status_rows(n: int, tmp: Path):
-    from ssflctl.status import view
-    from ssflctl.store import Registry
+    from ssflctl.commands.status import view
+    from ssflctl.registry.store import Registry
 
     ws = tmp / "ws_status"
     now = datetime.now(timezone.utc).isoformat()

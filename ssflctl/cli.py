@@ -103,7 +103,7 @@ def submit(
 
     Example: ssflctl submit experiments/ssfl_vs_fl.yaml --dry-run
     """
-    from ssflctl import submit as submit_mod
+    from ssflctl.control import submit as submit_mod
 
     submit_mod.main(experiment, workspace_path(workspace), dry_run=dry_run, executor=executor)
 
@@ -121,7 +121,7 @@ def status(
 
     Example: ssflctl status ssfl_vs_fl --watch
     """
-    from ssflctl import status as status_mod
+    from ssflctl.commands import status as status_mod
 
     status_mod.main(workspace_path(workspace), experiment, as_json=as_json, watch=watch, interval=interval)
 
@@ -136,7 +136,7 @@ def cancel(
 
     Example: ssflctl cancel ssfl_vs_fl
     """
-    from ssflctl import status as status_mod
+    from ssflctl.commands import status as status_mod
 
     status_mod.cancel_main(workspace_path(workspace), target)
 
@@ -153,7 +153,7 @@ def logs(
 
     Example: ssflctl logs ssfl-cityscapes-s3407 -f
     """
-    from ssflctl import status as status_mod
+    from ssflctl.commands import status as status_mod
 
     status_mod.logs_main(workspace_path(workspace), run, follow=follow, attempt=attempt)
 
@@ -190,7 +190,7 @@ def report(
         metrics=metrics, by=by or [], workdirs=workdirs or [], strict=strict, force=force, gallery=gallery,
     )
     if missrate:
-        from ssflctl import missrate as missrate_mod
+        from ssflctl.evaluation import missrate as missrate_mod
 
         typer.echo(missrate_mod.report_main(workspace_path(workspace), experiments or [], missrate, subset_field,
                                             workdirs or [], plot_dir=Path(out).parent if out else None,
@@ -214,7 +214,7 @@ def show(
 
     Example: ssflctl show <run>
     """
-    from ssflctl import show as show_mod
+    from ssflctl.report import show as show_mod
 
     show_mod.main(run, workspace_path(workspace), n=n, score_thr=score_thr, attempt=attempt, out_dir=out_dir,
                   force=force)
@@ -234,7 +234,7 @@ def quickstart(
 
     Example: ssflctl quickstart
     """
-    from ssflctl import quickstart as quickstart_mod
+    from ssflctl.commands import quickstart as quickstart_mod
 
     raise typer.Exit(quickstart_mod.main(workspace_path(workspace), executor=executor))
 

@@ -8,8 +8,8 @@
 # constant lr without warm-up (the setting in which the seed's SSFL* diverges at
 # lr 0.01 while Focal Loss trains), and a x0.1 step after 3/4 of the epochs.
 # Dataset-agnostic COCO-format data: `classes=None` takes the category names from the training
-# annotation file at render time. `python -m ssflctl.synth_coco` style data:
-# ssflctl.synth_coco.generate(root) writes a matching synthetic dataset.
+# annotation file at render time. `python -m ssflctl.convert.synth_coco` style data:
+# ssflctl.convert.synth_coco.generate(root) writes a matching synthetic dataset.
 _base_ = [
     'mmdet::_base_/models/retinanet_r50_fpn.py',
     'mmdet::_base_/default_runtime.py',

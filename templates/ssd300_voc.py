@@ -15,7 +15,7 @@
 # and VOC2012/{...}/trainval.txt (the VOCdevkit folder).
 _base_ = 'mmdet::pascal_voc/ssd300_voc0712.py'
 
-custom_imports = dict(imports=['ssflctl.heads'], allow_failed_imports=False)
+custom_imports = dict(imports=['ssflctl.extensions.heads'], allow_failed_imports=False)
 
 ssflctl_params = dict(
     loss={'type': 'FocalLoss', 'use_sigmoid': True, 'gamma': 1.0, 'alpha': 0.25, 'loss_weight': 1.0},

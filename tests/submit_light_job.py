@@ -1,4 +1,4 @@
-"""A LIGHT stand-in for `ssflctl.render.render_attempt` and `ssflctl.job` used by the submission
+"""A LIGHT stand-in for `ssflctl.plan.render.render_attempt` and `ssflctl.node.job` used by the submission
 matrix tests (local processes and Slurm): it writes the same attempt files as the real job
 (attempt.json, progress.json, outcome.json, metrics.json) in about a second, so the tests exercise
 ssflctl's launch/registry/reconcile machinery without training. The real job is covered by

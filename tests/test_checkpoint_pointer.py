@@ -1,10 +1,10 @@
-"""ssflctl.job.last_checkpoint: the attempt's latest complete checkpoint, even when mmengine's
+"""ssflctl.node.job.last_checkpoint: the attempt's latest complete checkpoint, even when mmengine's
 `last_checkpoint` pointer was emptied by a kill while it was being rewritten."""
 import zipfile
 
 import pytest
 
-from ssflctl import job
+from ssflctl.node import job
 
 pytestmark = pytest.mark.unit
 

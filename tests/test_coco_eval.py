@@ -1,4 +1,4 @@
-"""ssflctl.coco_eval: the 12 standard COCO numbers + per-class AP of a detections dump."""
+"""ssflctl.evaluation.coco: the 12 standard COCO numbers + per-class AP of a detections dump."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from ssflctl import coco_eval, synth_coco
+from ssflctl.evaluation import coco as coco_eval
+from ssflctl.convert import synth_coco
 from ssflctl.errors import UserError
 
 pytestmark = pytest.mark.unit

@@ -14,9 +14,9 @@ SMALL, LARGE = [64, 128, 256, 512], [256, 512, 1024, 2048]
 
 
 def test_derived_table_is_read_without_executing_the_template(tmp_path):
-    from ssflctl import derived
+    from ssflctl.plan import derived
     from ssflctl.errors import UserError
-    from ssflctl.render import resolve_template
+    from ssflctl.plan.render import resolve_template
 
     table = derived.read(resolve_template(TEMPLATE))
     assert sorted(table["depth"]) == [18, 34, 50, 101, 152]
@@ -33,7 +33,7 @@ def test_derived_table_is_read_without_executing_the_template(tmp_path):
 
 @pytest.mark.parametrize("depth,chans", [(18, SMALL), (34, SMALL), (50, LARGE), (101, LARGE), (152, LARGE)])
 def test_depth_axis_sets_channels_and_checkpoint(depth, chans):
-    from ssflctl.render import render_config
+    from ssflctl.plan.render import render_config
 
     cfg = render_config(TEMPLATE, {"depth": depth})
     assert cfg.model.backbone.depth == depth
@@ -43,7 +43,7 @@ def test_depth_axis_sets_channels_and_checkpoint(depth, chans):
 
 def test_optimizer_axis_brings_its_defaults_and_explicit_lr_wins():
     from ssflctl.errors import UserError
-    from ssflctl.render import render_config
+    from ssflctl.plan.render import render_config
 
     sgd = render_config(TEMPLATE, {}).optim_wrapper.optimizer
     assert dict(sgd) == {"type": "SGD", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001}
@@ -61,8 +61,8 @@ def test_optimizer_axis_brings_its_defaults_and_explicit_lr_wins():
 
 
 def test_shipped_experiment_dry_run_and_every_run_renders(tmp_path):
-    from ssflctl import spec
-    from ssflctl.render import render_config
+    from ssflctl.plan import spec
+    from ssflctl.plan.render import render_config
 
     path = REPO / "experiments" / "retinanet_depth_sweep.yaml"
     proc = run_cli("submit", path, "--dry-run", "--workspace", tmp_path / "ws")
@@ -91,7 +91,7 @@ def test_depth_builds_and_runs_forward(depth):
     from mmdet.utils import register_all_modules
     from mmengine.optim import build_optim_wrapper
 
-    from ssflctl.render import render_config
+    from ssflctl.plan.render import render_config
 
     register_all_modules()
     cfg = render_config(TEMPLATE, {"depth": depth, "optimizer": "adam", "lr": 0.001})
@@ -114,8 +114,8 @@ def test_tiny_variant_of_the_sweep_trains_a_few_iterations(tmp_path, depth):
 
     from mmengine.runner import Runner
 
-    from ssflctl import synth_coco
-    from ssflctl.render import render_config
+    from ssflctl.convert import synth_coco
+    from ssflctl.plan.render import render_config
 
     data = tmp_path / "data"
     synth_coco.generate(data, n_train=4, n_val=0, n_test=0, size=(64, 64), min_size=16, max_size=32)

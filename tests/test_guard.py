@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl import logs, retry
+from ssflctl.workdir import mmlogs as logs
+from ssflctl.node import retry
 
 pytestmark = pytest.mark.training
 
@@ -78,7 +79,7 @@ def _cfg(work_dir: Path, lr: float, *, guard: bool, name: str, resume_from=None,
     if override:
         hooks.append(dict(type="LrOverrideHook"))
     cfg = dict(
-        custom_imports=dict(imports=["ssflctl.compat", "ssflctl.guard"], allow_failed_imports=False),
+        custom_imports=dict(imports=["ssflctl.extensions.compat", "ssflctl.node.guard"], allow_failed_imports=False),
         model=dict(type="ToyLsq"),
         work_dir=str(work_dir),
         # unique: mmengine keeps one MMLogger/Visualizer per experiment name per process
@@ -123,7 +124,7 @@ def _train(cfg):
 def _full_torch_load():
     """mmengine 0.10.7 resumes with a bare ``torch.load``; torch >= 2.6 defaults to weights_only.
 
-    ssflctl.compat allowlists mmengine's checkpoint types; these tests are about the lr, not the
+    ssflctl.extensions.compat allowlists mmengine's checkpoint types; these tests are about the lr, not the
     allowlist (tests/test_compat.py owns that), so they load their own checkpoints in full.
     """
     old = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
@@ -137,8 +138,8 @@ def _full_torch_load():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import ssflctl.compat  # noqa: F401  mmengine 0.10.7 checkpoints under torch's weights_only load
-    import ssflctl.guard  # noqa: F401  registers the hooks
+    import ssflctl.extensions.compat  # noqa: F401  mmengine 0.10.7 checkpoints under torch's weights_only load
+    import ssflctl.node.guard  # noqa: F401  registers the hooks
     _register()
     base = tmp_path_factory.mktemp("guard")
     out = {}
@@ -185,7 +186,7 @@ def test_watcher_finds_nonfinite_in_mmengine_text_log_and_scalars(runs):
 
 
 def test_guard_stops_at_first_nonfinite_iteration_and_writes_nan_json(runs):
-    from ssflctl.guard import NonFiniteLossError
+    from ssflctl.node.guard import NonFiniteLossError
     exc = runs["guarded_exc"]
     assert isinstance(exc, NonFiniteLossError)
     wd = runs["guarded"]
@@ -292,7 +293,7 @@ def test_apply_lr_keeps_group_ratios_and_schedule_progress():
 
 def test_custom_imports_registers_the_hooks(tmp_path):
     cfg = tmp_path / "c.py"
-    cfg.write_text("custom_imports = dict(imports=['ssflctl.guard'], allow_failed_imports=False)\n"
+    cfg.write_text("custom_imports = dict(imports=['ssflctl.node.guard'], allow_failed_imports=False)\n"
                    "custom_hooks = [dict(type='NanGuardHook'), dict(type='LrOverrideHook', lr=0.1)]\n")
     code = ("import sys; from mmengine.config import Config; c = Config.fromfile(sys.argv[1]);"
             "from mmengine.registry import HOOKS;"
@@ -304,7 +305,7 @@ def test_custom_imports_registers_the_hooks(tmp_path):
 
 
 def test_guard_in_an_iteration_based_loop(runs, tmp_path):
-    from ssflctl.guard import NonFiniteLossError
+    from ssflctl.node.guard import NonFiniteLossError
     _, exc = _train(_cfg(tmp_path / "iters", LR, guard=True, name="iters", by_epoch=False))
     assert isinstance(exc, NonFiniteLossError)
     rec = exc.record
@@ -330,7 +331,7 @@ def test_guard_reads_the_message_hub_and_never_syncs(tmp_path):
 
     from mmengine.logging import MessageHub
 
-    from ssflctl.guard import NanGuardHook, NonFiniteLossError
+    from ssflctl.node.guard import NanGuardHook, NonFiniteLossError
 
     class DeviceScalar:  # stands for a CUDA tensor: .item() would synchronise the device
         def item(self):

@@ -1,4 +1,4 @@
-"""ssflctl.job: a tiny RetinaNet trains, tests and retries on the CPU through the job functions."""
+"""ssflctl.node.job: a tiny RetinaNet trains, tests and retries on the CPU through the job functions."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl import coco_eval, job, synth_coco
+from ssflctl.evaluation import coco as coco_eval
+from ssflctl.node import job
+from ssflctl.convert import synth_coco
 from ssflctl.errors import UserError
 
 pytestmark = pytest.mark.training

@@ -1,11 +1,11 @@
-"""ssflctl.launch.slurm without a cluster: the sbatch parameters a run's resources and the
+"""ssflctl.backends.slurm without a cluster: the sbatch parameters a run's resources and the
 experiment's executor.slurm options become, and how an interruption is told apart."""
 import pickle
 import subprocess
 
 import pytest
 
-from ssflctl.launch import slurm
+from ssflctl.backends import slurm
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +33,7 @@ def test_signal_delay_and_max_num_timeout(tmp_path):
 
 
 def test_time_limit_or_preemption_by_submitits_rule():
-    t = slurm.TrainTask("ssflctl.job:train_run", timeout_min=60)
+    t = slurm.TrainTask("ssflctl.node.job:train_run", timeout_min=60)
     assert t.cause() == "SIGUSR2 (time limit or preemption)"   # not started: no claim either way
     t._started = 1000.0
     # submitit counts a timeout when the job ran >= min(80% of the limit, limit - 10 min): 50 min here

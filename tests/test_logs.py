@@ -1,4 +1,4 @@
-"""ssflctl.logs: reading mmengine work dirs, finding NaN/Inf without false alarms.
+"""ssflctl.workdir.mmlogs: reading mmengine work dirs, finding NaN/Inf without false alarms.
 
 The unit tests here use lines in mmengine 0.10.7's exact format; tests/test_guard.py checks the
 same functions on logs written by real mmengine runs.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl import logs
+from ssflctl.workdir import mmlogs as logs
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""ssflctl.losses: SSFL*/GFL*/Focal Loss from logits, checked against the seed and mmdet."""
+"""ssflctl.extensions.losses: SSFL*/GFL*/Focal Loss from logits, checked against the seed and mmdet."""
 from __future__ import annotations
 
 import math
@@ -16,7 +16,7 @@ except ImportError:  # tests/conftest.py skips every test here (fails them in CI
 
 @pytest.fixture(scope="module")
 def L():
-    import ssflctl.losses as losses
+    import ssflctl.extensions.losses as losses
     return losses
 
 
@@ -310,7 +310,7 @@ def test_registered_and_built_through_custom_imports(L, tmp_path):
     from mmdet.registry import MODELS
     cfg_file = tmp_path / "loss_cfg.py"
     cfg_file.write_text(
-        "custom_imports = dict(imports=['ssflctl.losses'], allow_failed_imports=False)\n"
+        "custom_imports = dict(imports=['ssflctl.extensions.losses'], allow_failed_imports=False)\n"
         "loss_cls = dict(type='ShiftStepFocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,\n"
         "                shift=0.1, loss_weight=1.0)\n")
     cfg = Config.fromfile(str(cfg_file))

@@ -30,7 +30,7 @@ def _det(iid, box, score, cid=1):
 
 
 def test_reference_points_are_the_caltech_nine():
-    from ssflctl.missrate import REF_FPPI
+    from ssflctl.evaluation.missrate import REF_FPPI
 
     assert len(REF_FPPI) == 9
     assert REF_FPPI[0] == pytest.approx(0.01) and REF_FPPI[-1] == pytest.approx(1.0)
@@ -45,7 +45,7 @@ def test_hand_computed_two_images():
     MR = .75. ref 0.562: the third point (FPPI .5, recall .5): MR .5. ref 1.0: the fourth (FPPI 1,
     recall .5): MR .5.  MR⁻² = exp((7 ln .75 + 2 ln .5) / 9) = .75^(7/9) * .5^(2/9) = exp(-0.377785) = 0.68538.
     A car detection and a car box must not count."""
-    from ssflctl.missrate import evaluate
+    from ssflctl.evaluation.missrate import evaluate
 
     gt = _gt([(1, {}), (2, {})], [
         (1, 1, (0, 0, 10, 10), 0), (1, 1, (20, 0, 10, 10), 0),
@@ -72,7 +72,7 @@ def test_crowd_region_absorbs_detections():
     Curve (FPPI, MR): (0, .5), (1, .5), (1, 0). Refs < 1 (8 points): MR .5; ref 1: MR 0 -> 1e-10.
     MR⁻² = .5^(8/9) * (1e-10)^(1/9) = 0.0418.  If the crowd hit counted as a false positive the
     curve would be (1, 1), (1, .5), (2, .5), (2, 0) and MR⁻² = .5^(1/9) = 0.926."""
-    from ssflctl.missrate import evaluate
+    from ssflctl.evaluation.missrate import evaluate
 
     gt = _gt([(1, {})], [(1, 1, (0, 0, 10, 10), 0), (1, 1, (30, 0, 10, 10), 0), (1, 1, (100, 100, 50, 50), 1)])
     dets = [_det(1, (110, 110, 10, 10), 0.9), _det(1, (0, 0, 10, 10), 0.8), _det(1, (60, 60, 10, 10), 0.7),
@@ -87,7 +87,7 @@ def test_crowd_region_absorbs_detections():
 
 def test_a_box_beats_an_ignore_region_and_iou_below_half_is_a_miss():
     """A detection on a real person inside a crowd region is a TP; one at IoU 1/3 is a FP."""
-    from ssflctl.missrate import evaluate
+    from ssflctl.evaluation.missrate import evaluate
 
     gt = _gt([(1, {})], [(1, 1, (0, 0, 20, 20), 1), (1, 1, (0, 0, 10, 10), 0), (1, 1, (100, 0, 10, 10), 0)])
     # (105, 0, 10, 10) vs (100, 0, 10, 10): inter 50, union 150 -> IoU 1/3
@@ -98,7 +98,7 @@ def test_a_box_beats_an_ignore_region_and_iou_below_half_is_a_miss():
 
 
 def test_edge_cases_none_and_perfect():
-    from ssflctl.missrate import evaluate
+    from ssflctl.evaluation.missrate import evaluate
 
     gt = _gt([(1, {}), (2, {})], [(1, 1, (0, 0, 10, 10), 0), (2, 1, (5, 5, 20, 20), 0)])
     assert evaluate(gt, [], "person")["all"].lamr == pytest.approx(1.0)
@@ -116,7 +116,7 @@ def test_subsets_by_field_and_by_list():
     """Day image: its person found at score .9 (perfect: MR⁻² 0). Night image: one person, missed,
     and a FP at .5 -> MR 1. All (2 images): (FPPI 0, MR .5) then (FPPI .5, MR .5) -> MR⁻² .5."""
     from ssflctl.errors import UserError
-    from ssflctl.missrate import evaluate
+    from ssflctl.evaluation.missrate import evaluate
 
     gt = _gt([(1, {"daytime": "day"}), (2, {"daytime": "night"})],
              [(1, 1, (0, 0, 10, 10), 0), (2, 1, (40, 40, 10, 10), 0)])
@@ -144,7 +144,7 @@ def test_height_range_caltech_filter():
     .7 detection overlaps B's region by 30/42 >= .5 and is ignored: curve (0, 0), (1, 0): MR⁻² 0."""
     import math
 
-    from ssflctl.missrate import evaluate
+    from ssflctl.evaluation.missrate import evaluate
 
     gt = _gt([(1, {})], [(1, 1, (0, 0, 25, 60), 0), (1, 1, (100, 20, 12, 30), 0)])
     dets = [_det(1, (150, 0, 8, 20), 0.95), _det(1, (0, 0, 25, 60), 0.9), _det(1, (60, 100, 18, 45), 0.8),
@@ -160,7 +160,7 @@ def test_height_range_caltech_filter():
 
 def test_string_image_ids():
     """mmdet's VOC->COCO ground truth (CocoMetric without ann_file) uses VOC image names as ids."""
-    from ssflctl.missrate import evaluate
+    from ssflctl.evaluation.missrate import evaluate
 
     gt = _gt([(1, {"daytime": "day"}), (2, {"daytime": "night"})],
              [(1, 1, (0, 0, 10, 10), 0), (2, 1, (40, 40, 10, 10), 0)])
@@ -177,7 +177,7 @@ def test_string_image_ids():
 def test_plot_writes_a_png(tmp_path):
     from PIL import Image
 
-    from ssflctl.missrate import evaluate, plot
+    from ssflctl.evaluation.missrate import evaluate, plot
 
     gt = _gt([(1, {}), (2, {})], [(1, 1, (0, 0, 10, 10), 0), (2, 1, (5, 5, 20, 20), 0)])
     res = evaluate(gt, [_det(1, (0, 0, 10, 10), 0.9), _det(2, (90, 90, 9, 9), 0.5)], "person")
@@ -221,7 +221,7 @@ def make_pedestrian_set(root, n=12, seed=0):
 
 def make_fake_run(ws, run_id, ann_file, dets, experiment="peds"):
     """A tested run in a workspace, as the test step leaves it (no registry needed)."""
-    from ssflctl import coco_eval
+    from ssflctl.evaluation import coco as coco_eval
 
     rdir = ws / "runs" / run_id
     adir = rdir / "attempt-1"
@@ -238,7 +238,7 @@ def make_fake_run(ws, run_id, ann_file, dets, experiment="peds"):
 
 
 def test_report_prints_missrate_all_day_night(tmp_path):
-    from ssflctl.missrate import evaluate
+    from ssflctl.evaluation.missrate import evaluate
 
     gt, dets = make_pedestrian_set(tmp_path / "data")
     ann = tmp_path / "data" / "test.json"

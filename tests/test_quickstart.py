@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl import quickstart
+from ssflctl.commands import quickstart
 from ssflctl.errors import UserError
 
 pytestmark = [pytest.mark.training, pytest.mark.slow]

@@ -8,13 +8,13 @@ import time
 import pytest
 
 import test_recovery_slurm as rs
-from ssflctl import submit as submit_mod
+from ssflctl.control import submit as submit_mod
 
 pytestmark = [pytest.mark.training, pytest.mark.slow]
 
 
 def test_nan_retry_on_the_local_executor(tmp_path, monkeypatch):
-    from ssflctl import synth_coco
+    from ssflctl.convert import synth_coco
 
     monkeypatch.chdir(tmp_path)
     synth_coco.generate(tmp_path / "data", n_train=8, n_val=4, seed=0)
@@ -40,7 +40,9 @@ def test_on_preempt_fail_stops_an_interrupted_attempt(tmp_path, monkeypatch):
     """retry.on_preempt: fail — a requeued job whose attempt already ran ends it 'preempted', no resume."""
     import json
 
-    from ssflctl import job, render, synth_coco
+    from ssflctl.node import job
+    from ssflctl.plan import render
+    from ssflctl.convert import synth_coco
 
     synth_coco.generate(tmp_path / "data", n_train=2, n_val=1, seed=0)
     run_dir = tmp_path / "runs" / "r"

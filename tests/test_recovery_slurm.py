@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from ssflctl import submit as submit_mod
-from ssflctl.store import Registry
+from ssflctl.control import submit as submit_mod
+from ssflctl.registry.store import Registry
 
 pytestmark = [pytest.mark.slurm, pytest.mark.training, pytest.mark.slow]
 
@@ -78,7 +78,7 @@ def _wait_file(path: Path, timeout: float, what: str):
 
 
 def _view(ws, exp=None):
-    from ssflctl.status import view
+    from ssflctl.commands.status import view
 
     with Registry(ws) as reg:
         return view(reg, ws, exp)
@@ -86,7 +86,7 @@ def _view(ws, exp=None):
 
 @pytest.fixture(scope="module")
 def recovered(tmp_path_factory, slurm_cluster):
-    from ssflctl import synth_coco
+    from ssflctl.convert import synth_coco
 
     tmp = tmp_path_factory.mktemp("recovery")
     synth_coco.generate(tmp / "data", n_train=8, n_val=4, seed=0)
@@ -246,7 +246,7 @@ def test_spent_requeues_are_explained_and_a_new_submit_continues_the_checkpoint(
     assert rec["kind"] == "interrupted" and rec["checkpoint"]
     # the latest checkpoint on disk (seen in CI: after the signal's note the job may train on, saving
     # more, until Slurm kills it at the limit)
-    from ssflctl.job import last_checkpoint
+    from ssflctl.node.job import last_checkpoint
 
     ck = Path(last_checkpoint(a1)).name
     assert int(re.search(r"epoch_(\d+)", ck).group(1)) >= int(re.search(r"epoch_(\d+)", rec["checkpoint"]).group(1))

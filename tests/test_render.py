@@ -1,4 +1,4 @@
-"""ssflctl.render and the templates: params through the Config API, provenance, builds."""
+"""ssflctl.plan.render and the templates: params through the Config API, provenance, builds."""
 from __future__ import annotations
 
 import ast
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl import render, synth_coco
+from ssflctl.plan import render
+from ssflctl.convert import synth_coco
 from ssflctl.errors import UserError
 
 pytestmark = pytest.mark.training
@@ -87,7 +88,7 @@ def test_params_and_errors(synth):
     assert cfg.train_dataloader.dataset.pipeline[2].scale == (64, 48)
     assert cfg.test_dataloader.dataset.pipeline[1].scale == (64, 48)
     imports = cfg.custom_imports.imports
-    assert {"ssflctl.losses", "ssflctl.compat", "ssflctl.guard"} <= set(imports)
+    assert {"ssflctl.extensions.losses", "ssflctl.extensions.compat", "ssflctl.node.guard"} <= set(imports)
     assert cfg.custom_imports.allow_failed_imports is False
     assert [h.type for h in cfg.custom_hooks] == ["NanGuardHook"]
     with pytest.raises(UserError, match="lossfn"):

@@ -278,7 +278,7 @@ def test_importing_report_is_light():
 
 @unit
 def test_registry_fixture(tmp_path):
-    store = pytest.importorskip("ssflctl.store")
+    store = pytest.importorskip("ssflctl.registry.store")
     from ssflctl.report import make_report
 
     ws = _copy_ws(tmp_path, lambda n: n.startswith(("focal-", "ssfl-")))
@@ -640,9 +640,10 @@ def test_html_report_in_headless_chromium(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_ws(tmp_path_factory):
-    """Three runs trained and tested by ssflctl.job on the synthetic dataset (1 epoch each, CPU):
+    """Three runs trained and tested by ssflctl.node.job on the synthetic dataset (1 epoch each, CPU):
     focal seeds 0 and 1, and SSFL* at lr 0.01, which diverges and is retried at lr 0.001."""
-    from ssflctl import job, synth_coco
+    from ssflctl.node import job
+    from ssflctl.convert import synth_coco
 
     root = tmp_path_factory.mktemp("real")
     data = root / "synth"

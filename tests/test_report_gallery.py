@@ -200,7 +200,7 @@ def _jpegs(page: str, gallery_id: str) -> list:
 def test_html_gallery_shows_one_run_per_configuration(ws, tmp_path):
     from PIL import Image
 
-    from ssflctl import show
+    from ssflctl.report import show
     from ssflctl.report import build_report
 
     ws, _data, dirs = ws
@@ -264,7 +264,7 @@ def test_gallery_pictures_load_in_headless_chromium(ws, tmp_path):
     import subprocess
 
     from ssflctl.report import build_report
-    from ssflctl.show import GAP, HEADER
+    from ssflctl.report.show import GAP, HEADER
 
     ws, _data, _dirs = ws
     page = build_report(ws, fmt="html", baseline="gamma=1", gallery=2)

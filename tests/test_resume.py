@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl import job, render, synth_coco
+from ssflctl.node import job
+from ssflctl.plan import render
+from ssflctl.convert import synth_coco
 
 pytestmark = pytest.mark.training
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +34,7 @@ def first_epoch(tmp_path_factory):
 
 
 def test_weights_only_default_rejects_mmengine_checkpoints_without_the_allowlist(first_epoch):
-    """The incompatibility is real: a fresh process without ssflctl.compat cannot load it."""
+    """The incompatibility is real: a fresh process without ssflctl.extensions.compat cannot load it."""
     code = ("import torch,sys\n"
             "try:\n torch.load(sys.argv[1]); print('LOADED')\n"
             "except Exception as e: print('FAILED', type(e).__name__, str(e))\n")
@@ -43,7 +45,7 @@ def test_weights_only_default_rejects_mmengine_checkpoints_without_the_allowlist
 def test_allowlist_covers_exactly_what_the_checkpoint_needs(first_epoch):
     import torch
 
-    from ssflctl import compat
+    from ssflctl.extensions import compat
 
     compat.allow_mmengine_checkpoints()
     assert compat.unsafe_globals(first_epoch["ckpt"]) == []

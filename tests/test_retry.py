@@ -1,4 +1,4 @@
-"""ssflctl.retry: policy validation and decisions (unit; the real resume is in test_guard.py)."""
+"""ssflctl.node.retry: policy validation and decisions (unit; the real resume is in test_guard.py)."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl import retry
+from ssflctl.node import retry
 from ssflctl.errors import UserError
-from ssflctl.retry import RetryPolicy, decide
+from ssflctl.node.retry import RetryPolicy, decide
 
 pytestmark = pytest.mark.unit
 

@@ -1,9 +1,9 @@
-"""ssflctl.runref: what a RUN argument names (used by `logs` and `show`)."""
+"""ssflctl.workdir.runref: what a RUN argument names (used by `logs` and `show`)."""
 import json
 
 import pytest
 
-from ssflctl import runref
+from ssflctl.workdir import runref
 from ssflctl.errors import UserError
 
 pytestmark = pytest.mark.unit

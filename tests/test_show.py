@@ -57,7 +57,7 @@ def make_attempt(root):
 def _panels(out_path):
     from PIL import Image
 
-    from ssflctl.show import GAP, HEADER
+    from ssflctl.report.show import GAP, HEADER
 
     out = np.asarray(Image.open(out_path).convert("RGB")).astype(int)
     assert out.shape == (H + HEADER, 2 * W + GAP, 3)
@@ -84,7 +84,7 @@ def _perimeter(b):
 def test_pictures_differ_from_the_input_exactly_on_boxes(tmp_path):
     from PIL import Image
 
-    from ssflctl.show import PALETTE, show
+    from ssflctl.report.show import PALETTE, show
 
     adir, data = make_attempt(tmp_path)
     paths = show(adir, n=2, score_thr=0.3)
@@ -114,7 +114,7 @@ def test_pictures_differ_from_the_input_exactly_on_boxes(tmp_path):
 
 def test_show_refuses_to_overwrite_and_bad_inputs(tmp_path):
     from ssflctl.errors import UserError
-    from ssflctl.show import find_attempt, show
+    from ssflctl.report.show import find_attempt, show
 
     adir, _ = make_attempt(tmp_path)
     show(adir, n=1)
@@ -151,7 +151,7 @@ def test_voc_attempt_with_mmdet_coco_copy_of_the_ground_truth(tmp_path):
     without ann_file (string ids = VOC image names, empty file names)."""
     from PIL import Image
 
-    from ssflctl.show import PALETTE, show
+    from ssflctl.report.show import PALETTE, show
 
     data = tmp_path / "VOCdevkit"
     (data / "VOC2007" / "JPEGImages").mkdir(parents=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from ssflctl import spec
+from ssflctl.plan import spec
 from ssflctl.errors import UserError
 
 pytestmark = pytest.mark.unit
@@ -197,7 +197,7 @@ def test_broken_file_one_line_error(case, tmp_path, data_root):
     assert f"{p}:{line}:" in err, err
     assert needle in err, err
     if (ws / "registry.sqlite").exists():
-        from ssflctl.store import Registry
+        from ssflctl.registry.store import Registry
 
         with Registry(ws) as reg:
             assert reg.list_runs() == []
@@ -224,7 +224,7 @@ def test_time_and_mem_parsing():
 
 
 def test_executor_choice(tmp_path, data_root, monkeypatch):
-    from ssflctl import submit
+    from ssflctl.control import submit
 
     text = BASE.format(root=data_root).replace("  type: local\n", "  type: auto\n")
     exp = spec.load(write(tmp_path, text))

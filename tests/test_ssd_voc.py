@@ -88,8 +88,8 @@ def voc(tmp_path_factory):
 
 
 def _head(**kw):
-    import ssflctl.heads  # noqa: F401  (registers FocalSSDHead)
-    import ssflctl.losses  # noqa: F401  (registers ShiftStepFocalLoss)
+    import ssflctl.extensions.heads  # noqa: F401  (registers FocalSSDHead)
+    import ssflctl.extensions.losses  # noqa: F401  (registers ShiftStepFocalLoss)
     from mmdet.registry import MODELS
     from mmengine.config import ConfigDict
     from mmengine.logging import MMLogger
@@ -166,8 +166,8 @@ def test_experiment_dry_run(tmp_path):
 
 
 def test_experiment_runs_render_the_focal_head():
-    from ssflctl import spec
-    from ssflctl.render import render_config
+    from ssflctl.plan import spec
+    from ssflctl.plan.render import render_config
 
     runs = spec.expand(spec.load(REPO / "experiments" / "ssd_voc_focal.yaml"), dry_run=True)
     gammas = []
@@ -187,7 +187,7 @@ def test_ssd300_vgg16_builds_with_20_classes():
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    from ssflctl.render import render_config
+    from ssflctl.plan.render import render_config
 
     register_all_modules()
     cfg = render_config("ssd300_voc", {})
@@ -205,7 +205,8 @@ def test_ssd300_vgg16_builds_with_20_classes():
 
 
 def test_tiny_ssd_focal_trains_two_iterations_validates_and_tests(tmp_path, voc):
-    from ssflctl import job, logs
+    from ssflctl.node import job
+    from ssflctl.workdir import mmlogs as logs
 
     run_dir = tmp_path / "runs" / "ssd-tiny"
     run_dir.mkdir(parents=True)
@@ -229,7 +230,7 @@ def test_tiny_ssd_focal_trains_two_iterations_validates_and_tests(tmp_path, voc)
     metrics = job.test_run(run_dir)
     assert json.loads((adir / "metrics.json").read_text()) == metrics
     assert 0.0 <= metrics["voc"]["mAP50"] <= 1.0 and metrics["voc"]["eval_mode"] == "11points"
-    from ssflctl.coco_eval import STAT_NAMES
+    from ssflctl.evaluation.coco import STAT_NAMES
     assert list(metrics["bbox"]) == list(STAT_NAMES)
     assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["bbox"].values())
     gt = json.loads((adir / "detections.gt.json").read_text())

@@ -7,8 +7,8 @@ import sqlite3
 import pytest
 
 from ssflctl.atomic import write_json
-from ssflctl.store import Registry
-from ssflctl import supervise
+from ssflctl.registry.store import Registry
+from ssflctl.control import reconcile as supervise
 
 pytestmark = pytest.mark.unit
 
@@ -118,7 +118,7 @@ def test_reconcile_lost_results_and_abandoned_claims(tmp_path):
 
 
 def test_local_task_state_lost_runner(tmp_path):
-    from ssflctl.launch import local
+    from ssflctl.backends import local
 
     (tmp_path / "tasks").mkdir()
     write_json(tmp_path / "runner.json", {"pid": 2 ** 22 + 4321})
@@ -131,7 +131,7 @@ def test_local_task_state_lost_runner(tmp_path):
 
 
 def test_parse_sacct_arrays():
-    from ssflctl.launch.slurm import parse_sacct
+    from ssflctl.backends.slurm import parse_sacct
 
     text = "16_0|COMPLETED|0:0|00:00:02\n16_[1-3%2]|PENDING|0:0|00:00:00\n17|CANCELLED by 0|0:15|00:00:01\n"
     st = parse_sacct(text)
@@ -158,7 +158,7 @@ def test_decide_slurm_states():
 
 
 def test_status_view_shows_lineage_of_retried_runs(tmp_path):
-    from ssflctl.status import view
+    from ssflctl.commands.status import view
 
     ws = tmp_path
     with Registry(ws) as reg:
@@ -170,11 +170,11 @@ def test_status_view_shows_lineage_of_retried_runs(tmp_path):
                                                           "max_iters": 5000, "loss": 0.75})
         # its job is still alive as far as the (local) scheduler knows
         sub = ws / "submissions" / "s1"
-        write_json(sub / "runner.json", {"pid": os.getpid(), "cmd": "ssflctl.launch.local"})
+        write_json(sub / "runner.json", {"pid": os.getpid(), "cmd": "ssflctl.backends.local"})
         write_json(sub / "tasks" / "0.json", {"state": "running", "pid": os.getpid()})
         reg.add_submission("s1", "exp", "local", str(sub), 1)
         reg.update_run("r-0000000a", submission_id="s1", job_id="local-%d_0" % os.getpid())
-        import ssflctl.launch.local as local
+        import ssflctl.backends.local as local
 
         orig = local.pid_alive
         local.pid_alive = lambda pid, marker="": pid == os.getpid()

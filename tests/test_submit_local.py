@@ -17,9 +17,9 @@ import pytest
 
 from conftest import REPO, run_cli
 import submit_light_job as light
-from ssflctl import submit as submit_mod
-from ssflctl.launch import local as local_mod
-from ssflctl.store import Registry
+from ssflctl.control import submit as submit_mod
+from ssflctl.backends import local as local_mod
+from ssflctl.registry.store import Registry
 
 pytestmark = pytest.mark.unit
 TESTS = Path(__file__).resolve().parent
@@ -60,7 +60,7 @@ def do_submit(path, ws, **kw):
 
 
 def wait_all(ws, exp, timeout=180, states=("done", "failed", "cancelled", "unknown")):
-    from ssflctl.status import view
+    from ssflctl.commands.status import view
 
     deadline = time.time() + timeout
     while True:
@@ -168,7 +168,7 @@ def test_status_json_and_logs_cli(env):
 _CONCURRENT = """
 import sys, time, json
 import submit_light_job as light
-from ssflctl import submit
+from ssflctl.control import submit
 t0 = float(sys.argv[3])
 while time.time() < t0:
     time.sleep(0.001)
@@ -199,7 +199,7 @@ def test_two_submits_at_once_submit_each_run_once(env):
 _KILLED = """
 import sys, time, json
 import submit_light_job as light
-from ssflctl import submit
+from ssflctl.control import submit
 def hang(*a, **k):
     print("claimed", flush=True)
     time.sleep(600)
@@ -226,7 +226,8 @@ def test_submit_killed_between_claim_and_launch(env):
 _KILLED_AFTER_LAUNCH = """
 import sys, time
 import submit_light_job as light
-from ssflctl import launch, submit
+from ssflctl import backends as launch
+from ssflctl.control import submit
 real = launch.launch
 def launch_then_hang(*a, **k):
     real(*a, **k)
@@ -331,7 +332,8 @@ def test_yaml_injection_stays_an_inert_string(tmp_path, monkeypatch):
           model.bbox_head.loss_cls.note: ["{evil}"]
         params: {{classes: ["{evil}", "car"]}}
         """))
-    from ssflctl import render, spec
+    from ssflctl.plan import render
+    from ssflctl.plan import spec
     from ssflctl.atomic import write_json
 
     run = spec.expand(spec.load(p))[0]
@@ -349,7 +351,7 @@ def test_yaml_injection_stays_an_inert_string(tmp_path, monkeypatch):
 @pytest.mark.training
 def test_real_tiny_training_run_survives_sighup(tmp_path):
     """The real job (render + job.train_and_test) through the CLI from a shell that is then hung up."""
-    from ssflctl import synth_coco
+    from ssflctl.convert import synth_coco
 
     data = tmp_path / "data" / "synth"
     synth_coco.generate(data, n_train=8, n_val=4)

@@ -18,8 +18,8 @@ import pytest
 
 from conftest import REPO, run_cli
 import submit_light_job as light
-from ssflctl import submit as submit_mod
-from ssflctl.store import Registry
+from ssflctl.control import submit as submit_mod
+from ssflctl.registry.store import Registry
 
 pytestmark = pytest.mark.slurm
 TESTS = Path(__file__).resolve().parent
@@ -63,7 +63,7 @@ def do_submit(path, ws, **kw):
 
 
 def wait_all(ws, exp, timeout=300, states=("done", "failed", "cancelled", "unknown")):
-    from ssflctl.status import view
+    from ssflctl.commands.status import view
 
     deadline = time.time() + timeout
     while True:
@@ -83,7 +83,7 @@ def sacct(*ids):
 @pytest.mark.training
 def test_matrix_one_array_dependent_tests_resubmit(env, slurm_cluster):
     """8 real tiny runs: one train array (one sbatch call) + one dependent test array."""
-    from ssflctl import synth_coco
+    from ssflctl.convert import synth_coco
 
     synth_coco.generate(env / "data" / "synth", n_train=4, n_val=2, seed=0)
     ws = env / "ws"
@@ -199,7 +199,8 @@ def test_sbatch_refusal_is_one_line_and_recorded(env, slurm_cluster):
 _KILLED_AFTER_LAUNCH = """
 import sys, time
 import submit_light_job as light
-from ssflctl import launch, submit
+from ssflctl import backends as launch
+from ssflctl.control import submit
 real = launch.launch
 def launch_then_hang(*a, **k):
     real(*a, **k)
@@ -228,10 +229,10 @@ def test_submit_killed_after_sbatch_adopts_the_jobs(env, slurm_cluster):
 
 @pytest.mark.training
 def test_real_tiny_run_on_slurm(tmp_path, slurm_cluster, monkeypatch):
-    """The real job functions (ssflctl.job.train_run / test_run, pickled by submitit) on the cluster."""
+    """The real job functions (ssflctl.node.job.train_run / test_run, pickled by submitit) on the cluster."""
     import textwrap
 
-    from ssflctl import synth_coco
+    from ssflctl.convert import synth_coco
 
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data" / "synth"

@@ -1,7 +1,7 @@
-"""ssflctl.supervise.decide: a run's state and reason from its attempt files and the scheduler."""
+"""ssflctl.control.reconcile.decide: a run's state and reason from its attempt files and the scheduler."""
 import pytest
 
-from ssflctl import supervise
+from ssflctl.control import reconcile as supervise
 
 pytestmark = pytest.mark.unit
 

@@ -335,7 +335,7 @@ def _registry_runs(ws: Path, experiments: list) -> Optional[list]:
     if not (ws / "registry.sqlite").exists():
         return None
     try:
-        from ssflctl import store  # noqa: WPS433 (written by another part of the project)
+        from ssflctl.registry import store  # noqa: WPS433 (written by another part of the project)
     except ImportError:
         return None
     reg = store.Registry(ws)

@@ -73,7 +73,7 @@ def _shrink(png_path: Path) -> bytes:
 
 def draw(rep, n: int, score_thr: float = DEFAULT_SCORE_THR, progress: bool = False) -> list:
     """[(caption, [(image name, JPEG bytes)], why-empty)] for the report's configurations."""
-    from ssflctl import show
+    from ssflctl.report import show
 
     if n < 1:
         return []

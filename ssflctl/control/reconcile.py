@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ssflctl.atomic import read_json
-from ssflctl.store import Registry, hostname
+from ssflctl.registry.store import Registry, hostname
 
 STALE_CLAIM_S = 600          # a claim from another host older than this is treated as abandoned
 SACCT_GRACE_S = 120          # sacct may not know a job for a moment after sbatch
@@ -80,13 +80,13 @@ def _scheduler_states(reg: Registry, rows) -> Dict[str, Dict[str, str]]:
     ids = [i for i in ids if i]
     if not ids:
         return {}
-    from ssflctl.launch import slurm  # imports submitit: only when there are Slurm jobs
+    from ssflctl.backends import slurm  # imports submitit: only when there are Slurm jobs
 
     return slurm.job_states(ids)
 
 
 def _local_state(reg: Registry, r) -> Dict[str, Any]:
-    from ssflctl.launch import local
+    from ssflctl.backends import local
 
     sub = reg.submission(r["submission_id"]) if r["submission_id"] else None
     parsed = local.parse_job_id(r["job_id"] or "")
@@ -99,7 +99,7 @@ def _claim_abandoned(r) -> bool:
     if r["claim_host"] == hostname():
         if r["claim_pid"] == os.getpid():
             return False
-        from ssflctl.launch.local import pid_alive
+        from ssflctl.backends.local import pid_alive
 
         return not pid_alive(r["claim_pid"])
     t = _ts(r["claimed_at"])
@@ -114,11 +114,11 @@ def _recover(registry: Registry, r) -> Optional[Dict[str, Any]]:
     folder = Path(sub["folder"])
     try:
         if sub["backend"] == "local":
-            from ssflctl.launch import local
+            from ssflctl.backends import local
 
             return local.recover(folder).get(r["run_id"])
         if sub["backend"] == "slurm" and (folder / "manifest.json").exists():
-            from ssflctl.launch import slurm
+            from ssflctl.backends import slurm
 
             return slurm.recover(folder).get(r["run_id"])
     except (OSError, ValueError):
@@ -135,7 +135,7 @@ def _failure_reason(attempts: List[Dict[str, Any]], fallback: str) -> str:
     if rec and isinstance(rec[-1], dict) and rec[-1].get("kind") == "interrupted":
         # the scheduler's signal came and the job did not come back: the requeues are spent
         n = sum(1 for x in rec if isinstance(x, dict) and x.get("kind") == "resumed")
-        from ssflctl.job import last_checkpoint  # what is on disk now (the job may have gone on after the note)
+        from ssflctl.node.job import last_checkpoint  # what is on disk now (the job may have gone on after the note)
 
         path = last_checkpoint(attempts[-1]["dir"]) if attempts[-1].get("dir") else None
         ck = Path(path).name if path else rec[-1].get("checkpoint")

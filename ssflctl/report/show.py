@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ssflctl.atomic import load_json
-from ssflctl import runref
+from ssflctl.workdir import runref
 from ssflctl.errors import UserError
 
 HEADER = 14

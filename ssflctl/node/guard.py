@@ -2,7 +2,7 @@
 
 Use it from any mmengine/mmdet config::
 
-    custom_imports = dict(imports=['ssflctl.guard'], allow_failed_imports=False)
+    custom_imports = dict(imports=['ssflctl.node.guard'], allow_failed_imports=False)
     custom_hooks = [dict(type='NanGuardHook')]
 
 Every iteration, ``after_train_iter`` looks at the total loss and each of its parts
@@ -13,7 +13,7 @@ always runs first) has already turned into Python floats in the message hub
 ``.item()``-ed as a fallback when the message hub does not hold the key.
 
 On the first NaN/Inf it writes ``<work_dir>/nan.json`` atomically, logs one line in the text
-log (``NanGuard: ... loss_cls: nan ...``, which ``ssflctl.logs`` recognises), and raises
+log (``NanGuard: ... loss_cls: nan ...``, which ``ssflctl.workdir.mmlogs`` recognises), and raises
 :class:`NonFiniteLossError` carrying the same record. The record::
 
     {"outcome": "nan", "iter": 1234, "epoch": 3, "iter_in_epoch": 34, "loss_key": "loss_cls",
@@ -41,7 +41,7 @@ from typing import Any, Dict, Optional
 
 from ssflctl import atomic
 
-try:  # mmengine is only needed on the training side; importing ssflctl.guard stays cheap.
+try:  # mmengine is only needed on the training side; importing ssflctl.node.guard stays cheap.
     from mmengine.hooks import Hook as _HookBase
     from mmengine.registry import HOOKS as _HOOKS
 except Exception:  # pragma: no cover - exercised only without the training stack
@@ -275,7 +275,7 @@ class LrOverrideHook(_HookBase):  # type: ignore[misc,valid-type]
 
     ``before_run`` (the optimizer is built from the new config, nothing resumed yet) records each
     param group's multiplier; ``before_train`` (after ``load_or_resume``, before the first
-    iteration and its lr log) calls :func:`ssflctl.retry.apply_lr_after_resume`. Without a
+    iteration and its lr log) calls :func:`ssflctl.node.retry.apply_lr_after_resume`. Without a
     resume it changes nothing when ``lr`` is None or equals the config's lr.
 
         custom_hooks = [dict(type='LrOverrideHook', lr=0.001)]
@@ -289,14 +289,14 @@ class LrOverrideHook(_HookBase):  # type: ignore[misc,valid-type]
         self.applied: Optional[list] = None
 
     def before_run(self, runner) -> None:
-        from ssflctl import retry
+        from ssflctl.node import retry
         try:
             self._mult = retry.lr_multipliers(runner)
         except Exception:
             self._mult = None
 
     def before_train(self, runner) -> None:
-        from ssflctl import retry
+        from ssflctl.node import retry
         lr = self.lr
         if lr is None:
             try:

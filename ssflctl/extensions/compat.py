@@ -11,8 +11,8 @@ mmengine.logging.history_buffer.HistoryBuffer``.
 We do not turn ``weights_only`` off (that would make every checkpoint a code-execution vector
 again); we add exactly the types mmengine checkpoints contain to torch's allowlist with
 ``torch.serialization.add_safe_globals``. Importing this module applies it, so a rendered config
-lists ``ssflctl.compat`` in ``custom_imports`` and plain ``tools/train.py --resume`` works too;
-``ssflctl.job`` calls :func:`allow_mmengine_checkpoints` itself.
+lists ``ssflctl.extensions.compat`` in ``custom_imports`` and plain ``tools/train.py --resume`` works too;
+``ssflctl.node.job`` calls :func:`allow_mmengine_checkpoints` itself.
 
 ``unsafe_globals(path)`` lists what a checkpoint needs beyond torch's defaults (the test checks
 that a real mmengine checkpoint needs nothing beyond :func:`safe_globals` and the restricted
@@ -71,7 +71,7 @@ def _history_buffer_getattr(obj, name: str):
         if inspect.isfunction(attr) or isinstance(attr, (staticmethod, classmethod)):
             return getattr(obj, name)
     raise pickle.UnpicklingError(
-        f"ssflctl.compat: refusing getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) "
+        f"ssflctl.extensions.compat: refusing getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) "
         "while loading a checkpoint with weights_only=True (only HistoryBuffer statistics "
         "methods are allowed)")
 

@@ -551,7 +551,7 @@ def load(path) -> Experiment:
         retry_raw.line, retry_raw.lines = L("retry"), {}
     retry: Dict[str, Any] = {}
     try:
-        from ssflctl import retry as retry_mod  # light module (owned by the NaN work)
+        from ssflctl.node import retry as retry_mod  # light module (owned by the NaN work)
     except ImportError:  # pragma: no cover
         retry_mod = None
     allowed = tuple(getattr(retry_mod, "DEFAULTS", {})) or None
@@ -703,7 +703,7 @@ def _same(a: Any, b: Any) -> bool:
 def _template_path(name: str, base: Path) -> Tuple[str, Optional[str]]:
     """(path for run.json, error) without importing heavy modules."""
     try:
-        from ssflctl import render
+        from ssflctl.plan import render
     except ImportError:  # pragma: no cover - render is part of the package
         render = None
     if render is not None and hasattr(render, "resolve_template"):
@@ -715,7 +715,7 @@ def _template_path(name: str, base: Path) -> Tuple[str, Optional[str]]:
         except UserError as exc:
             return name, str(exc)
     p = Path(name).expanduser()
-    for cand in (p, base / p, Path(__file__).resolve().parents[1] / "templates" / f"{name}.py"):
+    for cand in (p, base / p, Path(__file__).resolve().parents[2] / "templates" / f"{name}.py"):
         if cand.suffix == ".py" and cand.is_file():
             return str(cand.resolve()), None
     return name, f"unknown template {name!r}"
@@ -723,7 +723,7 @@ def _template_path(name: str, base: Path) -> Tuple[str, Optional[str]]:
 
 def _template_params(path: str) -> Optional[Dict[str, Any]]:
     try:
-        from ssflctl import render
+        from ssflctl.plan import render
         return dict(render.template_params(path))
     except UserError:
         raise
@@ -769,7 +769,7 @@ def expand(exp: Experiment, check_paths: bool = True, dry_run: bool = False) -> 
             if err:
                 hint = ""
                 try:
-                    from ssflctl import render
+                    from ssflctl.plan import render
                     close = difflib.get_close_matches(tname, list(render.list_templates()), n=1, cutoff=0.5)
                     hint = f"; did you mean '{close[0]}'?" if close else ""
                 except Exception:

@@ -17,7 +17,7 @@ by the number of positive anchors. This head therefore
 * with ``loss_cls=None`` behaves exactly as ``SSDHead`` (softmax CE + hard negative mining).
 
 Importing this module registers ``FocalSSDHead`` into mmdet's ``MODELS``; a config selects it with
-``custom_imports = dict(imports=['ssflctl.heads'])`` and ``model.bbox_head.type='FocalSSDHead'``.
+``custom_imports = dict(imports=['ssflctl.extensions.heads'])`` and ``model.bbox_head.type='FocalSSDHead'``.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import submitit.helpers
 
 from ssflctl.atomic import read_json, write_json
 from ssflctl.errors import UserError
-from ssflctl.launch import THREAD_VARS
+from ssflctl.backends import THREAD_VARS
 
 
 def _resolve(fn: str):
@@ -36,7 +36,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     min(80% of its limit, limit - 10 min)), the rule by which submitit counts ``max_num_timeout``.
     """
 
-    def __init__(self, fn: str = "ssflctl.job:train_run", timeout_min: Optional[float] = None):
+    def __init__(self, fn: str = "ssflctl.node.job:train_run", timeout_min: Optional[float] = None):
         self.fn = fn
         self.timeout_min = timeout_min
         self._started: Optional[float] = None
@@ -57,7 +57,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     def checkpoint(self, run_dir: str, *args, **kwargs):
         """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call."""
         try:
-            from ssflctl.job import note_interrupted
+            from ssflctl.node.job import note_interrupted
 
             note_interrupted(run_dir, self.cause())
         except Exception:  # noqa: BLE001 - the requeue matters more than the note
@@ -65,7 +65,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         return super().checkpoint(run_dir, *args, **kwargs)
 
 
-def run_test(run_dir: str, fn: str = "ssflctl.job:test_run"):
+def run_test(run_dir: str, fn: str = "ssflctl.node.job:test_run"):
     """The test job (imports the heavy job module only on the node)."""
     return _resolve(fn)(run_dir)
 
@@ -119,8 +119,8 @@ def _sbatch_error(exc: Exception) -> UserError:
 def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
            fns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
     fns = fns or {}
-    train_fn = fns.get("train", "ssflctl.job:train_run")
-    test_fn = fns.get("test", "ssflctl.job:test_run")
+    train_fn = fns.get("train", "ssflctl.node.job:train_run")
+    test_fn = fns.get("test", "ssflctl.node.job:test_run")
     exp = options.get("experiment", "ssflctl")
     out: Dict[str, Dict[str, Any]] = {}
     groups: Dict[str, List[Dict[str, Any]]] = {}

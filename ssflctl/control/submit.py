@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ssflctl import spec as spec_mod
+from ssflctl.plan import spec as spec_mod
 from ssflctl.atomic import read_json, write_json
 from ssflctl.errors import UserError
 
@@ -67,7 +67,7 @@ def _why_submit(row) -> str:
 
 
 def _next_attempt(rdir: Path) -> int:
-    from ssflctl.supervise import attempt_dirs, attempt_no
+    from ssflctl.control.reconcile import attempt_dirs, attempt_no
 
     dirs = attempt_dirs(rdir)
     return attempt_no(dirs[-1]) + 1 if dirs else 1
@@ -77,7 +77,7 @@ def _resume_point(rdir: Path, n: int) -> Optional[Tuple[Optional[float], str]]:
     """(lr, checkpoint) when attempt ``n`` ended without an outcome but saved a checkpoint: its job
     was stopped from outside (time limit after its last requeue, node failure, a cancel). The
     resubmission continues it at the same lr instead of training again from scratch."""
-    from ssflctl import job
+    from ssflctl.node import job
 
     prev = rdir / f"attempt-{n}"
     if n < 1 or (prev / "outcome.json").exists():
@@ -109,7 +109,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
     if dry_run:
         rows = {}
         if (ws / "registry.sqlite").exists():
-            from ssflctl.store import Registry
+            from ssflctl.registry.store import Registry
 
             with Registry(ws) as reg:
                 rows = {r["run_id"]: r for r in reg.run_rows(exp.name)}
@@ -119,8 +119,8 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
             result.plan.append(PlanItem(run, "skip" if why else "submit", why or _why_submit(row)))
         return result
 
-    from ssflctl.store import Registry, hostname, now
-    from ssflctl.supervise import reconcile, run_dir
+    from ssflctl.registry.store import Registry, hostname, now
+    from ssflctl.control.reconcile import reconcile, run_dir
 
     reg = Registry(ws)
     try:
@@ -150,7 +150,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         result.submission_id = sid
         try:
             if render is None:
-                from ssflctl.render import render_attempt as render
+                from ssflctl.plan.render import render_attempt as render
             tasks = []
             for item in claimed:
                 rdir = run_dir(ws, item.run.run_id)
@@ -173,7 +173,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
                               "resources": item.run.resources, "test": item.run.test})
             options = dict(exp.executor.get(kind) or {})
             options["experiment"] = exp.name
-            from ssflctl import launch
+            from ssflctl import backends as launch
 
             ids = launch.launch(kind, tasks, folder, options, fns=fns)
         except BaseException as exc:
@@ -241,7 +241,7 @@ PLAN_COLUMNS = ["run", "loss", "dataset", "seed", "lr", "resources", "executor",
 def main(experiment, workspace, dry_run: bool = False, executor: Optional[str] = None) -> SubmitResult:
     from rich.console import Console
 
-    from ssflctl.status import print_table
+    from ssflctl.commands.status import print_table
 
     result = submit(experiment, workspace, dry_run=dry_run, executor=executor)
     err = Console(stderr=True, highlight=False, soft_wrap=True)

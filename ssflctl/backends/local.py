@@ -2,9 +2,9 @@
 
 Why not submitit's LocalExecutor: its controller processes are plain children of the submitting
 python (no new session), so SIGHUP to the shell's process group kills them, and it has no
-concurrency limit. Here ``submit`` starts ``python -m ssflctl.launch.local <folder>`` in a new
+concurrency limit. Here ``submit`` starts ``python -m ssflctl.backends.local <folder>`` in a new
 session (setsid, stdin from /dev/null, output to a file) and returns at once. The runner ignores
-SIGHUP, starts each run as ``python -m ssflctl.launch.local --task FN RUN_DIR`` in its own session,
+SIGHUP, starts each run as ``python -m ssflctl.backends.local --task FN RUN_DIR`` in its own session,
 and records every task's state in ``<folder>/tasks/<i>.json`` (atomically). Cancel: a
 ``<i>.cancel`` marker (pending tasks) and SIGTERM to the task's process group (running tasks).
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ssflctl.atomic import read_json, write_json
-from ssflctl.launch import THREAD_VARS
+from ssflctl.backends import THREAD_VARS
 
-RUNNER_MODULE = "ssflctl.launch.local"
+RUNNER_MODULE = "ssflctl.backends.local"
 
 
 def _now() -> str:
@@ -45,7 +45,7 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
            fns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
     folder = Path(folder).resolve()
     (folder / "tasks").mkdir(parents=True, exist_ok=True)
-    fn = (fns or {}).get("local", "ssflctl.job:train_and_test")
+    fn = (fns or {}).get("local", "ssflctl.node.job:train_and_test")
     queue = {
         "max_parallel": int(options.get("max_parallel") or 1),
         "fn": fn,
@@ -266,7 +266,7 @@ def main(argv: List[str]) -> int:
         return run_task(argv[1], argv[2])
     if len(argv) == 1:
         return run_queue(Path(argv[0]))
-    print("usage: python -m ssflctl.launch.local FOLDER | --task MODULE:FN RUN_DIR", file=sys.stderr)
+    print("usage: python -m ssflctl.backends.local FOLDER | --task MODULE:FN RUN_DIR", file=sys.stderr)
     return 2
 
 

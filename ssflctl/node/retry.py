@@ -17,7 +17,7 @@ Two traps of mmengine 0.10.7 this module handles:
 * ``last_checkpoint`` keeps pointing at checkpoints written after the NaN (poisoned weights):
   :func:`clean_checkpoint` reads each checkpoint's own saved iteration instead.
 * ``resume`` restores the optimizer and the schedulers, so a lower lr written in the config is
-  silently ignored: :func:`apply_lr_after_resume` (or ``LrOverrideHook`` in ``ssflctl.guard``)
+  silently ignored: :func:`apply_lr_after_resume` (or ``LrOverrideHook`` in ``ssflctl.node.guard``)
   rewrites the param groups' lr and the schedulers' base values after the resume.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ssflctl import atomic, logs
+from ssflctl import atomic
+from ssflctl.workdir import mmlogs as logs
 from ssflctl.errors import UserError
 
 _CHOICES = {

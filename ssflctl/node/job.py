@@ -1,20 +1,20 @@
 """What runs on the node: train one run's attempts (with NaN retries), then test the finished one.
 
 Never touches the SQLite registry: everything is written as small JSON files (atomically) in the
-attempt directories, which ``ssflctl.supervise.reconcile`` folds into the registry later.
+attempt directories, which ``ssflctl.control.reconcile.reconcile`` folds into the registry later.
 
 * :func:`train_run` trains the current attempt in-process with ``mmengine.runner.Runner``
   (``work_dir`` = the attempt directory, so mmengine's logs and checkpoints are where mmdet users
   look for them), writes ``progress.json`` at every logging interval and ``outcome.json`` at the
-  end. On a non-finite loss (``ssflctl.guard.NonFiniteLossError``) it asks
-  ``ssflctl.retry.decide`` and renders the next attempt (lower lr, from scratch or from the last
+  end. On a non-finite loss (``ssflctl.node.guard.NonFiniteLossError``) it asks
+  ``ssflctl.node.retry.decide`` and renders the next attempt (lower lr, from scratch or from the last
   clean checkpoint) inside the same job. Idempotent: an attempt with checkpoints and no outcome
   (requeue, preemption, time limit) resumes from its last checkpoint at the same lr; a finished
   attempt is not retrained. Raises :class:`TrainingFailed` when no attempt finished, so a Slurm
   ``afterok`` dependency is cancelled.
 * :func:`test_run` runs mmdet's test loop on the finished attempt's checkpoint, dumps the
   detections (``detections.bbox.json``) and evaluates them with the standard COCO parameters
-  (``ssflctl.coco_eval``) into ``metrics.json``.
+  (``ssflctl.evaluation.coco``) into ``metrics.json``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from ssflctl import atomic, render
+from ssflctl import atomic
+from ssflctl.plan import render
 from ssflctl.errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -189,7 +190,7 @@ def _launcher() -> str:
 def _load_cfg(adir: Path):
     from mmengine.config import Config
 
-    from ssflctl import compat
+    from ssflctl.extensions import compat
 
     compat.allow_mmengine_checkpoints()
     cfg = Config.fromfile(str(adir / "config.py"))
@@ -290,7 +291,7 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
         record_recovery(adir, "restarted", f"no checkpoint yet: restarted at lr {meta.get('lr')} after "
                         f"{_resume_cause(adir)}", lr=meta.get("lr"), restart_count=_restart_count())
     try:
-        from ssflctl.guard import NonFiniteLossError
+        from ssflctl.node.guard import NonFiniteLossError
     except ImportError:  # pragma: no cover - the guard is part of the package
         class NonFiniteLossError(Exception):  # type: ignore[no-redef]
             pass
@@ -324,7 +325,7 @@ def _name(path: Optional[str]) -> Optional[str]:
 
 def _next_attempt(run: Dict[str, Any], run_dir: Path, n: int, outcome: Dict[str, Any]) -> Optional[int]:
     """The retry loop's one decision: render attempt n+1 and return n+1, or None to stop."""
-    from ssflctl import retry
+    from ssflctl.node import retry
 
     adir = render.attempt_dir(run_dir, n)
     meta = atomic.read_json(adir / "attempt.json") or {}
@@ -343,7 +344,7 @@ def _interrupted(adir: Path) -> bool:
 
 
 def _on_preempt(run: Dict[str, Any], run_dir: Path) -> str:
-    from ssflctl import retry
+    from ssflctl.node import retry
 
     return retry.RetryPolicy.from_dict(run.get("retry"), where=f"{run_dir / 'run.json'}: retry").on_preempt
 
@@ -415,7 +416,7 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
     """Test one attempt's checkpoint; write detections.bbox.json and metrics.json."""
     from mmengine.runner import Runner
 
-    from ssflctl import coco_eval
+    from ssflctl.evaluation import coco as coco_eval
 
     adir = Path(adir)
     out = adir / "metrics.json"

@@ -51,7 +51,7 @@ from ssflctl import atomic
 from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
 
-REPO_TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 #: loss name -> loss_cls config (RetinaNet's defaults: sigmoid, gamma 2, alpha 0.25)
 LOSSES: Dict[str, Dict[str, Any]] = {
@@ -322,7 +322,7 @@ def _set_existing(cfg, dotted: str, value: Any, where: str) -> None:
 
 
 def _imports() -> List[str]:
-    mods = ["ssflctl.compat", "ssflctl.losses", "ssflctl.guard"]
+    mods = ["ssflctl.extensions.compat", "ssflctl.extensions.losses", "ssflctl.node.guard"]
     return [m for m in mods if _module_exists(m)]
 
 
@@ -343,8 +343,8 @@ def render_config(template: Union[str, Path], params: Optional[Dict[str, Any]] =
         raise UserError(f"params: {', '.join(unknown)} not known to template {path.name}; "
                         f"it takes {', '.join(sorted(declared))}")
     resolved = {**declared, **params}
-    if str(resolved.get("loss", "")).lower() in ("ssfl", "gfl") and not _module_exists("ssflctl.losses"):
-        raise UserError("params.loss: ShiftStepFocalLoss needs ssflctl.losses, which is not installed")
+    if str(resolved.get("loss", "")).lower() in ("ssfl", "gfl") and not _module_exists("ssflctl.extensions.losses"):
+        raise UserError("params.loss: ShiftStepFocalLoss needs ssflctl.extensions.losses, which is not installed")
     try:
         cfg = Config.fromfile(str(path))
     except UserError:
@@ -356,8 +356,8 @@ def render_config(template: Union[str, Path], params: Optional[Dict[str, Any]] =
     bindings = _template_bindings(path)
     where = f"template {path.name}"
     derived_names: set = set()
-    if _module_exists("ssflctl.derived"):
-        from ssflctl import derived
+    if _module_exists("ssflctl.plan.derived"):
+        from ssflctl.plan import derived
 
         derived_names = set(derived.read(path))
     idle = sorted(set(declared) - _HANDLED - set(bindings) - derived_names)
@@ -376,7 +376,7 @@ def render_config(template: Union[str, Path], params: Optional[Dict[str, Any]] =
     imports = list(ci.get("imports", []))
     imports += [m for m in _imports() if m not in imports]
     cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
-    if "ssflctl.guard" in imports:
+    if "ssflctl.node.guard" in imports:
         hooks = list(cfg.get("custom_hooks") or [])
         if not any(isinstance(h, dict) and h.get("type") == "NanGuardHook" for h in hooks):
             hooks.append(dict(type="NanGuardHook"))
@@ -475,7 +475,7 @@ def render_attempt(run_dir: Union[str, Path], attempt: int, *, lr: Optional[floa
         # lr that mmengine's resume restores with the optimizer and scheduler state
         cfg.resume = True
         cfg.load_from = str(resume_from)
-        if _module_exists("ssflctl.guard"):
+        if _module_exists("ssflctl.node.guard"):
             hooks = [h for h in (cfg.get("custom_hooks") or []) if h.get("type") != "LrOverrideHook"]
             hooks.append(dict(type="LrOverrideHook", lr=float(cfg.optim_wrapper.optimizer.lr)))
             cfg.custom_hooks = hooks

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ssflctl import runref
+from ssflctl.workdir import runref
 from ssflctl.errors import UserError
 
 COLUMNS = ["run", "loss", "dataset", "seed", "lr", "attempt", "state", "job", "progress", "loss_val", "elapsed", "note"]
@@ -44,7 +44,7 @@ def _rich_table(title, headers, rows, styles=None):
 
 
 def _ws_registry(ws, create: bool = False):
-    from ssflctl.store import Registry
+    from ssflctl.registry.store import Registry
 
     ws = Path(ws)
     if not (ws / "registry.sqlite").exists() and not create:
@@ -63,7 +63,7 @@ def _fmt_elapsed(seconds: Optional[float]) -> str:
 
 
 def _ts(iso):
-    from ssflctl.supervise import _ts as ts
+    from ssflctl.control.reconcile import _ts as ts
 
     return ts(iso)
 
@@ -97,7 +97,7 @@ def lineage(attempt: Dict[str, Any], max_attempts: Optional[int]) -> str:
 
 def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
     """Reconcile, then one dict per run with everything the table shows."""
-    from ssflctl.supervise import reconcile
+    from ssflctl.control.reconcile import reconcile
 
     if experiment and experiment not in reg.experiments():
         known = reg.experiments()
@@ -239,7 +239,7 @@ def _summary(items) -> None:
 
 def cancel(reg, ws, target: str) -> List[str]:
     """Cancel the active runs of an experiment or a run; returns the run ids cancelled."""
-    from ssflctl.supervise import reconcile
+    from ssflctl.control.reconcile import reconcile
 
     rows = reg.find_runs(target)
     if not rows:
@@ -254,12 +254,12 @@ def cancel(reg, ws, target: str) -> List[str]:
     active = [r for r in rows if r["state"] in ("queued", "running", "submitting", "unknown") and r["job_id"]]
     slurm_ids = [i for r in active if r["backend"] == "slurm" for i in (r["job_id"], r["test_job_id"]) if i]
     if slurm_ids:
-        from ssflctl.launch import slurm
+        from ssflctl.backends import slurm
 
         slurm.cancel(slurm_ids)
     for r in active:
         if r["backend"] == "local":
-            from ssflctl.launch import local
+            from ssflctl.backends import local
 
             sub = reg.submission(r["submission_id"]) if r["submission_id"] else None
             parsed = local.parse_job_id(r["job_id"])
@@ -292,7 +292,7 @@ def cancel_main(workspace, target: str) -> List[str]:
 def find_logs(ws, run_id: str, attempt: Optional[int] = None) -> List[Path]:
     """The mmengine text logs of the run's attempt (latest by default), oldest first: the training
     log, then the test step's. Raises UserError if the run has no attempt (or not that one)."""
-    from ssflctl.supervise import attempt_dirs, attempt_no, run_dir
+    from ssflctl.control.reconcile import attempt_dirs, attempt_no, run_dir
 
     rdir = run_dir(ws, run_id)
     dirs = attempt_dirs(rdir)
@@ -314,7 +314,7 @@ def _job_output(reg, row) -> Optional[Path]:
         return None
     folder = Path(sub["folder"])
     if row["backend"] == "local":
-        from ssflctl.launch.local import parse_job_id
+        from ssflctl.backends.local import parse_job_id
 
         parsed = parse_job_id(row["job_id"])
         return folder / f"{parsed[1]}.log" if parsed else None

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 
 from ssflctl.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "experiments" / "quickstart.yaml"
 EXPERIMENT = "quickstart"
 SPLITS = ("train", "val", "test")
@@ -161,7 +161,7 @@ def resolved_spec(ws, spec=SPEC, params: Optional[Dict[str, Any]] = None) -> Pat
     the workspace (and ``params`` merged into its params); rewritten only when it changes."""
     import yaml
 
-    from ssflctl import spec as spec_mod
+    from ssflctl.plan import spec as spec_mod
     from ssflctl.atomic import write_text
 
     ws = Path(ws).resolve()
@@ -193,8 +193,8 @@ def resolved_spec(ws, spec=SPEC, params: Optional[Dict[str, Any]] = None) -> Pat
 def wait(ws, console=None, err=None, interval: float = 2.0) -> List[Dict[str, Any]]:
     """Until no run of the quickstart is queued or running: the live status table on a terminal,
     one line per change otherwise. KeyboardInterrupt propagates (the jobs go on)."""
-    from ssflctl import status as status_mod
-    from ssflctl.store import Registry
+    from ssflctl.commands import status as status_mod
+    from ssflctl.registry.store import Registry
 
     console, err = _consoles(console, err)
     if console.is_terminal:
@@ -225,8 +225,8 @@ def run(ws, *, data: Optional[Dict[str, Any]] = None, params: Optional[Dict[str,
     """Generate, convert, submit, wait, report. ``data`` overrides generator parameters (`DATA`),
     ``params`` the experiment's params (tests shrink both; the code path is the same)."""
     from ssflctl import report as report_mod
-    from ssflctl import spec as spec_mod
-    from ssflctl import submit as submit_mod
+    from ssflctl.plan import spec as spec_mod
+    from ssflctl.control import submit as submit_mod
 
     console, err = _consoles(console, err)
     # a newcomer's first screen: not the training stack's import-time deprecation notices

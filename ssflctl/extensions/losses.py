@@ -10,7 +10,7 @@ Importing this module registers into mmdet's ``MODELS`` registry:
 
 A config selects one through ``custom_imports``::
 
-    custom_imports = dict(imports=['ssflctl.losses'], allow_failed_imports=False)
+    custom_imports = dict(imports=['ssflctl.extensions.losses'], allow_failed_imports=False)
     model = dict(bbox_head=dict(loss_cls=dict(
         type='ShiftStepFocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, shift=0.1,
         loss_weight=1.0)))
