@@ -103,7 +103,7 @@ def submit(
 
     Example: ssflctl submit experiments/ssfl_vs_fl.yaml --dry-run
     """
-    from ssflctl.control import submit as submit_mod
+    from ssflctl.commands import submit as submit_mod
 
     submit_mod.main(experiment, workspace_path(workspace), dry_run=dry_run, executor=executor)
 
@@ -136,9 +136,9 @@ def cancel(
 
     Example: ssflctl cancel ssfl_vs_fl
     """
-    from ssflctl.commands import status as status_mod
+    from ssflctl.commands import cancel as cancel_mod
 
-    status_mod.cancel_main(workspace_path(workspace), target)
+    cancel_mod.main(workspace_path(workspace), target)
 
 
 @app.command()
@@ -153,9 +153,9 @@ def logs(
 
     Example: ssflctl logs ssfl-cityscapes-s3407 -f
     """
-    from ssflctl.commands import status as status_mod
+    from ssflctl.commands import logs as logs_mod
 
-    status_mod.logs_main(workspace_path(workspace), run, follow=follow, attempt=attempt)
+    logs_mod.main(workspace_path(workspace), run, follow=follow, attempt=attempt)
 
 
 @app.command()

@@ -246,7 +246,7 @@ def test_spent_requeues_are_explained_and_a_new_submit_continues_the_checkpoint(
     assert rec["kind"] == "interrupted" and rec["checkpoint"]
     # the latest checkpoint on disk (seen in CI: after the signal's note the job may train on, saving
     # more, until Slurm kills it at the limit)
-    from ssflctl.node.job import last_checkpoint
+    from ssflctl.workdir.checkpoints import latest_checkpoint as last_checkpoint
 
     ck = Path(last_checkpoint(a1)).name
     assert int(re.search(r"epoch_(\d+)", ck).group(1)) >= int(re.search(r"epoch_(\d+)", rec["checkpoint"]).group(1))

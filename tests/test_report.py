@@ -303,7 +303,7 @@ def test_registry_fixture(tmp_path):
     gaps = {r[0][0]: [c.text for c in r[1]] for r in rep.gaps.rows}
     assert gaps["gfl-coco-s1-deadbeef"][3:] == ["queued", "slurm job 4242 pending (Priority)"]
     assert gaps["focal-cityscapes-s1-1796d5be"][3] == "failed"
-    assert "no metrics.json" in gaps["focal-cityscapes-s1-1796d5be"][4]
+    assert gaps["focal-cityscapes-s1-1796d5be"][4].startswith("results missing: no outcome.json")
     cols = rep.main.flat_columns()
     row = {tuple(s): c for s, c in rep.main.rows}
     # seeds 2 and 3 of gfl/coco were never registered: they show up as missing, not as nothing

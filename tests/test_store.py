@@ -140,23 +140,6 @@ def test_parse_sacct_arrays():
     assert st["17"]["state"] == "CANCELLED"
 
 
-def test_decide_slurm_states():
-    row = {"backend": "slurm", "job_id": "5_0", "test_job_id": "6_0", "attempt": 1, "submitted_at": None,
-           "submission_id": "20260101-000000-abcdef"}
-    dec = lambda sched, attempts=(): supervise.decide(row, list(attempts), True, sched)  # noqa: E731
-    assert dec({"5_0": {"state": "PENDING"}})[0] == "queued"
-    assert dec({"5_0": {"state": "RUNNING"}})[0] == "running"
-    assert dec({"5_0": {"state": "COMPLETED"}, "6_0": {"state": "RUNNING"}}) == ("running", "testing")
-    assert dec({"5_0": {"state": "FAILED", "exit_code": "1:0"}})[0] == "failed"
-    assert dec({"5_0": {"state": "CANCELLED"}})[0] == "cancelled"
-    assert dec({})[0] == "unknown"
-    # the same id, but another job's name: slurmctld's ids restarted; ours is lost, never "done"
-    assert dec({"5_0": {"state": "COMPLETED", "name": "train-x-20251231-000000-ffffff-0"},
-                "6_0": {"state": "COMPLETED", "name": "test-x-20251231-000000-ffffff-0"}})[0] == "unknown"
-    assert dec({"5_0": {"state": "RUNNING", "name": "train-x-20260101-000000-abcdef-0"}})[0] == "running"
-    assert dec({"5_0": {"state": "COMPLETED"}, "6_0": {"state": "COMPLETED"}})[0] == "failed"  # no metrics.json
-
-
 def test_status_view_shows_lineage_of_retried_runs(tmp_path):
     from ssflctl.commands.status import view
 

@@ -226,14 +226,15 @@ def test_submit_killed_between_claim_and_launch(env):
 _KILLED_AFTER_LAUNCH = """
 import sys, time
 import submit_light_job as light
-from ssflctl import backends as launch
+from ssflctl import backends
 from ssflctl.control import submit
-real = launch.launch
+backend = backends.get("local")
+real = backend.submit
 def launch_then_hang(*a, **k):
     real(*a, **k)
     print("launched", flush=True)
     time.sleep(600)
-launch.launch = launch_then_hang
+backend.submit = launch_then_hang
 submit.submit(sys.argv[1], sys.argv[2], fns=light.FNS, render=light.light_render)
 """
 
@@ -256,7 +257,7 @@ def test_submit_killed_after_launch_adopts_the_jobs(env):
         assert all(any(e["kind"] == "recovered" for e in reg.events(r["run_id"])) for r in reg.list_runs())
 
 
-_SHELL = "{py} -c 'import sys, submit_light_job as L; from ssflctl import submit; " \
+_SHELL = "{py} -c 'import sys, submit_light_job as L; from ssflctl.control import submit; " \
          "submit.submit(sys.argv[1], sys.argv[2], fns=L.FNS, render=L.light_render)' {exp} {ws}; " \
          "echo submitted; sleep 300"
 

@@ -141,7 +141,7 @@ def test_matrix_one_array_dependent_tests_resubmit(env, slurm_cluster):
     assert items[victim]["attempt"] == 2 and items[victim]["job"] == res3.submitted[0].job_id
 
 
-_SHELL = "{py} -c 'import sys, submit_light_job as L; from ssflctl import submit; " \
+_SHELL = "{py} -c 'import sys, submit_light_job as L; from ssflctl.control import submit; " \
          "submit.submit(sys.argv[1], sys.argv[2], fns=L.FNS, render=L.light_render)' {exp} {ws}; " \
          "echo submitted; sleep 300"
 
@@ -199,14 +199,15 @@ def test_sbatch_refusal_is_one_line_and_recorded(env, slurm_cluster):
 _KILLED_AFTER_LAUNCH = """
 import sys, time
 import submit_light_job as light
-from ssflctl import backends as launch
+from ssflctl import backends
 from ssflctl.control import submit
-real = launch.launch
+backend = backends.get("slurm")
+real = backend.submit
 def launch_then_hang(*a, **k):
     real(*a, **k)
     print("launched", flush=True)
     time.sleep(600)
-launch.launch = launch_then_hang
+backend.submit = launch_then_hang
 submit.submit(sys.argv[1], sys.argv[2], fns=light.FNS, render=light.light_render)
 """
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ssflctl.atomic import read_json, write_json
-from ssflctl.backends import THREAD_VARS
+from ssflctl.backends.base import TRAIN_AND_TEST_FN, THREAD_VARS, Backend, JobKind, JobStatus, Task
 
 RUNNER_MODULE = "ssflctl.backends.local"
 
@@ -31,21 +31,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def make_executor(folder: Path, resources: Dict[str, Any]):
-    """A plain submitit LocalExecutor (for ad-hoc use; `launch` below is what `submit` uses: submitit's
-    local jobs die with the submitting shell)."""
-    import submitit
-
-    ex = submitit.LocalExecutor(folder=str(folder))
-    ex.update_parameters(timeout_min=int(resources.get("time_min", 60)))
-    return ex
-
-
 def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
            fns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
     folder = Path(folder).resolve()
     (folder / "tasks").mkdir(parents=True, exist_ok=True)
-    fn = (fns or {}).get("local", "ssflctl.node.job:train_and_test")
+    fn = (fns or {}).get("local", TRAIN_AND_TEST_FN)
     queue = {
         "max_parallel": int(options.get("max_parallel") or 1),
         "fn": fn,
@@ -268,6 +258,67 @@ def main(argv: List[str]) -> int:
         return run_queue(Path(argv[0]))
     print("usage: python -m ssflctl.backends.local FOLDER | --task MODULE:FN RUN_DIR", file=sys.stderr)
     return 2
+
+
+_KINDS = {"pending": JobKind.QUEUED, "running": JobKind.RUNNING, "cancelled": JobKind.CANCELLED,
+          "done": JobKind.COMPLETED, "failed": JobKind.FAILED}
+
+
+def _signal_name(rc: Optional[int]) -> str:
+    if rc is not None and rc < 0:
+        try:
+            return f" ({signal.Signals(-rc).name})"
+        except ValueError:
+            return ""
+    return ""
+
+
+class LocalBackend(Backend):
+    """Detached runner processes on this machine (train and test in one process per run)."""
+
+    name = "local"
+    test_in_train_job = True
+
+    def submit(self, tasks, folder, options, fns=None):
+        return launch([t.__dict__ if isinstance(t, Task) else t for t in tasks], folder, options, fns=fns)
+
+    def query(self, jobs):
+        out = {}
+        for j in jobs:
+            parsed = parse_job_id(j.job_id)
+            if parsed is None or j.folder is None:
+                out[j.job_id] = JobStatus(j.job_id, JobKind.GONE, reason="no record of the local job")
+                continue
+            st = task_state(Path(j.folder), parsed[1])
+            s = st.get("state", "missing")
+            if s == "lost":
+                out[j.job_id] = JobStatus(j.job_id, JobKind.GONE, raw="lost",
+                                          reason="the local runner process is gone (killed or machine restarted)")
+            elif s in _KINDS:
+                rc = st.get("returncode")
+                status = JobStatus(j.job_id, _KINDS[s], raw=s, exit_code="" if rc is None else str(rc))
+                if s == "failed":
+                    status.raw, status.exit_code = f"exited with code {rc}{_signal_name(rc)}; see `ssflctl logs`", ""
+                out[j.job_id] = status
+            else:
+                out[j.job_id] = JobStatus(j.job_id, JobKind.GONE, reason="no record of the local job")
+        return out
+
+    def cancel(self, jobs):
+        for j in jobs:
+            parsed = parse_job_id(j.job_id)
+            if parsed and j.folder is not None:
+                cancel(Path(j.folder), parsed[1])
+
+    def recover(self, folder):
+        return recover(folder)
+
+    def job_output(self, job):
+        parsed = parse_job_id(job.job_id)
+        return Path(job.folder) / f"{parsed[1]}.log" if parsed and job.folder is not None else None
+
+    def describe_where(self, options):
+        return "local"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,8 +19,8 @@ import submitit
 import submitit.helpers
 
 from ssflctl.atomic import read_json, write_json
+from ssflctl.backends.base import TEST_FN, THREAD_VARS, TRAIN_FN, Backend, JobKind, JobStatus, Task
 from ssflctl.errors import UserError
-from ssflctl.backends import THREAD_VARS
 
 
 def _resolve(fn: str):
@@ -36,7 +37,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     min(80% of its limit, limit - 10 min)), the rule by which submitit counts ``max_num_timeout``.
     """
 
-    def __init__(self, fn: str = "ssflctl.node.job:train_run", timeout_min: Optional[float] = None):
+    def __init__(self, fn: str = TRAIN_FN, timeout_min: Optional[float] = None):
         self.fn = fn
         self.timeout_min = timeout_min
         self._started: Optional[float] = None
@@ -65,7 +66,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         return super().checkpoint(run_dir, *args, **kwargs)
 
 
-def run_test(run_dir: str, fn: str = "ssflctl.node.job:test_run"):
+def run_test(run_dir: str, fn: str = TEST_FN):
     """The test job (imports the heavy job module only on the node)."""
     return _resolve(fn)(run_dir)
 
@@ -119,8 +120,8 @@ def _sbatch_error(exc: Exception) -> UserError:
 def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
            fns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
     fns = fns or {}
-    train_fn = fns.get("train", "ssflctl.node.job:train_run")
-    test_fn = fns.get("test", "ssflctl.node.job:test_run")
+    train_fn = fns.get("train", TRAIN_FN)
+    test_fn = fns.get("test", TEST_FN)
     exp = options.get("experiment", "ssflctl")
     out: Dict[str, Dict[str, Any]] = {}
     groups: Dict[str, List[Dict[str, Any]]] = {}
@@ -196,59 +197,98 @@ def _expand_ids(jobid: str) -> List[str]:
     return out
 
 
-def parse_sacct(text: str) -> Dict[str, Dict[str, str]]:
-    """Parse ``sacct -X -n -P -o JobID,State,ExitCode,Elapsed`` output."""
-    out: Dict[str, Dict[str, str]] = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 4 or not parts[0]:
-            continue
-        jid, state, code, elapsed = parts[:4]
-        state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
-        for j in _expand_ids(jid):
-            out[j] = {"state": state, "exit_code": code, "elapsed": elapsed}
-            if len(parts) > 4:
-                out[j]["name"] = parts[4]
-    return out
-
-
-def parse_squeue(text: str) -> Dict[str, Dict[str, str]]:
-    out: Dict[str, Dict[str, str]] = {}
+def _parse(text: str, fields) -> Dict[str, Dict[str, str]]:
+    """``|``-separated lines → per job id; a task's own record wins over an array range record
+    (sacct keeps a ``5_[0-1%2] CANCELLED`` record of the not-yet-started range beside ``5_0 RUNNING``)."""
+    own: Dict[str, Dict[str, str]] = {}
+    ranged: Dict[str, Dict[str, str]] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
         if len(parts) < 2 or not parts[0]:
             continue
-        for j in _expand_ids(parts[0]):
-            out[j] = {"state": parts[1], "exit_code": "", "elapsed": parts[2] if len(parts) > 2 else ""}
-            if len(parts) > 3:
-                out[j]["name"] = parts[3]
+        rec = {f: (parts[i] if i < len(parts) else "") for i, f in enumerate(fields)}
+        rec["state"] = rec["state"].split()[0] if rec.get("state") else "UNKNOWN"  # "CANCELLED by 0"
+        ids = _expand_ids(parts[0])
+        target = ranged if ids != [parts[0]] else own
+        for j in ids:
+            target.setdefault(j, rec)
+    return {**ranged, **own}
+
+
+def parse_sacct(text: str) -> Dict[str, Dict[str, str]]:
+    """Parse ``sacct -X -n -P -o JobID,State,ExitCode,Elapsed[,JobName]`` output."""
+    out = _parse(text, ("id", "state", "exit_code", "elapsed", "name"))
+    for rec in out.values():
+        rec.pop("id", None)
+        if not rec.get("name"):
+            rec.pop("name", None)
     return out
 
 
-def job_states(job_ids: Iterable[str]) -> Dict[str, Dict[str, str]]:
-    """State per job id from sacct (falling back to squeue if sacct is unavailable)."""
+def parse_squeue(text: str) -> Dict[str, Dict[str, str]]:
+    """Parse ``squeue -h -o %i|%T|%M|%j|%r`` output."""
+    out = _parse(text, ("id", "state", "elapsed", "name", "reason"))
+    for rec in out.values():
+        rec.pop("id", None)
+        rec["exit_code"] = ""
+        if not rec.get("name"):
+            rec.pop("name", None)
+    return out
+
+
+class QueryFailed(Exception):
+    """A scheduler command that did not answer (non-zero exit, timeout, not found)."""
+
+
+def _run(cmd: List[str], timeout: float = 60, empty_if: str = "") -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise QueryFailed(f"`{cmd[0]}` timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise QueryFailed(f"`{cmd[0]}` could not run: {exc}") from None
+    if proc.returncode != 0:
+        if empty_if and empty_if in (proc.stderr or ""):
+            return ""
+        msg = " ".join((proc.stderr or proc.stdout or "").split())[-300:] or f"exit {proc.returncode}"
+        raise QueryFailed(f"`{cmd[0]}` failed: {msg}")
+    return proc.stdout
+
+
+def job_states(job_ids: Iterable[str], timeout: float = 60) -> Dict[str, Dict[str, str]]:
+    """State per job id from sacct and squeue (squeue wins for what is still queued or running).
+
+    A job neither command could be asked about gets ``{"state": "QUERY_FAILED", "error": ...}``;
+    a job that both answered without is left out (the scheduler has no record of it).
+    """
     ids = sorted({str(j) for j in job_ids if j})
     if not ids:
         return {}
     bases = sorted({j.split("_")[0] for j in ids})
     states: Dict[str, Dict[str, str]] = {}
+    errors = []
     try:
-        proc = subprocess.run(["sacct", "-j", ",".join(bases), "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed,JobName%200"],
-                              capture_output=True, text=True, timeout=60)
-        if proc.returncode == 0:
-            states.update(parse_sacct(proc.stdout))
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    try:  # squeue is authoritative for what is still queued/running (sacct may lag)
-        proc = subprocess.run(["squeue", "-h", "-j", ",".join(bases), "-o", "%i|%T|%M|%j"],
-                              capture_output=True, text=True, timeout=60)
-        if proc.returncode == 0:
-            for j, st in parse_squeue(proc.stdout).items():
-                if j not in states or states[j]["state"] in ("PENDING", "RUNNING", "REQUEUED", "UNKNOWN"):
-                    states[j] = st
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return {j: states[j] for j in ids if j in states}
+        states.update(parse_sacct(_run(["sacct", "-j", ",".join(bases), "-X", "-n", "-P", "-o",
+                                        "JobID,State,ExitCode,Elapsed,JobName%200"], timeout)))
+    except QueryFailed as exc:
+        errors.append(str(exc))
+    squeue_ok = True
+    try:  # authoritative for what is still queued/running (sacct may lag); %r is the pending reason
+        for j, st in parse_squeue(_run(["squeue", "-h", "-j", ",".join(bases), "-o", "%i|%T|%M|%j|%r"],
+                                       timeout, empty_if="Invalid job id")).items():
+            if j not in states or states[j]["state"] in ("PENDING", "RUNNING", "REQUEUED", "UNKNOWN"):
+                states[j] = st
+    except QueryFailed as exc:
+        squeue_ok = False
+        errors.append(str(exc))
+    out = {j: states[j] for j in ids if j in states}
+    if errors:
+        for j in ids:
+            # sacct failed: a job squeue does not list may have ended; squeue failed: a job sacct
+            # has as pending/running may have moved on. Either way: don't know, never "gone".
+            if j not in out or (not squeue_ok and out[j]["state"] in ("PENDING", "RUNNING", "REQUEUED")):
+                out[j] = {"state": "QUERY_FAILED", "error": "; ".join(errors)}
+    return out
 
 
 def _cancel_quietly(out: Dict[str, Dict[str, Any]]) -> None:
@@ -299,3 +339,85 @@ def recover(folder: Path) -> Dict[str, Dict[str, Any]]:
         for i, rid in enumerate(g["run_ids"]):
             out.setdefault(rid, {"job_id": None, "test_job_id": None})[key] = base if single else f"{base}_{i}"
     return {rid: v for rid, v in out.items() if v["job_id"]}
+
+
+# ------------------------------------------------------------------------------------------
+# the backend
+# ------------------------------------------------------------------------------------------
+#: Slurm job states (``squeue --helpstate``/``sacct --helpstate``, Slurm 22.05+) → JobKind
+STATE_KINDS: Dict[str, JobKind] = {
+    "PENDING": JobKind.QUEUED, "REQUEUED": JobKind.QUEUED, "CONFIGURING": JobKind.QUEUED,
+    "REQUEUE_FED": JobKind.QUEUED, "RESIZING": JobKind.QUEUED,
+    "REQUEUE_HOLD": JobKind.HELD, "SPECIAL_EXIT": JobKind.HELD, "RESV_DEL_HOLD": JobKind.HELD,
+    "RUNNING": JobKind.RUNNING, "COMPLETING": JobKind.RUNNING, "SIGNALING": JobKind.RUNNING,
+    "STAGE_OUT": JobKind.RUNNING, "SUSPENDED": JobKind.RUNNING, "STOPPED": JobKind.RUNNING,
+    "COMPLETED": JobKind.COMPLETED,
+    "FAILED": JobKind.FAILED, "TIMEOUT": JobKind.FAILED, "NODE_FAIL": JobKind.FAILED,
+    "OUT_OF_MEMORY": JobKind.FAILED, "BOOT_FAIL": JobKind.FAILED, "DEADLINE": JobKind.FAILED,
+    "PREEMPTED": JobKind.FAILED, "REVOKED": JobKind.FAILED,
+    "CANCELLED": JobKind.CANCELLED,
+}
+
+
+def to_status(job_id: str, rec: Optional[Dict[str, str]], name_hint: str = "") -> JobStatus:
+    """One job's record from :func:`job_states` as a JobStatus (no record: GONE)."""
+    if rec is None:
+        return JobStatus(job_id, JobKind.GONE)
+    raw = rec.get("state", "")
+    if raw == "QUERY_FAILED":
+        return JobStatus(job_id, JobKind.UNKNOWN, raw="", error=rec.get("error", ""))
+    # a record whose job name lacks our submission id is another job with a reused id
+    # (slurmctld's state was wiped): for us, ours is gone
+    if name_hint and rec.get("name") and name_hint not in rec["name"]:
+        return JobStatus(job_id, JobKind.GONE, reason=f"job id {job_id} now belongs to another job "
+                         f"({rec['name']}); the scheduler has no record of ours")
+    kind = STATE_KINDS.get(raw)
+    if kind is None:
+        return JobStatus(job_id, JobKind.UNKNOWN, raw=raw, error=f"unmapped Slurm state {raw!r}")
+    reason = rec.get("reason", "") if kind in (JobKind.QUEUED, JobKind.HELD) else ""
+    if reason in ("None", "(null)"):
+        reason = ""
+    return JobStatus(job_id, kind, raw=raw, reason=reason, exit_code=rec.get("exit_code", ""),
+                     elapsed=rec.get("elapsed", ""), name=rec.get("name", ""))
+
+
+class SlurmBackend(Backend):
+    """Slurm through submitit: one train array + one dependent test array per submission."""
+
+    name = "slurm"
+
+    def check_available(self, where: str = "") -> None:
+        if not shutil.which("sbatch"):
+            raise UserError(f"{where}executor: slurm, but sbatch is not on PATH; submit from the cluster's "
+                            "login node or pass --executor local")
+
+    def submit(self, tasks, folder, options, fns=None):
+        self.check_available()
+        return launch([t.__dict__ if isinstance(t, Task) else t for t in tasks], folder, options, fns=fns)
+
+    def query(self, jobs):
+        jobs = [j for j in jobs if j.job_id]
+        raw = job_states([j.job_id for j in jobs])
+        return {j.job_id: to_status(j.job_id, raw.get(j.job_id), j.name_hint) for j in jobs}
+
+    def cancel(self, jobs):
+        cancel([j.job_id for j in jobs])
+
+    def recover(self, folder):
+        if not (Path(folder) / "manifest.json").exists():
+            return {}
+        return recover(folder)
+
+    def job_output(self, job):
+        if job.folder is None:
+            return None
+        for cand in Path(job.folder).rglob(f"{job.job_id}_0_log.err"):
+            return cand
+        return None
+
+    def describe_where(self, options):
+        bits = [f"partition={options['partition']}" if options.get("partition") else "",
+                f"qos={options['qos']}" if options.get("qos") else "",
+                f"account={options['account']}" if options.get("account") else "",
+                f"%{options['array_parallelism']}" if options.get("array_parallelism") else ""]
+        return ("slurm " + " ".join(b for b in bits if b)).strip()

@@ -226,7 +226,7 @@ def run(ws, *, data: Optional[Dict[str, Any]] = None, params: Optional[Dict[str,
     ``params`` the experiment's params (tests shrink both; the code path is the same)."""
     from ssflctl import report as report_mod
     from ssflctl.plan import spec as spec_mod
-    from ssflctl.control import submit as submit_mod
+    from ssflctl.commands import submit as submit_mod
 
     console, err = _consoles(console, err)
     # a newcomer's first screen: not the training stack's import-time deprecation notices

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ssflctl.plan import spec as spec_mod
-from ssflctl.atomic import read_json, write_json
+from ssflctl import backends
+from ssflctl.backends import Task
 from ssflctl.errors import UserError
+from ssflctl.plan import spec as spec_mod
+from ssflctl.workdir.layout import RunDir
+from ssflctl.workdir.records import RESUBMIT
 
-RESUBMIT_STATES = ("pending", "failed", "cancelled", "unknown")
+RESUBMIT_STATES = tuple(s.value for s in RESUBMIT)
 
 
 @dataclass
@@ -66,27 +68,17 @@ def _why_submit(row) -> str:
     return f"was {row['state']}{reason}"[:120]
 
 
-def _next_attempt(rdir: Path) -> int:
-    from ssflctl.control.reconcile import attempt_dirs, attempt_no
-
-    dirs = attempt_dirs(rdir)
-    return attempt_no(dirs[-1]) + 1 if dirs else 1
-
-
-def _resume_point(rdir: Path, n: int) -> Optional[Tuple[Optional[float], str]]:
-    """(lr, checkpoint) when attempt ``n`` ended without an outcome but saved a checkpoint: its job
-    was stopped from outside (time limit after its last requeue, node failure, a cancel). The
-    resubmission continues it at the same lr instead of training again from scratch."""
-    from ssflctl.node import job
-
-    prev = rdir / f"attempt-{n}"
-    if n < 1 or (prev / "outcome.json").exists():
+def _resume_point(run: RunDir) -> Optional[Tuple[Optional[float], str]]:
+    """(lr, checkpoint) when the run's last attempt ended without an outcome but saved a
+    checkpoint: its job was stopped from outside (time limit after its last requeue, node failure,
+    a cancel). The resubmission continues it at the same lr instead of training from scratch."""
+    prev = run.latest()
+    if prev is None or prev.outcome is not None:
         return None
-    ck = job.last_checkpoint(prev)
+    ck = prev.latest_checkpoint()
     if ck is None:
         return None
-    lr = (read_json(prev / "attempt.json") or {}).get("lr")
-    return (float(lr) if lr is not None else None), ck
+    return prev.info.lr, ck
 
 
 def submission_id() -> str:
@@ -101,9 +93,9 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
     exp = spec_mod.load(path)
     runs = spec_mod.expand(exp, check_paths=True, dry_run=dry_run)
     kind = spec_mod.executor_kind(exp, executor)
-    if kind == "slurm" and not dry_run and not shutil.which("sbatch"):
-        raise UserError(f"{exp.path}:{exp.lines.get('executor', 1)}: executor: slurm, but sbatch is not on PATH; "
-                        "submit from the cluster's login node or pass --executor local")
+    backend = backends.get(kind)
+    if not dry_run:
+        backend.check_available(f"{exp.path}:{exp.lines.get('executor', 1)}: ")
     result = SubmitResult(experiment=exp, kind=kind, plan=[], dry_run=dry_run, warnings=list(exp.warnings))
 
     if dry_run:
@@ -111,7 +103,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         if (ws / "registry.sqlite").exists():
             from ssflctl.registry.store import Registry
 
-            with Registry(ws) as reg:
+            with Registry.for_reading(ws) as reg:
                 rows = {r["run_id"]: r for r in reg.run_rows(exp.name)}
         for run in runs:
             row = rows.get(run.run_id)
@@ -119,8 +111,8 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
             result.plan.append(PlanItem(run, "skip" if why else "submit", why or _why_submit(row)))
         return result
 
+    from ssflctl.control.reconcile import reconcile
     from ssflctl.registry.store import Registry, hostname, now
-    from ssflctl.control.reconcile import reconcile, run_dir
 
     reg = Registry(ws)
     try:
@@ -153,29 +145,25 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
                 from ssflctl.plan.render import render_attempt as render
             tasks = []
             for item in claimed:
-                rdir = run_dir(ws, item.run.run_id)
-                rdir.mkdir(parents=True, exist_ok=True)
+                run = RunDir.of(ws, item.run.run_id)
                 rj = item.run.run_json()
                 rj["submission_id"] = sid
-                write_json(rdir / "run.json", rj)
-                n = _next_attempt(rdir)
+                run.write_run(rj)
+                n = run.next_attempt_number()
                 reason = "first attempt" if n == 1 else f"resubmitted ({item.why})"
-                resume = _resume_point(rdir, n - 1)
+                resume = _resume_point(run)
                 if resume is None:
-                    render(rdir, n, reason=reason)
+                    render(run.path, n, reason=reason)
                 else:
                     item.lr, ck = resume
                     reason += f"; resumes attempt-{n - 1}/{Path(ck).name}" + \
                         (f" at lr {item.lr:g}" if item.lr is not None else "")
-                    render(rdir, n, lr=item.lr, resume_from=ck, reason=reason)
+                    render(run.path, n, lr=item.lr, resume_from=ck, reason=reason)
                 item.attempt, item.reason = n, reason
-                tasks.append({"run_id": item.run.run_id, "run_dir": str(rdir.resolve()),
-                              "resources": item.run.resources, "test": item.run.test})
+                tasks.append(Task(item.run.run_id, str(run.path.resolve()), item.run.resources, item.run.test))
             options = dict(exp.executor.get(kind) or {})
             options["experiment"] = exp.name
-            from ssflctl import backends as launch
-
-            ids = launch.launch(kind, tasks, folder, options, fns=fns)
+            ids = backend.submit(tasks, folder, options, fns=fns)
         except BaseException as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             for item in claimed:
@@ -201,61 +189,3 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         reg.close()
 
 
-# ------------------------------------------------------------------------------------------
-# presentation
-# ------------------------------------------------------------------------------------------
-
-def fmt_time(minutes: int) -> str:
-    d, rem = divmod(int(minutes), 1440)
-    h, m = divmod(rem, 60)
-    return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h:02d}:{m:02d}:00"
-
-
-def fmt_resources(res: Dict[str, Any]) -> str:
-    mem = res.get("mem_gb", 0)
-    mem_s = f"{mem:g}G" if mem >= 1 else f"{int(mem * 1024)}M"
-    return f"{res.get('gpus', 0)} GPU, {res.get('cpus', 1)} CPU, {mem_s}, {fmt_time(res.get('time_min', 60))}"
-
-
-def plan_rows(result: SubmitResult) -> List[List[str]]:
-    sl = result.experiment.executor.get("slurm") or {}
-    where = "local"
-    if result.kind == "slurm":
-        bits = [f"partition={sl['partition']}" if sl.get("partition") else "",
-                f"qos={sl['qos']}" if sl.get("qos") else "",
-                f"account={sl['account']}" if sl.get("account") else "",
-                f"%{sl['array_parallelism']}" if sl.get("array_parallelism") else ""]
-        where = "slurm " + " ".join(b for b in bits if b)
-    rows = []
-    for p in result.plan:
-        ax = p.run.axes
-        rows.append([p.run.run_id, str(ax.get("loss", "")), str(ax.get("dataset", "")), str(ax.get("seed", "")),
-                     f"{p.run.params.get('lr', '')}", fmt_resources(p.run.resources), where.strip(),
-                     p.action, p.why, p.job_id or ""])
-    return rows
-
-
-PLAN_COLUMNS = ["run", "loss", "dataset", "seed", "lr", "resources", "executor", "action", "why", "job"]
-
-
-def main(experiment, workspace, dry_run: bool = False, executor: Optional[str] = None) -> SubmitResult:
-    from rich.console import Console
-
-    from ssflctl.commands.status import print_table
-
-    result = submit(experiment, workspace, dry_run=dry_run, executor=executor)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
-    cols = PLAN_COLUMNS if not dry_run else PLAN_COLUMNS[:-1]
-    rows = [r[: len(cols)] for r in plan_rows(result)]
-    title = f"{result.experiment.name}: {'plan (dry run)' if dry_run else 'submission ' + (result.submission_id or '-')}"
-    print_table(title, cols, rows)
-    n = len(result.submitted)
-    skipped = len(result.plan) - n
-    verb = "would submit" if dry_run else "submitted"
-    summary = f"{verb} {n} run{'s' if n != 1 else ''}, skipped {skipped} ({result.kind})"
-    if not dry_run and n:
-        summary += "; follow with: ssflctl status " + result.experiment.name
-    Console(highlight=False, soft_wrap=True).print(summary, markup=False)
-    return result

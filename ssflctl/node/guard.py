@@ -76,19 +76,9 @@ def _nonfinite_name(v: float) -> Optional[str]:
 
 def format_reason(record: Dict[str, Any]) -> str:
     """The one line the status shows, e.g. ``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)``."""
-    kind = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}.get(
-        (record.get("nonfinite") or {}).get(record.get("loss_key"), "nan"), "NaN")
-    where = []
-    if record.get("epoch") is not None:
-        where.append(f"epoch {record['epoch']}")
-    if record.get("iter") is not None:
-        where.append(f"iter {record['iter']}")
-    text = f"{kind} in {record.get('loss_key') or 'loss'}"
-    if where:
-        text += " at " + " ".join(where)
-    if record.get("lr") is not None:
-        text += f" (lr {record['lr']:g})"
-    return text
+    from ssflctl.workdir.records import NanRecord
+
+    return (NanRecord.from_json(record) or NanRecord()).describe()
 
 
 def _as_float(value: Any) -> Optional[float]:

@@ -1,7 +1,8 @@
 """What runs on the node: train one run's attempts (with NaN retries), then test the finished one.
 
 Never touches the SQLite registry: everything is written as small JSON files (atomically) in the
-attempt directories, which ``ssflctl.control.reconcile.reconcile`` folds into the registry later.
+attempt directories through :mod:`ssflctl.workdir` (the one owner of that layout), which
+``ssflctl.control.reconcile`` folds into the registry later.
 
 * :func:`train_run` trains the current attempt in-process with ``mmengine.runner.Runner``
   (``work_dir`` = the attempt directory, so mmengine's logs and checkpoints are where mmdet users
@@ -55,58 +56,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-# --------------------------------------------------------------------------------------------
-# attempt directories
-# --------------------------------------------------------------------------------------------
-def attempts(run_dir: PathLike) -> list:
-    """Attempt numbers that were rendered (attempt.json exists), ascending."""
-    out = []
-    for p in Path(run_dir).glob("attempt-*"):
-        suffix = p.name.split("-", 1)[1]
-        if suffix.isdigit() and (p / "attempt.json").is_file():
-            out.append(int(suffix))
-    return sorted(out)
-
-
-def last_checkpoint(attempt_dir: PathLike) -> Optional[str]:
-    """The attempt's latest complete checkpoint: mmengine's ``last_checkpoint`` pointer when it names
-    an existing file, else the highest ``epoch_N.pth``/``iter_N.pth`` that is a complete archive.
-
-    The fallback matters: mmengine rewrites the pointer in place (truncate, then write) after each
-    save, so a job killed at that moment (the time-limit signal, measured on the test cluster)
-    leaves it empty, and mmengine's own resume then starts the attempt over from scratch. A
-    checkpoint cut short while being written has no zip end record and is skipped.
-    """
-    import zipfile
-
-    adir = Path(attempt_dir)
-    try:
-        path = (adir / "last_checkpoint").read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, NotADirectoryError):
-        path = ""
-    if path and not os.path.isabs(path):
-        path = str(adir / path)
-    if path and os.path.isfile(path):
-        return path
-    numbered = []
-    for cand in adir.glob("*.pth"):
-        m = re.fullmatch(r"(?:epoch|iter)_(\d+)\.pth", cand.name)
-        if m:
-            numbered.append((int(m.group(1)), cand))
-    for _, cand in sorted(numbered, reverse=True):
-        if zipfile.is_zipfile(cand):
-            return str(cand)
-    return None
-
-
-def log_tail(attempt_dir: PathLike, lines: int = LOG_TAIL_LINES) -> str:
-    logs = sorted(Path(attempt_dir).glob("*/*.log"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        return ""
-    with open(logs[-1], encoding="utf-8", errors="replace") as fh:
-        return "".join(fh.readlines()[-lines:])
-
-
 def _is_main_process() -> bool:
     try:
         from mmengine.dist import is_main_process
@@ -117,13 +66,15 @@ def _is_main_process() -> bool:
 
 
 def _write_outcome(adir: Path, body: Dict[str, Any]) -> Dict[str, Any]:
-    body = {"outcome": body["outcome"], "reason": body.get("reason", ""), "nan": body.get("nan"),
-            "log_tail": log_tail(adir), "checkpoint": body.get("checkpoint"),
-            "finished_at": _now(), **{k: v for k, v in body.items() if k not in (
-                "outcome", "reason", "nan", "checkpoint")}}
+    """Write outcome.json (rank 0) and return its body."""
+    a = AttemptDir(adir)
+    extra = {k: v for k, v in body.items() if k not in ("outcome", "reason", "nan", "checkpoint")}
+    rec = Outcome.from_json({"outcome": body["outcome"], "reason": body.get("reason", ""), "nan": body.get("nan"),
+                             "log_tail": a.log_tail(LOG_TAIL_LINES), "checkpoint": body.get("checkpoint"),
+                             "finished_at": _now(), **extra})
     if _is_main_process():
-        atomic.write_json(adir / "outcome.json", body)
-    return body
+        a.write_outcome(rec)
+    return rec.to_json()
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +89,6 @@ def _progress_hook(attempt_dir: Path, interval: int):
 
         def __init__(self):
             self.t0 = time.time()
-            self.path = attempt_dir / "progress.json"
 
         def _write(self, runner, iters_done: int, outputs=None):
             if not _is_main_process():
@@ -154,15 +104,11 @@ def _progress_hook(attempt_dir: Path, interval: int):
             except Exception:
                 lr = None
             loop = runner.train_loop
-            atomic.write_json(self.path, {
-                "epoch": int(runner.epoch) + 1 if hasattr(loop, "max_epochs") else None,
-                "max_epochs": getattr(loop, "max_epochs", None),
-                "iter": iters_done,
-                "max_iters": getattr(loop, "max_iters", None),
-                "loss": loss, "lr": lr,
-                "time": round(time.time() - self.t0, 3),
-                "updated_at": _now(),
-            })
+            AttemptDir(attempt_dir).write_progress(Progress(
+                epoch=int(runner.epoch) + 1 if hasattr(loop, "max_epochs") else None,
+                max_epochs=getattr(loop, "max_epochs", None), iter=iters_done,
+                max_iters=getattr(loop, "max_iters", None), loss=loss, lr=lr,
+                time=round(time.time() - self.t0, 3), updated_at=_now()))
 
         def before_train(self, runner):
             self.t0 = time.time()
@@ -216,23 +162,18 @@ def _restart_count() -> int:
         return 0
 
 
-def record_recovery(adir: PathLike, kind: str, message: str, **extra: Any) -> None:
-    """Append ``{"at", "kind", "message", ...}`` to ``attempt-N/recovery.json`` (rank 0): the node's
-    record of interruptions and resumes, folded into the registry's event log by reconcile."""
+def record_recovery(adir: PathLike, kind: str, message: str, **fields: Any) -> None:
+    """Append a :class:`~ssflctl.workdir.records.Recovery` entry to the attempt's recovery.json
+    (rank 0): the node's record of interruptions and resumes, folded into the registry's event log
+    by reconcile. ``fields`` are the entry's structured facts (cause, iter, checkpoint, lr, ...)."""
     if not _is_main_process():
         return
-    path = Path(adir) / "recovery.json"
-    try:
-        items = list(atomic.read_json(path) or [])
-    except (ValueError, OSError):
-        items = []
-    items.append({"at": _now(), "kind": kind, "message": message, **extra})
-    atomic.write_json(path, items)
+    AttemptDir(adir).append_recovery(Recovery.from_json({"at": _now(), "kind": kind, "message": message, **fields}))
 
 
 def current_attempt_dir(run_dir: PathLike) -> Optional[Path]:
-    done = attempts(run_dir)
-    return render.attempt_dir(run_dir, done[-1]) if done else None
+    rendered = RunDir(run_dir).attempts(rendered_only=True)
+    return rendered[-1].path if rendered else None
 
 
 #: set in this process by `note_interrupted`: the scheduler's signal arrived and submitit has
@@ -245,22 +186,22 @@ def note_interrupted(run_dir: PathLike, why: str) -> None:
     global _INTERRUPTED
     _INTERRUPTED = why
     adir = current_attempt_dir(run_dir)
-    if adir is None or (adir / "outcome.json").exists():
+    if adir is None:
         return
-    prog = atomic.read_json(adir / "progress.json") or {}
-    ck = last_checkpoint(adir)
-    record_recovery(adir, "interrupted", f"{why} at iter {prog.get('iter')}; last checkpoint "
-                    f"{_name(ck) or 'none'}; requeued", iter=prog.get("iter"), checkpoint=_name(ck),
-                    restart_count=_restart_count())
+    a = AttemptDir(adir)
+    if a.outcome is not None:
+        return
+    it = a.progress.iter if a.progress is not None else None
+    ck = latest_checkpoint(adir)
+    record_recovery(adir, "interrupted", f"{why} at iter {it}; last checkpoint {_name(ck) or 'none'}; requeued",
+                    cause=why, iter=it, checkpoint=_name(ck), restart_count=_restart_count())
 
 
 def _resume_cause(adir: Path) -> str:
-    try:
-        items = list(atomic.read_json(adir / "recovery.json") or [])
-    except (ValueError, OSError):
-        items = []
-    if items and items[-1].get("kind") == "interrupted":
-        return items[-1]["message"].split(" at iter")[0]
+    """What stopped the attempt last: the interruption's recorded cause, else the requeue count."""
+    intr = AttemptDir(adir).last_interruption()
+    if intr is not None and intr.cause:
+        return intr.cause
     n = _restart_count()
     return f"requeue (SLURM_RESTART_COUNT={n})" if n else "an interrupted job"
 
@@ -274,22 +215,25 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
     from mmengine.runner import Runner
 
     adir = Path(adir)
-    meta = atomic.read_json(adir / "attempt.json") or {}
+    a = AttemptDir(adir)
+    lr = a.info.lr
     cfg = _load_cfg(adir)
-    own = last_checkpoint(adir)
+    own = latest_checkpoint(adir)
     if own:
         cfg.resume, cfg.load_from = True, own  # named: mmengine's own lookup trusts the pointer file
-        prog = atomic.read_json(adir / "progress.json") or {}
-        record_recovery(adir, "resumed", f"resumed from {_name(own)} at lr {meta.get('lr')} after "
-                        f"{_resume_cause(adir)} (iter {prog.get('iter')} reached before)",
-                        checkpoint=_name(own), lr=meta.get("lr"), restart_count=_restart_count())
-    elif meta.get("resume_from"):
-        cfg.resume, cfg.load_from = True, meta["resume_from"]
+        cause = _resume_cause(adir)
+        reached = a.progress.iter if a.progress is not None else None
+        record_recovery(adir, "resumed", f"resumed from {_name(own)} at lr {lr} after {cause} "
+                        f"(iter {reached} reached before)", cause=cause, iter=reached,
+                        checkpoint=_name(own), lr=lr, restart_count=_restart_count())
+    elif a.info.resume_from:
+        cfg.resume, cfg.load_from = True, a.info.resume_from
     else:
         cfg.resume = False
-    if not own and (adir / "progress.json").exists():  # interrupted before its first checkpoint
-        record_recovery(adir, "restarted", f"no checkpoint yet: restarted at lr {meta.get('lr')} after "
-                        f"{_resume_cause(adir)}", lr=meta.get("lr"), restart_count=_restart_count())
+    if not own and a.progress is not None:  # interrupted before its first checkpoint
+        cause = _resume_cause(adir)
+        record_recovery(adir, "restarted", f"no checkpoint yet: restarted at lr {lr} after {cause}",
+                        cause=cause, lr=lr, restart_count=_restart_count())
     try:
         from ssflctl.node.guard import NonFiniteLossError
     except ImportError:  # pragma: no cover - the guard is part of the package
@@ -302,9 +246,9 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
         runner.register_hook(_progress_hook(adir, interval), priority="LOW")
         runner.train()
     except NonFiniteLossError as err:
-        rec = getattr(err, "record", None) or atomic.read_json(adir / "nan.json")
+        rec = getattr(err, "record", None) or (AttemptDir(adir).nan.to_json() if AttemptDir(adir).nan else None)
         return _write_outcome(adir, {"outcome": "nan", "reason": str(err), "nan": rec,
-                                     "checkpoint": _name(last_checkpoint(adir))})
+                                     "checkpoint": _name(latest_checkpoint(adir))})
     except Exception as err:  # noqa: BLE001 - recorded, then the retry policy decides
         if _INTERRUPTED is not None:
             # submitit's signal handler requeued the job and raised SystemExit wherever training was;
@@ -314,9 +258,9 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
             raise SystemExit(-1) from err
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         return _write_outcome(adir, {"outcome": "failed", "reason": reason,
-                                     "checkpoint": _name(last_checkpoint(adir))})
+                                     "checkpoint": _name(latest_checkpoint(adir))})
     return _write_outcome(adir, {"outcome": "done", "reason": "finished",
-                                 "checkpoint": _name(last_checkpoint(adir))})
+                                 "checkpoint": _name(latest_checkpoint(adir))})
 
 
 def _name(path: Optional[str]) -> Optional[str]:
@@ -327,20 +271,14 @@ def _next_attempt(run: Dict[str, Any], run_dir: Path, n: int, outcome: Dict[str,
     """The retry loop's one decision: render attempt n+1 and return n+1, or None to stop."""
     from ssflctl.node import retry
 
-    adir = render.attempt_dir(run_dir, n)
-    meta = atomic.read_json(adir / "attempt.json") or {}
+    adir = RunDir(run_dir).attempt(n)
     policy = retry.RetryPolicy.from_dict(run.get("retry"), where=f"{run_dir / 'run.json'}: retry")
-    decision = retry.decide(policy, adir, n, float(meta.get("lr")), outcome)
+    decision = retry.decide(policy, adir.path, n, float(adir.info.lr), outcome)
     if decision.action == "stop":
         return None
     render.render_attempt(run_dir, n + 1, lr=decision.lr, resume_from=decision.resume_from,
                           reason=decision.reason)
     return n + 1
-
-
-def _interrupted(adir: Path) -> bool:
-    """The attempt ran before (progress or a checkpoint) and has no outcome: requeue/time limit."""
-    return (adir / "progress.json").exists() or last_checkpoint(adir) is not None
 
 
 def _on_preempt(run: Dict[str, Any], run_dir: Path) -> str:
@@ -357,18 +295,19 @@ def train_run(run_dir: PathLike) -> Dict[str, Any]:
     """
     run_dir = Path(run_dir)
     run = render.read_run(run_dir)
-    done = attempts(run_dir)
-    n = done[-1] if done else None
+    rendered = RunDir(run_dir).attempts(rendered_only=True)
+    n = rendered[-1].n if rendered else None
     if n is None:
         render.render_attempt(run_dir, 1, reason="first attempt")
         n = 1
     while True:
-        adir = render.attempt_dir(run_dir, n)
-        outcome = atomic.read_json(adir / "outcome.json")
-        if outcome is None and _interrupted(adir) and _on_preempt(run, run_dir) != "resume":
+        a = RunDir(run_dir).attempt(n)
+        adir = a.path
+        outcome = a.outcome.to_json() if a.outcome is not None else None
+        if outcome is None and a.interrupted and _on_preempt(run, run_dir) != "resume":
             # requeued/timed out with retry.on_preempt restart|fail: the policy decides below
             outcome = _write_outcome(adir, {"outcome": "preempted", "reason": f"interrupted by {_resume_cause(adir)}",
-                                            "checkpoint": _name(last_checkpoint(adir))})
+                                            "checkpoint": _name(latest_checkpoint(adir))})
         if outcome is None:
             outcome = train_attempt(adir)
         if outcome.get("outcome") == "done":
@@ -385,11 +324,8 @@ def train_run(run_dir: PathLike) -> Dict[str, Any]:
 # testing
 # --------------------------------------------------------------------------------------------
 def finished_attempt(run_dir: PathLike) -> Optional[Path]:
-    for n in reversed(attempts(run_dir)):
-        adir = render.attempt_dir(run_dir, n)
-        if (atomic.read_json(adir / "outcome.json") or {}).get("outcome") == "done":
-            return adir
-    return None
+    a = RunDir(run_dir).finished()
+    return a.path if a is not None else None
 
 
 def _coco_metric(cfg) -> Dict[str, Any]:
@@ -418,14 +354,15 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
 
     from ssflctl.evaluation import coco as coco_eval
 
-    adir = Path(adir)
-    out = adir / "metrics.json"
+    a = AttemptDir(adir)
+    adir = a.path
+    out = a.metrics_path
     if out.exists() and not force:
         return atomic.read_json(out)
     if checkpoint is None:
-        checkpoint = last_checkpoint(adir)
+        checkpoint = latest_checkpoint(adir)
         if checkpoint is None:
-            name = (atomic.read_json(adir / "outcome.json") or {}).get("checkpoint")
+            name = a.outcome.checkpoint if a.outcome is not None else None
             checkpoint = str(adir / name) if name and (adir / name).is_file() else None
     if checkpoint is None:
         raise TestFailed(f"{adir}: no checkpoint to test")
@@ -436,7 +373,7 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
         # VOC: VOCMetric gives mAP@0.5; a CocoMetric without ann_file dumps the detections and a
         # COCO copy of the ground truth (the template keeps 'instances' in the test metainfo).
         metric: Dict[str, Any] = {"type": "CocoMetric", "metric": "bbox"}
-        ann_file = str(adir / "detections.gt.json")
+        ann_file = str(a.gt_path)
     else:
         metric = _coco_metric(cfg)
         ann_file = metric.get("ann_file")
@@ -449,7 +386,7 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
     runner = Runner.from_cfg(cfg)
     results = runner.test() or {}
     tmp = Path(f"{prefix}.bbox.json")
-    dets = adir / "detections.bbox.json"
+    dets = a.detections_path
     if _is_main_process():
         if tmp.exists():
             os.replace(tmp, dets)
@@ -469,7 +406,7 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
     metrics["attempt_dir"] = str(adir)
     metrics["tested_at"] = _now()
     if _is_main_process():
-        atomic.write_json(out, metrics)
+        a.write_metrics(metrics)
     return metrics
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ssflctl import atomic
-from ssflctl.workdir import mmlogs as logs
+from ssflctl.workdir import checkpoints, mmlogs as logs
+from ssflctl.workdir.layout import AttemptDir
+from ssflctl.workdir.records import NanRecord
 from ssflctl.errors import UserError
 
 _CHOICES = {
@@ -105,7 +107,8 @@ def _nan_info(attempt_dir: Path, outcome: Dict[str, Any]) -> Dict[str, Any]:
     """The NaN record: outcome["nan"], else the guard's nan.json, else what the logs show."""
     rec = outcome.get("nan") if isinstance(outcome.get("nan"), dict) else None
     if rec is None:
-        rec = atomic.read_json(attempt_dir / "nan.json")  # the guard's record
+        nan = AttemptDir(attempt_dir).nan  # the guard's record
+        rec = nan.to_json() if nan is not None else None
     if rec is None:
         hit = logs.find_nonfinite(attempt_dir)
         if hit:
@@ -116,65 +119,20 @@ def _nan_info(attempt_dir: Path, outcome: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def nan_phrase(rec: Dict[str, Any], lr=None) -> str:
-    """``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)``."""
-    key = rec.get("loss_key") or rec.get("key") or "loss"
-    kind = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}.get(
-        (rec.get("nonfinite") or {}).get(key, rec.get("value", "nan")), "NaN")
-    text = f"{kind} in {key}"
-    where = []
-    if rec.get("epoch") is not None:
-        where.append(f"epoch {rec['epoch']}")
-    if rec.get("iter") is not None:
-        where.append(f"iter {rec['iter']}")
-    if where:
-        text += " at " + " ".join(where)
-    lr_used = lr if lr is not None else rec.get("lr")
-    if lr_used is not None:
-        text += f" (lr {_fmt_lr(lr_used)})"
-    return text
+    """``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)`` (:meth:`NanRecord.describe`)."""
+    if rec.get("key") and not rec.get("loss_key"):
+        rec = dict(rec, loss_key=rec["key"])
+    return (NanRecord.from_json(rec) or NanRecord()).describe(lr)
 
 
 def first_nan_iter(rec: Dict[str, Any]) -> Optional[int]:
-    """The earliest iteration the first NaN can have happened at (1-based).
-
-    Exact for the guard's record; for a NaN found in a log (window means every ``interval``
-    iterations) it is the iteration after the last finite logging point.
-    """
-    if rec.get("source") in ("scalars", "text_log") and rec.get("last_finite_iter") is not None:
-        return int(rec["last_finite_iter"]) + 1
-    if rec.get("source") in ("scalars", "text_log"):
-        return 1
-    it = rec.get("iter")
-    return int(it) if it is not None else None
+    """The earliest iteration the first NaN can have happened at (:meth:`NanRecord.first_iter`)."""
+    return (NanRecord.from_json(rec) or NanRecord()).first_iter()
 
 
 def clean_checkpoint(attempt_dir, nan_iter: Optional[int]) -> Optional[str]:
-    """The last checkpoint of ``attempt_dir`` whose weights are known good, or None.
-
-    ``nan_iter`` is the 1-based iteration whose loss was first non-finite (nan.json "iter").
-    The loss of iteration ``k`` is computed from the weights after ``k - 1`` updates, so the
-    checkpoint saved at the end of iteration ``nan_iter - 1`` holds finite weights that already
-    give the NaN (and a resume replays the same batch, whatever the lr). A clean checkpoint is
-    one saved after at most ``nan_iter - 2`` iterations. The iteration is read from each
-    checkpoint's own ``meta`` — never from ``last_checkpoint``, which goes on pointing at
-    checkpoints written after the NaN.
-    """
-    if nan_iter is None:
-        return None
-    limit = int(nan_iter) - 2
-    best = None
-    for c in logs.list_checkpoints(attempt_dir):
-        if c["iter"] is not None and c["iter"] <= limit:
-            best = c
-    if best is None:
-        # an attempt that itself resumed another attempt's (clean) checkpoint and went NaN before
-        # saving one of its own: that starting checkpoint is still the last clean one
-        start = (atomic.read_json(Path(attempt_dir) / "attempt.json") or {}).get("resume_from")
-        if start and Path(start).is_file():
-            meta = logs.read_checkpoint_meta(start) or {}
-            if meta.get("iter") is not None and int(meta["iter"]) <= limit:
-                return str(start)
-    return best["path"] if best else None
+    """The last checkpoint saved before the NaN (:meth:`AttemptDir.last_clean_checkpoint`)."""
+    return AttemptDir(attempt_dir).last_clean_checkpoint(nan_iter)
 
 
 def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
@@ -233,14 +191,14 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
         where = _where(attempt_dir)
         if policy.on_preempt == "restart":
             return Decision("resume", lr, None, f"after {what}{where}, restarted")
-        ck = logs.latest_checkpoint(attempt_dir)
+        ck = checkpoints.latest_checkpoint(attempt_dir)
         return Decision("resume", lr, ck, f"after {what}{where}"
                         + (f", resumed from {Path(ck).name}" if ck else ", no checkpoint yet"))
 
     if kind in ("node_fail", "node_failed", "node_failure"):
         if policy.on_node_fail == "fail":
             return Decision("stop", lr, None, "node failure; on_node_fail is fail")
-        ck = logs.latest_checkpoint(attempt_dir)
+        ck = checkpoints.latest_checkpoint(attempt_dir)
         return Decision("resume", lr, ck, f"after node failure{_where(attempt_dir)}"
                         + (f", resumed from {Path(ck).name}" if ck else ""))
 

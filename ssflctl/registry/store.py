@@ -96,10 +96,30 @@ def hostname() -> str:
 class Registry:
     """`Registry(ws)` opens (and creates) ``<ws>/registry.sqlite``."""
 
-    def __init__(self, ws, timeout_s: float = 60.0):
+    def __init__(self, ws, timeout_s: float = 60.0, read_only: bool = False):
         self.ws = Path(ws)
-        self.ws.mkdir(parents=True, exist_ok=True)
         self.path = self.ws / "registry.sqlite"
+        self.read_only = read_only
+        if read_only:
+            # a colleague's workspace we may read but not write: no WAL switch, no schema, no writes
+            if not self.path.exists():
+                from ssflctl.errors import UserError
+
+                raise UserError(f"{self.path}: no registry here; submit an experiment first")
+            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout_s,
+                                        isolation_level=None)
+            try:
+                self.conn.execute("SELECT 1 FROM runs LIMIT 1")
+            except sqlite3.OperationalError:
+                # a WAL database in a directory we cannot write: SQLite cannot make its -shm file;
+                # read it as an immutable snapshot instead (documented URI parameter, SQLite >= 3.8)
+                self.conn.close()
+                self.conn = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True,
+                                            timeout=timeout_s, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            return
+        self.ws.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
@@ -110,6 +130,15 @@ class Registry:
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     c.execute(stmt)
+
+    @classmethod
+    def for_reading(cls, ws) -> "Registry":
+        """Open for a command that only reads (status, report, logs): read-only when the workspace
+        or its database cannot be written by this user (reconcile then computes without writing)."""
+        ws = Path(ws)
+        path = ws / "registry.sqlite"
+        writable = os.access(ws, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+        return cls(ws, read_only=not writable)
 
     @staticmethod
     def _retry(fn, tries: int = 50):

@@ -179,78 +179,24 @@ def parse_classwise_table(text: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# ssflctl run directories
+# ssflctl run directories (through ssflctl.workdir; the state is ssflctl.control.state's one rule)
 
 
-def _attempt_dirs(run_dir: str) -> list:
-    """[(n, path)] of attempt-<n> dirs, sorted by n."""
-    out = []
-    try:
-        with os.scandir(run_dir) as it:
-            for e in it:
-                name = e.name
-                if name.startswith("attempt-") and name[8:].isdigit() and e.is_dir():
-                    out.append((int(name[8:]), e.path))
-    except FileNotFoundError:
-        return []
-    out.sort()
-    return out
+def _attempt_record(a) -> dict:
+    """One attempt of a run directory (an ``ssflctl.workdir.layout.AttemptDir``) for the report."""
+    from ssflctl.control.reconcile import _attempt_state  # the registry's attempt states, same rule
 
-
-def _nan_reason(nan: dict) -> str:
-    bits = ["NaN"]
-    if nan.get("iter") is not None:
-        bits.append(f"at iter {nan['iter']}")
-    if nan.get("loss_key"):
-        bits.append(f"({nan['loss_key']})")
-    return " ".join(bits)
-
-
-def _attempt_record(n: int, adir: str) -> dict:
-    meta = _read_json(os.path.join(adir, "attempt.json"), {}) or {}
-    has_metrics = os.path.exists(os.path.join(adir, "metrics.json"))
-    # a tested attempt is done whatever its outcome file says; skip reading it (fast for 1000s of runs)
-    outcome = {"outcome": "done"} if has_metrics else _read_json(os.path.join(adir, "outcome.json"))
-    rec = {
-        "attempt": n, "lr": _float_or_none(meta.get("lr")), "dir": adir,
-        "why": meta.get("reason") or "", "state": None, "reason": "", "nan": None, "has_metrics": has_metrics,
-    }
-    if isinstance(outcome, dict):
-        state = outcome.get("outcome") or "failed"
-        rec["state"] = state
-        rec["nan"] = outcome.get("nan") if isinstance(outcome.get("nan"), dict) else None
-        reason = outcome.get("reason") or ""
-        if state == "nan" and not reason:
-            reason = _nan_reason(rec["nan"] or {})
-        rec["reason"] = reason
-        if rec["nan"] and rec["nan"].get("lr") is not None and rec["lr"] is None:
-            rec["lr"] = _float_or_none(rec["nan"].get("lr"))
-    else:
-        nan = _read_json(os.path.join(adir, "nan.json"))
-        if isinstance(nan, dict):
-            rec["state"], rec["nan"], rec["reason"] = "nan", nan, _nan_reason(nan)
-        else:
-            progress = _read_json(os.path.join(adir, "progress.json"))
-            if isinstance(progress, dict):
-                rec["state"] = "running"
-                ep, mx = progress.get("epoch"), progress.get("max_epochs")
-                it, mi = progress.get("iter"), progress.get("max_iters")
-                if ep is not None and mx:
-                    rec["reason"] = f"epoch {ep}/{mx}"
-                elif it is not None and mi:
-                    rec["reason"] = f"iter {it}/{mi}"
-            else:
-                rec["state"] = "queued"
-    if rec["has_metrics"]:
-        rec["state"] = "done"
-    return rec
-
-
-def _float_or_none(v):
-    try:
-        return None if v is None else float(v)
-    except (TypeError, ValueError):
-        return None
+    nan = a.nan
+    state = "done" if a.has_metrics else _attempt_state(a, True)
+    reason = ""
+    if a.outcome is not None and not a.has_metrics:
+        reason = a.outcome.describe()
+    elif a.progress is not None and state == "running":
+        reason = a.progress.short()
+    if nan is not None and a.outcome is None and not a.has_metrics:
+        state, reason = "nan", nan.describe()
+    return {"attempt": a.n, "lr": a.lr, "dir": str(a.path), "why": a.info.reason or "", "state": state,
+            "reason": reason, "nan": nan.to_json() if nan is not None else None, "has_metrics": a.has_metrics}
 
 
 def _metrics_from_file(path: str) -> Optional[dict]:
@@ -270,75 +216,46 @@ def _metrics_from_file(path: str) -> Optional[dict]:
     return out
 
 
-def _summarise_state(attempts: list, retry: dict) -> tuple:
-    """(state, reason) of a run from its attempts' files."""
-    if not attempts:
-        return "pending", "not submitted"
-    last = attempts[-1]
-    st = last["state"]
-    if st == "done" and not last["has_metrics"]:
-        # trained; the test step has not written metrics.json (still testing, or it failed: the
-        # registry, when there is one, knows which)
-        return "running", "trained; no metrics.json yet (testing, or the test step failed)"
-    if st == "done":
-        if len(attempts) > 1:
-            return "done", f"attempt {last['attempt']} at lr {_fmt_lr(last['lr'])}"
-        return "done", ""
-    if st == "nan":
-        nans = sum(1 for a in attempts if a["state"] == "nan")
-        maxa = (retry or {}).get("max_attempts", 3)
-        if (retry or {}).get("on_nan", "lower_lr") != "fail" and last["attempt"] < int(maxa):
-            return "running", f"NaN in attempt {last['attempt']}; retry pending"
-        return "failed", f"NaN after {nans} attempt{'s' if nans != 1 else ''}"
-    if st == "failed":
-        return "failed", last["reason"] or "training failed"
-    if st == "preempted":
-        return "queued", "preempted; resume pending"
-    if st in ("running", "queued"):
-        return st, last["reason"]
-    return st or "unknown", last["reason"]
+def read_run_dir(run_dir, run_json: Optional[dict] = None, registry_row: Optional[dict] = None) -> dict:
+    """One run record from ``<ws>/runs/<run_id>/`` and, when given, the registry's row for it.
 
+    The state is :func:`ssflctl.control.state.decide` on the files, with the registry's last
+    verdict standing in for the scheduler (the report never queries it): the same rule, and so the
+    same answer, as ``ssflctl status``.
+    """
+    from ssflctl.control.reconcile import remembered_view
+    from ssflctl.control.state import decide
+    from ssflctl.workdir.layout import RunDir
 
-def _fmt_lr(lr) -> str:
-    return "?" if lr is None else f"{lr:g}"
-
-
-def read_run_dir(run_dir: str, run_json: Optional[dict] = None) -> dict:
-    """One run record from `<ws>/runs/<run_id>/` (files only)."""
-    run_dir = str(run_dir)
-    rj = run_json if run_json is not None else _read_json(os.path.join(run_dir, "run.json"), {}) or {}
-    attempts = [_attempt_record(n, p) for n, p in _attempt_dirs(run_dir)]
-    state, reason = _summarise_state(attempts, rj.get("retry") or {})
+    run = RunDir(run_dir)
+    rj = run_json if run_json is not None else (run.raw_run() or {})
+    attempts = [_attempt_record(a) for a in run.attempts()]
+    verdict = decide(run, remembered_view(registry_row))
     metrics, final = None, None
-    for a in reversed(attempts):
-        if a["has_metrics"]:
-            metrics = _metrics_from_file(os.path.join(a["dir"], "metrics.json"))
-            final = a["attempt"]
-            break
-    if metrics is not None and state != "done":
-        # a later attempt is in flight; keep the numbers but say the run is not finished
-        pass
+    tested = run.tested()
+    if tested is not None:
+        metrics = _metrics_from_file(str(tested.metrics_path))
+        final = tested.n
+    rid = rj.get("run_id") or run.run_id
     return {
-        "run_id": rj.get("run_id") or os.path.basename(run_dir.rstrip("/")),
+        "run_id": rid,
         "experiment": rj.get("experiment") or "",
-        "name": rj.get("name") or rj.get("run_id") or os.path.basename(run_dir.rstrip("/")),
+        "name": rj.get("name") or rid,
         "axes": dict(rj.get("axes") or {}),
         "source": "ssflctl",
-        "state": state, "reason": reason, "run_dir": run_dir,
+        "state": verdict.state.value, "reason": verdict.reason, "run_dir": str(run.path),
         "attempts": attempts, "final": final, "metrics": metrics, "unavailable": {},
         "retry": rj.get("retry") or {},
     }
 
 
 def _registry_runs(ws: Path, experiments: list) -> Optional[list]:
-    """store.Registry(ws).list_runs() when the store module and a registry exist; else None."""
+    """The registry's runs (read-only; None when there is no registry)."""
     if not (ws / "registry.sqlite").exists():
         return None
-    try:
-        from ssflctl.registry import store  # noqa: WPS433 (written by another part of the project)
-    except ImportError:
-        return None
-    reg = store.Registry(ws)
+    from ssflctl.registry.store import Registry
+
+    reg = Registry(ws, read_only=True)
     try:
         if experiments:
             out = []
@@ -347,78 +264,68 @@ def _registry_runs(ws: Path, experiments: list) -> Optional[list]:
             return out
         return reg.list_runs()
     finally:
-        close = getattr(reg, "close", None)
-        if callable(close):
-            close()
+        reg.close()
 
 
-def _merge_registry(rec: dict, reg: dict) -> dict:
-    """The registry knows what was asked for and the scheduler's view; the files know results."""
+def _merge_registry_attempts(rec: dict, reg: dict) -> dict:
+    """Attempts the registry knows and the files lack (e.g. one whose directory was deleted)."""
     rec["experiment"] = reg.get("experiment") or rec["experiment"]
     rec["name"] = reg.get("name") or rec["name"]
     if reg.get("axes"):
         rec["axes"] = dict(reg["axes"])
-    rstate = reg.get("state")
-    if rec["metrics"] is None and rstate and rstate != "done":
-        # files have no result: the registry's state (queued/running/cancelled/...) is the news
-        if not (rstate in ("pending", "queued") and rec["state"] in ("running", "failed")):
-            rec["state"] = rstate
-            rec["reason"] = reg.get("reason") or rec["reason"]
-    elif rec["metrics"] is None and rstate == "done":
-        rec["state"], rec["reason"] = "failed", "registry says done but no metrics.json found"
     by_n = {a["attempt"]: a for a in rec["attempts"]}
     for ra in reg.get("attempts") or []:
-        n = ra.get("attempt")
-        a = by_n.get(n)
+        a = by_n.get(ra.get("attempt"))
         if a is None:
-            a = {"attempt": n, "lr": _float_or_none(ra.get("lr")), "dir": None, "why": "",
-                 "state": ra.get("state"), "reason": ra.get("reason") or "", "nan": None,
-                 "has_metrics": False}
-            rec["attempts"].append(a)
+            rec["attempts"].append({"attempt": ra.get("attempt"), "lr": _float_or_none(ra.get("lr")), "dir": None,
+                                    "why": "", "state": ra.get("state"), "reason": ra.get("reason") or "",
+                                    "nan": None, "has_metrics": False})
             continue
         if a["lr"] is None:
             a["lr"] = _float_or_none(ra.get("lr"))
         if not a["reason"] and ra.get("reason"):
             a["reason"] = ra["reason"]
-        if a["state"] in (None, "queued", "running") and ra.get("state") not in (None, "pending"):
-            a["state"] = ra["state"]
     rec["attempts"].sort(key=lambda a: a["attempt"] or 0)
     return rec
 
 
+def _float_or_none(v):
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def collect_workspace(ws, experiments: Iterable[str] = ()) -> list:
     """Run records of a workspace, filtered by experiment names (all when empty)."""
+    from ssflctl.workdir.layout import run_dirs
+
     ws = Path(ws)
     experiments = list(experiments)
     wanted = set(experiments)
+    reg_rows = {r["run_id"]: r for r in (_registry_runs(ws, experiments) or [])}
     records = {}
-    runs_root = ws / "runs"
-    if runs_root.is_dir():
-        with os.scandir(runs_root) as it:
-            entries = sorted((e.name, e.path) for e in it if e.is_dir())
-        for name, path in entries:
-            rj = _read_json(os.path.join(path, "run.json"))
-            if not isinstance(rj, dict):
-                continue
-            if wanted and rj.get("experiment") not in wanted:
-                continue
-            rec = read_run_dir(path, rj)
-            records[rec["run_id"]] = rec
-    reg_runs = _registry_runs(ws, experiments)
-    for reg in reg_runs or []:
-        rid = reg.get("run_id")
-        if wanted and reg.get("experiment") not in wanted:
+    for run in run_dirs(ws):
+        rj = run.raw_run()
+        if not isinstance(rj, dict):
             continue
-        rec = records.get(rid)
-        if rec is None:
-            rec = {
-                "run_id": rid, "experiment": reg.get("experiment") or "", "name": reg.get("name") or rid,
-                "axes": dict(reg.get("axes") or {}), "source": "ssflctl", "state": "pending",
-                "reason": "no run directory", "run_dir": None, "attempts": [], "final": None,
-                "metrics": None, "unavailable": {}, "retry": {},
-            }
-            records[rid] = rec
-        _merge_registry(rec, reg)
+        if wanted and rj.get("experiment") not in wanted:
+            continue
+        row = reg_rows.get(run.run_id)
+        rec = read_run_dir(run.path, rj, row)
+        if row is not None:
+            _merge_registry_attempts(rec, row)
+        records[rec["run_id"]] = rec
+    for rid, reg in reg_rows.items():
+        if rid in records or (wanted and reg.get("experiment") not in wanted):
+            continue
+        rec = {"run_id": rid, "experiment": reg.get("experiment") or "", "name": reg.get("name") or rid,
+               "axes": dict(reg.get("axes") or {}), "source": "ssflctl", "state": reg.get("state") or "pending",
+               "reason": reg.get("reason") or "no run directory", "run_dir": None, "attempts": [], "final": None,
+               "metrics": None, "unavailable": {}, "retry": {}}
+        if rec["state"] == "done":
+            rec["state"], rec["reason"] = "failed", "registry says done but the run directory is gone"
+        records[rid] = _merge_registry_attempts(rec, reg)
     return [records[k] for k in sorted(records)]
 
 

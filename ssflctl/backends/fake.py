@@ -1,0 +1,69 @@
+"""An in-memory scheduler for tests of the plan and reconcile logic (like dora's fake shepherd).
+
+Jobs live in a dict of this process; a test moves them between states with :meth:`FakeBackend.set`
+and plays the node by writing run-directory files through :mod:`ssflctl.workdir`. ``fail_queries``
+makes every query answer UNKNOWN (a scheduler that does not answer); ``refuse`` makes submit fail
+as sbatch does when it refuses.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List, Optional
+
+from ssflctl.backends.base import Backend, JobKind, JobRef, JobStatus
+from ssflctl.errors import UserError
+
+
+class FakeBackend(Backend):
+    name = "fake"
+
+    def __init__(self):
+        self.jobs: Dict[str, JobStatus] = {}
+        self.submitted: List[Dict[str, object]] = []   # one entry per submit call
+        self.cancelled: List[str] = []
+        self.fail_queries: Optional[str] = None
+        self.refuse: Optional[str] = None
+        self._ids = itertools.count(100)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def submit(self, tasks, folder, options, fns=None):
+        if self.refuse:
+            raise UserError(f"sbatch refused the submission: {self.refuse}")
+        out = {}
+        base = str(next(self._ids))
+        test_base = str(next(self._ids))
+        for i, t in enumerate(tasks):
+            jid, tid = f"{base}_{i}", (f"{test_base}_{i}" if t.test else None)
+            self.jobs[jid] = JobStatus(jid, JobKind.QUEUED, raw="PENDING")
+            if tid:
+                self.jobs[tid] = JobStatus(tid, JobKind.QUEUED, raw="PENDING", reason="Dependency")
+            out[t.run_id] = {"job_id": jid, "test_job_id": tid}
+        self.submitted.append({"folder": str(folder), "run_ids": [t.run_id for t in tasks], "ids": out})
+        return out
+
+    def set(self, job_id: str, kind: JobKind, raw: str = "", **kw) -> None:
+        self.jobs[job_id] = JobStatus(job_id, kind, raw=raw or kind.value.upper(), **kw)
+
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def query(self, jobs):
+        out = {}
+        for j in jobs:
+            if self.fail_queries:
+                out[j.job_id] = JobStatus(j.job_id, JobKind.UNKNOWN, error=self.fail_queries)
+            else:
+                out[j.job_id] = self.jobs.get(j.job_id) or JobStatus(j.job_id, JobKind.GONE)
+        return out
+
+    def cancel(self, jobs):
+        for j in jobs:
+            self.cancelled.append(j.job_id)
+            st = self.jobs.get(j.job_id)
+            if st is not None and st.kind in (JobKind.QUEUED, JobKind.HELD, JobKind.RUNNING):
+                self.jobs[j.job_id] = JobStatus(j.job_id, JobKind.CANCELLED, raw="CANCELLED")
+
+    def alive(self) -> List[str]:
+        return [j for j, s in self.jobs.items() if s.kind in (JobKind.QUEUED, JobKind.HELD, JobKind.RUNNING)]

@@ -1,0 +1,56 @@
+"""`ssflctl submit`: print the plan or the submission (the work is ssflctl.control.submit)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from ssflctl import backends
+from ssflctl.control.submit import SubmitResult, submit
+
+
+def fmt_time(minutes: int) -> str:
+    d, rem = divmod(int(minutes), 1440)
+    h, m = divmod(rem, 60)
+    return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h:02d}:{m:02d}:00"
+
+
+def fmt_resources(res: Dict[str, Any]) -> str:
+    mem = res.get("mem_gb", 0)
+    mem_s = f"{mem:g}G" if mem >= 1 else f"{int(mem * 1024)}M"
+    return f"{res.get('gpus', 0)} GPU, {res.get('cpus', 1)} CPU, {mem_s}, {fmt_time(res.get('time_min', 60))}"
+
+
+def plan_rows(result: SubmitResult) -> List[List[str]]:
+    where = backends.get(result.kind).describe_where(result.experiment.executor.get(result.kind) or {})
+    rows = []
+    for p in result.plan:
+        ax = p.run.axes
+        rows.append([p.run.run_id, str(ax.get("loss", "")), str(ax.get("dataset", "")), str(ax.get("seed", "")),
+                     f"{p.run.params.get('lr', '')}", fmt_resources(p.run.resources), where.strip(),
+                     p.action, p.why, p.job_id or ""])
+    return rows
+
+
+PLAN_COLUMNS = ["run", "loss", "dataset", "seed", "lr", "resources", "executor", "action", "why", "job"]
+
+
+def main(experiment, workspace, dry_run: bool = False, executor: Optional[str] = None) -> SubmitResult:
+    from rich.console import Console
+
+    from ssflctl.commands.table import print_table
+
+    result = submit(experiment, workspace, dry_run=dry_run, executor=executor)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    cols = PLAN_COLUMNS if not dry_run else PLAN_COLUMNS[:-1]
+    rows = [r[: len(cols)] for r in plan_rows(result)]
+    title = f"{result.experiment.name}: {'plan (dry run)' if dry_run else 'submission ' + (result.submission_id or '-')}"
+    print_table(title, cols, rows)
+    n = len(result.submitted)
+    skipped = len(result.plan) - n
+    verb = "would submit" if dry_run else "submitted"
+    summary = f"{verb} {n} run{'s' if n != 1 else ''}, skipped {skipped} ({result.kind})"
+    if not dry_run and n:
+        summary += "; follow with: ssflctl status " + result.experiment.name
+    Console(highlight=False, soft_wrap=True).print(summary, markup=False)
+    return result

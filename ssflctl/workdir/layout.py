@@ -1,0 +1,298 @@
+"""The run directory: the only code that knows its layout and opens its files by name.
+
+::
+
+    <ws>/runs/<run_id>/                     RunDir
+      run.json                              RunRecord (ssflctl submit)
+      attempt-<n>/                          AttemptDir = mmengine work_dir of attempt n
+        attempt.json  config.py  provenance.json    (the renderer)
+        progress.json outcome.json nan.json recovery.json   (the job; rank 0)
+        metrics.json  detections.bbox.json  detections.gt.json   (the test step)
+        <timestamp>/<timestamp>.log, vis_data/scalars.json, epoch_N.pth, last_checkpoint  (mmengine)
+
+Each file is read at most once per object (properties are cached; make a new object to re-read)
+and every write is atomic (``ssflctl.atomic``). Used on both sides: the login node reads, the
+node writes; neither needs anything heavier than the standard library.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from ssflctl import atomic
+from ssflctl.workdir import checkpoints
+from ssflctl.workdir.records import (AttemptInfo, NanRecord, Outcome, Progress, Recovery, RunRecord,
+                                     recovery_list)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+RUN_JSON = "run.json"
+ATTEMPT_JSON = "attempt.json"
+CONFIG = "config.py"
+PROVENANCE = "provenance.json"
+PROGRESS = "progress.json"
+OUTCOME = "outcome.json"
+NAN = "nan.json"
+RECOVERY = "recovery.json"
+METRICS = "metrics.json"
+DETECTIONS = "detections.bbox.json"
+DETECTIONS_GT = "detections.gt.json"
+_PREFIX = "attempt-"
+
+
+def _read(path: Path) -> Any:
+    try:
+        return atomic.read_json(path, default=None)
+    except (ValueError, OSError):
+        return None
+
+
+def runs_root(ws: PathLike) -> Path:
+    return Path(ws) / "runs"
+
+
+class AttemptDir:
+    """``attempt-<n>/``: one try of a run, an mmengine work_dir."""
+
+    def __init__(self, path: PathLike, n: Optional[int] = None):
+        self.path = Path(path)
+        suffix = self.path.name[len(_PREFIX):] if self.path.name.startswith(_PREFIX) else ""
+        self.n = int(n) if n is not None else (int(suffix) if suffix.isdigit() else 0)
+
+    def __repr__(self) -> str:
+        return f"AttemptDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ files (read once)
+    @cached_property
+    def info(self) -> AttemptInfo:
+        return AttemptInfo.from_json(_read(self.path / ATTEMPT_JSON)) or AttemptInfo()
+
+    @property
+    def rendered(self) -> bool:
+        return (self.path / ATTEMPT_JSON).is_file()
+
+    @cached_property
+    def progress(self) -> Optional[Progress]:
+        return Progress.from_json(_read(self.path / PROGRESS))
+
+    @cached_property
+    def outcome(self) -> Optional[Outcome]:
+        return Outcome.from_json(_read(self.path / OUTCOME))
+
+    @cached_property
+    def nan(self) -> Optional[NanRecord]:
+        """The guard's nan.json, else outcome.json's ``nan``."""
+        rec = NanRecord.from_json(_read(self.path / NAN))
+        if rec is None and self.outcome is not None:
+            rec = self.outcome.nan
+        return rec
+
+    @cached_property
+    def recovery(self) -> List[Recovery]:
+        return recovery_list(_read(self.path / RECOVERY))
+
+    @cached_property
+    def metrics(self) -> Optional[Dict[str, Any]]:
+        m = _read(self.path / METRICS)
+        return m if isinstance(m, dict) else None
+
+    @property
+    def has_metrics(self) -> bool:
+        return (self.path / METRICS).is_file()
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def detections_path(self) -> Path:
+        return self.path / DETECTIONS
+
+    @property
+    def gt_path(self) -> Path:
+        return self.path / DETECTIONS_GT
+
+    @property
+    def lr(self) -> Optional[float]:
+        """The lr this attempt trains at (attempt.json), else the NaN record's."""
+        if self.info.lr is not None:
+            return self.info.lr
+        return self.nan.lr if self.nan is not None else None
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def interrupted(self) -> bool:
+        """Ran before (progress or a checkpoint) and has no outcome: requeued, timed out, stopped."""
+        return self.outcome is None and (self.progress is not None or self.latest_checkpoint() is not None)
+
+    def resumes(self) -> List[Recovery]:
+        return [r for r in self.recovery if r.kind == "resumed"]
+
+    def last_interruption(self) -> Optional[Recovery]:
+        """The newest recovery entry when it is an interruption the job did not come back from."""
+        return self.recovery[-1] if self.recovery and self.recovery[-1].kind == "interrupted" else None
+
+    def latest_checkpoint(self) -> Optional[str]:
+        """See :func:`ssflctl.workdir.checkpoints.latest_checkpoint` (where to continue)."""
+        return checkpoints.latest_checkpoint(self.path)
+
+    def last_clean_checkpoint(self, nan_iter: Optional[int]) -> Optional[str]:
+        """See :func:`ssflctl.workdir.checkpoints.last_clean_checkpoint` (where to restart after a NaN)."""
+        return checkpoints.last_clean_checkpoint(self.path, nan_iter, start_from=self.info.resume_from)
+
+    def text_logs(self) -> List[Path]:
+        """mmengine's text logs ``<ts>/<ts>.log``, oldest first (the training log, then the test step's)."""
+        return sorted((p for p in self.path.glob("*/*.log") if p.stem == p.parent.name),
+                      key=lambda p: p.parent.name)
+
+    def log_tail(self, lines: int = 40) -> str:
+        logs = sorted(self.path.glob("*/*.log"), key=lambda p: p.stat().st_mtime)
+        if not logs:
+            return ""
+        with open(logs[-1], encoding="utf-8", errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+
+    # ------------------------------------------------------------------ writes (atomic)
+    def _refresh(self, *names: str) -> None:
+        for n in names:
+            self.__dict__.pop(n, None)
+
+    def write_info(self, info: AttemptInfo) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.path / ATTEMPT_JSON, info.to_json())
+        self._refresh("info")
+
+    def write_provenance(self, body: Dict[str, Any]) -> None:
+        atomic.write_json(self.path / PROVENANCE, body)
+
+    def write_progress(self, progress: Progress) -> None:
+        atomic.write_json(self.path / PROGRESS, progress.to_json())
+        self._refresh("progress")
+
+    def write_outcome(self, outcome: Outcome) -> None:
+        atomic.write_json(self.path / OUTCOME, outcome.to_json())
+        self._refresh("outcome", "nan")
+
+    def write_nan(self, body: Dict[str, Any]) -> None:
+        atomic.write_json(self.path / NAN, body)
+        self._refresh("nan")
+
+    def append_recovery(self, entry: Recovery) -> None:
+        items = [r.to_json() for r in recovery_list(_read(self.path / RECOVERY))]
+        items.append(entry.to_json())
+        atomic.write_json(self.path / RECOVERY, items)
+        self._refresh("recovery")
+
+    def write_metrics(self, body: Dict[str, Any]) -> None:
+        atomic.write_json(self.path / METRICS, body)
+        self._refresh("metrics")
+
+
+class RunDir:
+    """``<ws>/runs/<run_id>/``: a run and its attempts."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, ws: PathLike, run_id: str) -> "RunDir":
+        return cls(runs_root(ws) / run_id)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def run_json_path(self) -> Path:
+        return self.path / RUN_JSON
+
+    @property
+    def exists(self) -> bool:
+        return self.run_json_path.is_file()
+
+    @cached_property
+    def run(self) -> RunRecord:
+        """run.json (an empty record when missing or unreadable)."""
+        return RunRecord.from_json(_read(self.path / RUN_JSON)) or RunRecord(run_id=self.run_id)
+
+    def raw_run(self) -> Optional[Dict[str, Any]]:
+        """run.json's body as written (None when missing or unreadable)."""
+        body = _read(self.path / RUN_JSON)
+        return body if isinstance(body, dict) else None
+
+    def write_run(self, body: Dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.path / RUN_JSON, body)
+        self.__dict__.pop("run", None)
+
+    def attempt(self, n: int) -> AttemptDir:
+        return AttemptDir(self.path / f"{_PREFIX}{int(n)}", int(n))
+
+    @cached_property
+    def _attempts(self) -> List[AttemptDir]:
+        out = []
+        try:
+            with os.scandir(self.path) as it:
+                for e in it:
+                    name = e.name
+                    if name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit() and e.is_dir():
+                        out.append(AttemptDir(e.path, int(name[len(_PREFIX):])))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(out, key=lambda a: a.n)
+
+    def attempts(self, rendered_only: bool = False) -> List[AttemptDir]:
+        """Attempt dirs in order (``rendered_only``: those with attempt.json)."""
+        return [a for a in self._attempts if a.rendered] if rendered_only else list(self._attempts)
+
+    def latest(self) -> Optional[AttemptDir]:
+        a = self._attempts
+        return a[-1] if a else None
+
+    def next_attempt_number(self) -> int:
+        a = self._attempts
+        return a[-1].n + 1 if a else 1
+
+    def finished(self) -> Optional[AttemptDir]:
+        """The newest attempt whose outcome is ``done`` (what the test step tests)."""
+        for a in reversed(self.attempts(rendered_only=True)):
+            if a.outcome is not None and a.outcome.done:
+                return a
+        return None
+
+    def tested(self) -> Optional[AttemptDir]:
+        """The newest attempt with metrics.json."""
+        for a in reversed(self._attempts):
+            if a.has_metrics:
+                return a
+        return None
+
+    def refresh(self) -> "RunDir":
+        """A fresh object (files re-read on next access)."""
+        return RunDir(self.path)
+
+
+def run_dirs(ws: PathLike) -> List[RunDir]:
+    """Every run directory of a workspace (those holding run.json), sorted by run id."""
+    root = runs_root(ws)
+    try:
+        with os.scandir(root) as it:
+            names = sorted(e.name for e in it if e.is_dir())
+    except FileNotFoundError:
+        return []
+    return [RunDir(root / n) for n in names if (root / n / RUN_JSON).is_file()]
