@@ -13,6 +13,10 @@ fast, so it reads small JSON files directly and builds nothing per run but dicts
             or None,
  "unavailable": {metric: "why"} (metrics the evaluator did not produce, e.g. AR1 from CocoMetric)}
 ```
+Outside work dirs (source "workdir", report/mmdet_workdir.py) add "segm" to "metrics" when the
+run has mask numbers, "provenance" (timestamp, split, epoch/iter, checkpoint, pick), "config"
+(the training run's seed, lr, optimizer, batch size, max epochs) and "progress", and may have the
+states "unfinished" (with numbers) and "unreadable" (reason says why).
 """
 from __future__ import annotations
 
