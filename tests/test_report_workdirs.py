@@ -289,6 +289,8 @@ def test_iou_type_segm_bbox_both(tmp_path):
     assert bbox.main.flat_columns() == cols[:12] + ["n"] and bbox.main.title == "Main results (COCO bbox, %)"
     assert make_report(tmp_path / "nows", workdirs=[mask], iou_type="segm", metrics="AP,AP50").main.flat_columns() \
         == ["segm AP", "segm AP50", "n"]
+    assert make_report(tmp_path / "nows", workdirs=[mask, box], metrics="AP,AP50").main.flat_columns() \
+        == ["AP", "AP50", "segm AP", "segm AP50", "n"]
     with pytest.raises(UserError, match="--iou-type 'mask'"):
         make_report(tmp_path / "nows", workdirs=[mask], iou_type="mask")
     # box-only runs: no segm columns by default (the table as before)

@@ -108,6 +108,7 @@ def parse_metrics(metrics, voc: bool = False, iou_type: str = "bbox") -> list:
         for p in ([SEGM] if seg else prefixes if m != VOC_METRIC else [""]):
             if p + m not in out:
                 out.append(p + m)
+    out = [m for m in out if not m.startswith(SEGM)] + [m for m in out if m.startswith(SEGM)]  # bbox's, then segm's
     if not out:
         raise UserError(f"--metrics: no metric given; choose from {choices}")
     return out
