@@ -168,7 +168,9 @@ def report(
     baseline: str = typer.Option("loss=focal", "--baseline", help="AXIS=VALUE of the baseline configuration."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated, e.g. AP,AP50,AP75 (VOC: Pascal VOC mAP@0.5)."),
     by: Optional[List[str]] = typer.Option(None, "--by", help="Axes that define a configuration (repeatable)."),
-    workdirs: Optional[List[Path]] = typer.Option(None, "--workdirs", help="Plain MMDetection work dirs to include."),
+    workdirs: Optional[List[Path]] = typer.Option(None, "--workdirs", help="Plain MMDetection work dirs (3.x or 2.x) to include: --workdirs work_dirs/* (or a folder of work dirs)."),
+    pick: Optional[str] = typer.Option(None, "--pick", help="Work dirs: test, last (validation) or best (mmdet's save_best); default: test if any, else last."),
+    iou_type: Optional[str] = typer.Option(None, "--iou-type", help="bbox, segm or both (default: what the runs have)."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any cell is missing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
     missrate: Optional[str] = typer.Option(None, "--missrate", help="Also print the log-average miss rate MR⁻² of this class (Caltech protocol)."),
@@ -188,6 +190,7 @@ def report(
     code = report_mod.main(
         workspace_path(workspace), experiments or [], fmt=fmt, out=out, baseline=baseline,
         metrics=metrics, by=by or [], workdirs=workdirs or [], strict=strict, force=force, gallery=gallery,
+        pick=pick, iou_type=iou_type,
     )
     if missrate:
         from ssflctl.evaluation import missrate as missrate_mod

@@ -411,9 +411,9 @@ def test_handmade_workdirs(tmp_path):
     assert main(tmp_path / "nows", [], fmt="csv", workdirs=wds[2:3], strict=True, metrics="AP,AP50,APl") == 0
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UserError, match="no <timestamp>/ log directory"):
-        make_report(tmp_path / "nows", workdirs=[empty])
-    with pytest.raises(UserError, match="not a directory"):
+    (rec,) = make_report(tmp_path / "nows", workdirs=[empty]).records  # a row with its reason (issue 16)
+    assert rec["state"] == "unreadable" and "not an MMDetection work dir" in rec["reason"]
+    with pytest.raises(UserError, match="does not exist"):
         make_report(tmp_path / "nows", workdirs=[tmp_path / "absent"])
 
 

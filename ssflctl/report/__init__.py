@@ -28,26 +28,48 @@ def normalize_format(fmt: str) -> str:
 
 
 def make_report(ws, experiments: Iterable[str] = (), *, baseline: Optional[str] = "loss=focal", metrics=None,
-                by: Iterable[str] = (), workdirs: Iterable = ()):
-    """Collect and aggregate: a `aggregate.Report`."""
+                by: Iterable[str] = (), workdirs: Iterable = (), pick: Optional[str] = None, iou_type=None):
+    """Collect and aggregate: a `aggregate.Report`. pick: test|last|best for outside work dirs;
+    iou_type: bbox|segm|both (None: what the runs have)."""
     from ssflctl.report import aggregate, collect
 
     experiments = list(experiments or [])
     workdirs = list(workdirs or [])
     ws = Path(ws)
-    records = collect.collect(ws, experiments, workdirs)
+    if pick is not None and pick not in ("test", "last", "best"):
+        raise UserError(f"--pick {pick!r}: choose one of test, last, best")
+    if workdirs:
+        experiments, workdirs = _workdirs_from_args(ws, experiments, workdirs)
+    records = collect.collect(ws, experiments, workdirs, pick=pick)
     if experiments:
         found = {r["experiment"] for r in records}
         absent = [e for e in experiments if e not in found]
         if absent:
             known = sorted({r["experiment"] for r in collect.collect_workspace(ws, [])} - {""})
-            hint = " (--workdirs takes one path per flag: --workdirs A --workdirs B)" if workdirs else ""
+            hint = ""
             raise UserError(f"{ws}: no runs of experiment(s) {', '.join(absent)}; "
                             f"known experiments: {', '.join(known) or 'none'}{hint}")
     if not records:
         raise UserError(f"{ws}: no runs in this workspace; submit an experiment first, pass --workspace, "
                         "or report on mmdet work dirs with --workdirs")
-    return aggregate.build(records, metrics=metrics, by=list(by or []), baseline=baseline)
+    return aggregate.build(records, metrics=metrics, by=list(by or []), baseline=baseline, iou_type=iou_type)
+
+
+def _workdirs_from_args(ws: Path, experiments: list, workdirs: list) -> tuple:
+    """`--workdirs a b c` (a shell glob): the command line parser gives the flag its first path and
+    the rest as experiment names; names that are no experiment of the workspace but existing paths
+    are work dirs, in their order after the flag's."""
+    from ssflctl.report import collect
+
+    if not experiments:
+        return experiments, workdirs
+    paths = [e for e in experiments if Path(e).exists()]
+    if not paths:
+        return experiments, workdirs
+    known = {r["experiment"] for r in collect.collect_workspace(ws, [])} if (ws / "runs").is_dir() or (
+        ws / "registry.sqlite").exists() else set()
+    moved = [e for e in paths if e not in known]
+    return [e for e in experiments if e not in moved], workdirs + [Path(e) for e in moved]
 
 
 def _check_gallery(fmt: str, gallery: int) -> int:
@@ -84,13 +106,15 @@ def render(rep, fmt: str, images: list = (), gallery: list = ()) -> str:
 
 
 def build_report(ws, experiments: Iterable[str] = (), fmt: str = "markdown", *, baseline="loss=focal",
-                 metrics=None, by=(), workdirs=(), plots: bool = False, gallery: int = 0) -> str:
+                 metrics=None, by=(), workdirs=(), plots: bool = False, gallery: int = 0, pick=None,
+                 iou_type=None) -> str:
     """The report as text. With plots=True (or for html) figures are drawn into a temporary
     directory and embedded (html) or referenced by file name (markdown). gallery=N (html only):
     N pictures of test-set detections for one run of each configuration."""
     fmt = normalize_format(fmt)
     gallery = _check_gallery(fmt, gallery)
-    rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs)
+    rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs, pick=pick,
+                      iou_type=iou_type)
     if fmt == "html" or (plots and fmt == "markdown"):
         from ssflctl.report import plots as plots_mod
 
@@ -133,8 +157,9 @@ def write_report(rep, fmt: str, out, *, force: bool = False, progress: bool = Fa
 
 
 def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", metrics=None, by=(),
-         workdirs=(), strict=False, force=False, gallery: int = 0) -> int:
-    """CLI body of `ssflctl report`: returns the exit code (1 with --strict and missing cells).
+         workdirs=(), strict=False, force=False, gallery: int = 0, pick=None, iou_type=None) -> int:
+    """CLI body of `ssflctl report`: returns the exit code (1 with --strict and missing cells,
+    unfinished or unreadable work dirs).
     With --out and the default format, the file's suffix picks the format (.html, .tex, .csv, .json)."""
     fmt = normalize_format(fmt)
     if out is not None and fmt == "markdown":
@@ -142,7 +167,8 @@ def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", me
     gallery = _check_gallery(fmt, gallery)
     if out is not None and Path(out).exists() and not force and not Path(out).is_dir():
         raise UserError(f"{out}: already exists; pass --force to overwrite it")
-    rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs)
+    rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs, pick=pick,
+                      iou_type=iou_type)
     if out is None:
         if fmt == "html":
             from ssflctl.report import plots as plots_mod

@@ -13,11 +13,22 @@ from ssflctl.report.collect import COCO_METRICS, VOC_METRIC
 
 SEED_AXIS = "seed"
 NO_VOC = "n/a (no VOCMetric)"
+NO_SEGM = "n/a (box only)"
 DATASET_AXIS = "dataset"
 EXPERIMENT_AXIS = "experiment"
-NOT_DONE_ORDER = ("failed", "cancelled", "unknown", "running", "submitting", "queued", "pending", "missing")
+NOT_DONE_ORDER = ("unfinished", "failed", "cancelled", "unreadable", "unknown", "running", "submitting", "queued",
+                  "pending", "missing")
+UNFINISHED = "unfinished"   # an outside work dir stopped before its config's max_epochs/max_iters
+WITH_RESULTS = ("done", UNFINISHED)
+# where an outside work dir's numbers come from (columns of the long frame when there are work dirs)
+PROVENANCE_COLS = ("result_split", "result_timestamp", "result_epoch", "result_iter", "result_checkpoint",
+                   "result_pick", "result_file", "config_file", "optimizer", "batch_size", "max_epochs",
+                   "max_iters")
 LONG_FIXED = ("experiment", "run_id", "name", "source", "state", "reason", "attempts", "attempt", "lr",
-              "metric", "class", "value", "evaluator", "note", "cfg", "retried")
+              "metric", "class", "value", "evaluator", "note", "cfg", "retried") + PROVENANCE_COLS
+SEGM = "segm "  # prefix of the COCO segm metric names ("segm AP", ...); bbox names are bare
+SEGM_METRICS = tuple(SEGM + m for m in COCO_METRICS)
+IOU_TYPES = ("bbox", "segm", "both")
 
 
 @dataclass
@@ -26,6 +37,7 @@ class Cell:
     best: bool = False
     mark: bool = False  # a run behind this cell needed a lower lr (dagger + footnote)
     value: Optional[float] = None
+    foot: str = ""      # footnote numbers ("1" or "1,2"): where an outside work dir's numbers come from
 
 
 @dataclass
@@ -62,6 +74,7 @@ class Report:
     records: list = field(default_factory=list)
     seedvals: dict = field(default_factory=dict)  # {(cfg key, dataset): [AP of each seed]} for plots
     cfg_keys: list = field(default_factory=list)  # configuration keys in table order
+    footnotes: list = field(default_factory=list)  # ["1 name: source..."] for Cell.foot
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,25 +84,31 @@ class Report:
 VOC_ALIASES = ("voc", "vocmap", "vocmap50", "vocmap05", "vocap50")
 
 
-def parse_metrics(metrics, voc: bool = False) -> list:
+def parse_metrics(metrics, voc: bool = False, iou_type: str = "bbox") -> list:
     """--metrics as metric names; the default is the 12 COCO numbers, led by VOC mAP@0.5 when
-    ``voc`` (some run has it)."""
+    ``voc`` (some run has it). iou_type segm: the same names of the segm evaluation ("segm AP", ...);
+    both: bbox's, then segm's. A name given as "segm AP" is segm whatever the iou_type."""
+    prefixes = {"bbox": [""], "segm": [SEGM], "both": ["", SEGM]}[iou_type]
     if metrics is None or metrics == "" or metrics == []:
-        return ([VOC_METRIC] if voc else []) + list(COCO_METRICS)
+        return ([VOC_METRIC] if voc else []) + [p + m for p in prefixes for m in COCO_METRICS]
     names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
     out = []
     lookup = {m.lower(): m for m in COCO_METRICS}
     lookup.update({a: VOC_METRIC for a in VOC_ALIASES})
-    choices = ",".join(COCO_METRICS) + ",VOC (Pascal VOC mAP@0.5)"
+    choices = ",".join(COCO_METRICS) + ",VOC (Pascal VOC mAP@0.5), segm AP..segm ARl"
     for n in names:
         n = n.strip()
         if not n:
             continue
-        m = lookup.get(n.lower()) or lookup.get("".join(ch for ch in n.lower() if ch not in " _-@."))
+        seg = n.lower().startswith(("segm ", "segm_", "segm/", "segm-"))
+        bare = n[5:] if seg else n
+        m = lookup.get(bare.lower()) or lookup.get("".join(ch for ch in bare.lower() if ch not in " _-@."))
         if m is None:
             raise UserError(f"--metrics: unknown metric {n!r}; choose from {choices}")
-        if m not in out:
-            out.append(m)
+        for p in ([SEGM] if seg else prefixes if m != VOC_METRIC else [""]):
+            if p + m not in out:
+                out.append(p + m)
+    out = [m for m in out if not m.startswith(SEGM)] + [m for m in out if m.startswith(SEGM)]  # bbox's, then segm's
     if not out:
         raise UserError(f"--metrics: no metric given; choose from {choices}")
     return out
@@ -224,9 +243,10 @@ def long_frame(records: list, metrics: list, by: list):
                 axes.append(k)
     # the dataset axis is the "dataset" column ("" when a run has none); other axes keep their names
     axis_cols = {a: (a if a not in LONG_FIXED else f"axis_{a}") for a in axes if a != DATASET_AXIS}
+    prov = any(r.get("source") == "workdir" for r in records)  # outside work dirs: say where numbers come from
     cols = {c: [] for c in ("experiment", "run_id", "name", "source", "dataset", *axis_cols.values(), "cfg",
                             "state", "reason", "attempts", "attempt", "lr", "retried", "metric", "class",
-                            "value", "evaluator", "note")}
+                            "value", "evaluator", "note", *(PROVENANCE_COLS if prov else ()))}
     for r in records:
         fin = r.get("final")
         att = next((a for a in r["attempts"] if a["attempt"] == fin), None)
@@ -239,6 +259,8 @@ def long_frame(records: list, metrics: list, by: list):
         }
         for a, c in axis_cols.items():
             base[c] = r["axes"].get(a)
+        if prov:
+            base.update(provenance_fields(r))
         m = r.get("metrics")
         evaluator = m["evaluator"] if m else None
         rows = []
@@ -248,9 +270,12 @@ def long_frame(records: list, metrics: list, by: list):
             elif k in (r.get("unavailable") or {}):
                 rows.append((k, "", None, r["unavailable"][k]))
             else:
-                v = m["bbox"].get(k)
+                v = metric_value(m, k)
                 if v is None and k == VOC_METRIC and k not in m["bbox"]:
                     rows.append((k, "", None, "no VOC metric (not tested with VOCMetric)"))
+                    continue
+                if v is None and k.startswith(SEGM) and k[len(SEGM):] not in (m.get("segm") or {}):
+                    rows.append((k, "", None, "no segm metrics (a box-only evaluation)"))
                     continue
                 rows.append((k, "", v, "" if v is not None else "no value (-1: no ground truth)"))
         if m:
@@ -289,12 +314,14 @@ def _state_text(recs: list) -> str:
     return "; ".join(parts)
 
 
-def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: str = "") -> Report:
-    """The report's content from run records (see collect)."""
+def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: str = "", iou_type=None) -> Report:
+    """The report's content from run records (see collect). iou_type: bbox|segm|both (None: what
+    the runs have)."""
     if not records:
         raise UserError("no runs to report; check the experiment names and --workspace, or pass --workdirs")
+    iou_type = resolve_iou_type(records, iou_type)
     metrics = parse_metrics(metrics, voc=any(VOC_METRIC in (r.get("metrics") or {}).get("bbox", {})
-                                             for r in records))
+                                             for r in records), iou_type=iou_type)
     base = parse_baseline(baseline)
     by = choose_axes(records, list(by or []))
     records = complete_seed_grid([dict(r) for r in records])
@@ -321,7 +348,9 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     df = long_frame(records, metrics, by)
 
     # ---- pandas: mean, sample std (ddof=1), n over seeds
-    ok = (df["state"] == "done") & df["value"].notna()  # numbers of unfinished runs stay out of the means
+    # numbers of runs still in flight stay out of the means; an outside work dir that stopped early
+    # keeps its numbers, marked (footnote) and never bold
+    ok = df["state"].isin(WITH_RESULTS) & df["value"].notna()
     bb = df[(df["metric"] != "class_AP") & ok]
     agg = bb.groupby(["cfg", "dataset", "metric"], sort=False)["value"].agg(["mean", "std", "count"])
     stats = agg.to_dict("index")
@@ -343,17 +372,20 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     groups = [(ds, list(columns)) for ds in datasets]
     rows = []
     best = {}
+    unfinished = {(r["_cfg"], r["_ds"]) for r in records if r["state"] == UNFINISHED}
+    feet, footnotes = footnote_numbers(records)
     for ds in datasets:
         for k in metrics:
-            disp = [float(pct(stats[(c, ds, k)]["mean"])) for c in cfgs if (c, ds, k) in stats]
+            disp = [float(pct(stats[(c, ds, k)]["mean"])) for c in cfgs
+                    if (c, ds, k) in stats and (c, ds) not in unfinished]
             if len(disp) >= 2 and len(set(disp)) > 1:  # all equal: nothing to single out
                 best[(ds, k)] = max(disp)
     for c in cfgs:
         cells = []
         for ds in datasets:
             recs = by_cell.get((c, ds), [])
-            done = [r for r in recs if r["state"] == "done" and r.get("metrics")]
-            others = [r for r in recs if not (r["state"] == "done" and r.get("metrics"))]
+            done = [r for r in recs if r["state"] in WITH_RESULTS and r.get("metrics")]
+            others = [r for r in recs if not (r["state"] in WITH_RESULTS and r.get("metrics"))]
             retried = any(_lowered_lr(r) for r in done)
             label = " ".join(x for x in c if x) or "(all)"
             if not recs and not any(ds in exp_ds[e] for e in cfg_exps[c]):
@@ -366,7 +398,7 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                 if s is not None:
                     n = int(s["count"])
                     txt = pct(s["mean"]) if n == 1 else f"{pct(s['mean'])} ± {pct(s['std'])}"
-                    isbest = (ds, k) in best and float(pct(s["mean"])) == best[(ds, k)]
+                    isbest = (ds, k) in best and float(pct(s["mean"])) == best[(ds, k)] and (c, ds) not in unfinished
                     cells.append(Cell(txt, best=isbest, value=s["mean"]))
                     continue
                 why = sorted({(r.get("unavailable") or {}).get(k) for r in done} - {None})
@@ -375,7 +407,10 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                 elif done and k == VOC_METRIC and not any(k in r["metrics"]["bbox"] for r in done):
                     cells.append(Cell(NO_VOC))  # not a gap: these runs were not tested with VOCMetric
                     continue
-                elif done and any(k in r["metrics"]["bbox"] for r in done):
+                elif done and k.startswith(SEGM) and not any(r["metrics"].get("segm") for r in done):
+                    cells.append(Cell(NO_SEGM))  # not a gap: a box-only evaluation beside mask runs
+                    continue
+                elif done and any(has_metric(r["metrics"], k) for r in done):
                     cells.append(Cell("n/a (no GT)"))  # COCOeval -1: no ground truth of this size
                 elif done:
                     cells.append(Cell("—"))
@@ -385,6 +420,12 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                     cells.append(Cell(f"—, {_state_text(others)}" if j == 0 else "—"))
                 if cells[-1].text != "n/a (no GT)":  # a real value of COCOeval, not a gap
                     missing.append(f"{label} / {ds or '-'} / {k}: {cells[-1].text}")
+            foot = ",".join(str(feet[id(r)]) for r in recs if id(r) in feet)
+            if foot and metrics:
+                cells[-len(metrics)].foot = foot
+            for r in recs:
+                if r["state"] == UNFINISHED:
+                    missing.append(f"{label} / {ds or '-'}: {r['name']} unfinished ({r['reason']})")
             for k in delta_keys:
                 cells.append(_delta_cell(c, ds, base_idx, base[1], stats, k))
             nd, ne = len(done), len(recs)
@@ -395,12 +436,13 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     stub = list(by) if by else ["configuration"]
     if not by:
         rows = [(["(all)"], cells) for _, cells in rows]
-    main = Table("Main results (VOC mAP@0.5 and COCO bbox, %)" if VOC_METRIC in metrics
-                 else "Main results (COCO bbox, %)", stub, groups, rows)
+    coco = {"bbox": "COCO bbox", "segm": "COCO segm", "both": "COCO bbox and segm"}[iou_type]
+    main = Table(f"Main results (VOC mAP@0.5 and {coco}, %)" if VOC_METRIC in metrics
+                 else f"Main results ({coco}, %)", stub, groups, rows)
 
     # ---- per-class AP (one table per dataset: rows = classes, columns = configurations)
     per_class = []
-    pc = df[(df["metric"] == "class_AP") & (df["state"] == "done")]
+    pc = df[(df["metric"] == "class_AP") & df["state"].isin(WITH_RESULTS)]
     if len(pc):
         pcagg = pc.groupby(["dataset", "class", "cfg"], sort=False)["value"].agg(["mean", "std", "count"])
         pcstats = pcagg.to_dict("index")
@@ -448,7 +490,7 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     # ---- gaps: every run that is not done
     grow = []
     for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)), r["name"])):
-        if r["state"] == "done" and r.get("metrics"):
+        if r["state"] in WITH_RESULTS and r.get("metrics"):
             continue
         seed = r["axes"].get(SEED_AXIS)
         grow.append(([r["run_id"] or "—"], [Cell(" ".join(x for x in r["_cfg"] if x) or "(all)"),
@@ -487,8 +529,17 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     for r in records:
         if r["state"] == "done" and r.get("metrics") and "NaN" in (r.get("reason") or "") and r["source"] == "workdir":
             notes.append(f"{r['name']}: {r['reason']}.")
+    if footnotes:
+        notes.append(f"{', '.join(f'[{n}]' for n in range(1, len(footnotes) + 1))}: where an outside work dir's "
+                     "numbers come from and its training run's config (--pick: test|last|best; default: the test "
+                     "result, else the last validation).")
+    if unfinished:
+        notes.append("unfinished: the work dir stopped before its config's max_epochs/max_iters; its numbers are "
+                     "shown, never bold, and --strict fails.")
     if any(c.text == "n/a (no GT)" for _, cells in rows for c in cells):
         notes.append("n/a (no GT): COCOeval reports -1 because the test set has no ground truth of that size.")
+    if any(c.text == NO_SEGM for _, cells in rows for c in cells):
+        notes.append(f"{NO_SEGM}: these runs have no segm evaluation (box-only detectors).")
     if any(c.text == NO_VOC for _, cells in rows for c in cells):
         notes.append(f"{NO_VOC}: these runs were not tested with mmdet's VOCMetric (no {VOC_METRIC}).")
     if any("n/a (VOCMetric)" in (r.get("unavailable") or {}).values() for r in records):
@@ -498,7 +549,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                      "APl); the AR numbers need a pycocotools summary in its log.")
     rep = Report(title or _title(exps), summary, main, per_class, retries, gaps, notes, df, missing,
                  configs=[(" ".join(x for x in c if x) or "(all)", dict(zip(by, cfg_vals[c]))) for c in cfgs],
-                 datasets=datasets, by=by, records=records, seedvals=seedvals, cfg_keys=cfgs)
+                 datasets=datasets, by=by, records=records, seedvals=seedvals, cfg_keys=cfgs,
+                 footnotes=footnotes)
     return rep
 
 
@@ -533,3 +585,53 @@ def _delta_cell(c, ds, base_idx, base_value, stats, metric: str = "AP") -> Cell:
 
 def _title(exps: list) -> str:
     return "ssflctl report" + (": " + ", ".join(exps) if exps else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# outside work dirs: segm metrics, provenance, footnotes (records of report/mmdet_workdir.py)
+
+
+def resolve_iou_type(records: list, iou_type=None) -> str:
+    """--iou-type: bbox|segm|both as asked, else what the runs have (segm and bbox: both)."""
+    if iou_type is not None:
+        t = str(iou_type).lower()
+        if t not in IOU_TYPES:
+            raise UserError(f"--iou-type {iou_type!r}: choose one of {', '.join(IOU_TYPES)}")
+        return t
+    ms = [r["metrics"] for r in records if r.get("metrics")]
+    if not any(m.get("segm") for m in ms):
+        return "bbox"
+    return "both" if any(any(k != VOC_METRIC for k in m.get("bbox", {})) for m in ms) else "segm"
+
+
+def metric_value(m: dict, k: str):
+    """The value of metric name `k` ("AP", "segm AP", "VOC mAP@0.5") in a record's metrics."""
+    if k.startswith(SEGM):
+        return (m.get("segm") or {}).get(k[len(SEGM):])
+    return m["bbox"].get(k)
+
+
+def has_metric(m: dict, k: str) -> bool:
+    return k[len(SEGM):] in (m.get("segm") or {}) if k.startswith(SEGM) else k in m["bbox"]
+
+
+def provenance_fields(r: dict) -> dict:
+    """The PROVENANCE_COLS of one record (None where unknown or not a work dir)."""
+    p, c = r.get("provenance") or {}, r.get("config") or {}
+    return {"result_split": p.get("split"), "result_timestamp": p.get("timestamp"), "result_epoch": p.get("epoch"),
+            "result_iter": p.get("iter"), "result_checkpoint": p.get("checkpoint"), "result_pick": p.get("pick"),
+            "result_file": p.get("file"), "config_file": c.get("file"), "optimizer": c.get("optimizer"),
+            "batch_size": c.get("batch_size"), "max_epochs": c.get("max_epochs"), "max_iters": c.get("max_iters")}
+
+
+def footnote_numbers(records: list) -> tuple:
+    """({id(record): n}, ["line n"]) for the outside work dirs (mmdet_workdir.describe)."""
+    from ssflctl.report.mmdet_workdir import describe
+
+    feet, lines = {}, []
+    for r in records:
+        if r.get("source") != "workdir" or not (r.get("provenance") or r.get("config") or r.get("state") == "unreadable"):
+            continue
+        lines.append(describe(r))
+        feet[id(r)] = len(lines)
+    return feet, lines

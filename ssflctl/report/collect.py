@@ -13,6 +13,10 @@ fast, so it reads small JSON files directly and builds nothing per run but dicts
             or None,
  "unavailable": {metric: "why"} (metrics the evaluator did not produce, e.g. AR1 from CocoMetric)}
 ```
+Outside work dirs (source "workdir", report/mmdet_workdir.py) add "segm" to "metrics" when the
+run has mask numbers, "provenance" (timestamp, split, epoch/iter, checkpoint, pick), "config"
+(the training run's seed, lr, optimizer, batch size, max epochs) and "progress", and may have the
+states "unfinished" (with numbers) and "unreadable" (reason says why).
 """
 from __future__ import annotations
 
@@ -29,14 +33,6 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 # Pascal VOC's mAP at IoU 0.5 (mmdet's VOCMetric; metrics.json "voc": {"mAP50": ...}); reported
 # beside the COCO numbers when runs have it.
 VOC_METRIC = "VOC mAP@0.5"
-
-# mmdet's CocoMetric keys (in scalars.json, prefixed "coco/") -> our names.
-COCOMETRIC_KEYS = {
-    "bbox_mAP": "AP", "bbox_mAP_50": "AP50", "bbox_mAP_75": "AP75",
-    "bbox_mAP_s": "APs", "bbox_mAP_m": "APm", "bbox_mAP_l": "APl",
-    # mmdet only logs these when the metric is configured for proposals; kept for completeness
-    "bbox_AR@100": "AR100", "bbox_AR_s@100": "ARs", "bbox_AR_m@100": "ARm", "bbox_AR_l@100": "ARl",
-}
 
 FINISHED_OK = "done"
 
@@ -111,47 +107,12 @@ def _num(v) -> Optional[float]:
 # --------------------------------------------------------------------------------------------
 # pycocotools summary in text logs
 
-_SUMMARY_RE = re.compile(
-    r"Average (Precision|Recall)\s+\((AP|AR)\)\s+@\[\s*IoU=([0-9.:]+)\s*\|\s*area=\s*(\w+)\s*\|\s*"
-    r"maxDets=\s*(\d+)\s*\]\s*=\s*(-?[0-9.]+|nan)"
-)
-_AREA = {"all": "", "small": "s", "medium": "m", "large": "l"}
+def parse_coco_summaries(text: str, iou_type: str = "bbox") -> list:
+    """All complete pycocotools summaries of one iouType in a log (see
+    mmdet_workdir.parse_coco_summaries, which owns the format)."""
+    from ssflctl.report import mmdet_workdir
 
-
-def _summary_key(kind: str, iou: str, area: str, maxdets: str) -> Optional[str]:
-    a = _AREA.get(area)
-    if a is None:
-        return None
-    if kind == "AP":
-        if iou == "0.50:0.95":
-            return "AP" + a if maxdets == "100" else None
-        if a == "" and iou in ("0.50", "0.5"):
-            return "AP50"
-        if a == "" and iou == "0.75":
-            return "AP75"
-        return None
-    if iou != "0.50:0.95":
-        return None
-    if a == "":
-        return {"1": "AR1", "10": "AR10", "100": "AR100"}.get(maxdets)
-    return "AR" + a if maxdets == "100" else None
-
-
-def parse_coco_summaries(text: str) -> list:
-    """All complete 12-line pycocotools summaries in a log, in order, as {metric: fraction|None}."""
-    out, cur = [], {}
-    for m in _SUMMARY_RE.finditer(text):
-        key = _summary_key(m.group(2), m.group(3), m.group(4), m.group(5))
-        if key is None:
-            continue
-        if key == "AP" and cur:
-            if len(cur) >= 6:
-                out.append(cur)
-            cur = {}
-        cur[key] = _num(m.group(6))
-    if len(cur) >= 6:
-        out.append(cur)
-    return out
+    return mmdet_workdir.parse_coco_summaries(text, iou_type)
 
 
 _CLASS_ROW = re.compile(r"^\s*\|\s*([^|]+?)\s*\|\s*(nan|-?[0-9.]+)\s*\|")
@@ -334,7 +295,6 @@ def collect_workspace(ws, experiments: Iterable[str] = ()) -> list:
 
 
 _TS_DIR = re.compile(r"^\d{8}_\d{6}$")
-_SEED_RE = re.compile(r"^\s*seed:\s*(-?\d+)\s*$", re.MULTILINE)
 
 
 def _timestamp_dirs(wd: str) -> list:
@@ -369,143 +329,25 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def _cocometric_from_scalars(tsdir: str):
-    """The last `coco/bbox_mAP*` record of a timestamp dir's scalars: (bbox, per_class) or None."""
-    last = None
-    for f in _vis_files(tsdir):
-        for rec in read_scalars(f):
-            if "coco/bbox_mAP" in rec:
-                last = rec
-    if last is None:
-        return None
-    bbox = {ours: _num(last["coco/" + key]) for key, ours in COCOMETRIC_KEYS.items() if "coco/" + key in last}
-    pcs = {k[5:-10]: _num(v) for k, v in last.items() if k.startswith("coco/") and k.endswith("_precision")}
-    return bbox, pcs
+def read_workdir(path, pick=None) -> dict:
+    """A run record from an MMDetection work dir that ssflctl did not launch, of any vintage
+    (mmdet 3.x/mmengine or mmdet 2.x/mmcv 1.x): see report/mmdet_workdir.py, which owns the formats.
+    `pick`: test|last|best (None: the test result if any, else the last validation)."""
+    from ssflctl.report import mmdet_workdir
+
+    return mmdet_workdir.read(path, pick=pick)
 
 
-def _vocmetric_from_scalars(tsdir: str) -> Optional[float]:
-    """mAP@0.5 of the last mmdet VOCMetric record (`pascal_voc/mAP`, or `pascal_voc/AP50` when
-    mAP averages other IoU thresholds too) of a timestamp dir's scalars, or None."""
-    last = None
-    for f in _vis_files(tsdir):
-        for rec in read_scalars(f):
-            if "pascal_voc/mAP" in rec or "pascal_voc/AP50" in rec:
-                last = rec
-    if last is None:
-        return None
-    others = [k for k in last if k.startswith("pascal_voc/AP") and k != "pascal_voc/AP50"]
-    return _num(last.get("pascal_voc/AP50") if others or "pascal_voc/mAP" not in last else last["pascal_voc/mAP"])
-
-
-def _same_numbers(summary: dict, bbox: dict) -> bool:
-    """A pycocotools summary and CocoMetric's numbers (3 decimals) describe the same evaluation."""
-    keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox]
-    return bool(keys) and all(
-        (summary.get(k) is None and bbox[k] is None)
-        or (summary.get(k) is not None and bbox[k] is not None and abs(summary[k] - bbox[k]) <= 0.0006)
-        for k in keys)
-
-
-def read_workdir(path) -> dict:
-    """A run record from a plain MMDetection work dir that ssflctl did not launch.
-
-    The newest `<timestamp>/` with results wins. mmdet's CocoMetric writes the 6 AP numbers to
-    vis_data/scalars.json (`coco/bbox_mAP`, ...), and its per-class table to the text log, but prints
-    the 12-line pycocotools summary to stdout only. So the AR numbers come from a summary found in
-    that timestamp's log or in a text file the user kept in the work dir (`*.log`, `*.out`, `*.txt`,
-    e.g. `python tools/test.py ... | tee work_dir/test.log`) and only when its AP numbers match
-    CocoMetric's; otherwise the AR cells say "n/a (CocoMetric)".
-    """
-    wd = str(path)
-    if not os.path.isdir(wd):
-        raise UserError(f"{wd}: --workdirs path is not a directory; give an mmdet work_dir")
-    tsdirs = _timestamp_dirs(wd)
-    if not tsdirs:
-        raise UserError(
-            f"{wd}: no <timestamp>/ log directory (YYYYMMDD_HHMMSS) found; is this an mmengine work_dir?")
-    name = os.path.basename(os.path.abspath(wd))
-    extra_texts = None
-    bbox, per_class, evaluator, unavailable = None, {}, None, {}
-    seed = None
-    for ts in reversed(tsdirs):
-        text = _read_text(os.path.join(ts, os.path.basename(ts) + ".log"))
-        if seed is None:
-            m = _SEED_RE.search(text)
-            if m:
-                seed = int(m.group(1))
-        if bbox is not None:
-            continue
-        sums = parse_coco_summaries(text)
-        cm = _cocometric_from_scalars(ts)
-        voc = _vocmetric_from_scalars(ts)
-        if cm is None and not sums and voc is not None:  # mmdet's VOCMetric only (Pascal VOC configs)
-            bbox, evaluator = {VOC_METRIC: voc}, "VOCMetric"
-            unavailable.update({k: "n/a (VOCMetric)" for k in COCO_METRICS})
-            continue
-        if cm is None and not sums:
-            continue
-        if cm is not None and not (sums and _same_numbers(sums[-1], cm[0])):
-            if extra_texts is None:
-                extra_texts = []
-                for e in sorted(os.scandir(wd), key=lambda e: e.name):
-                    if e.is_file() and e.name.endswith((".log", ".out", ".txt")):
-                        extra_texts.append(_read_text(e.path))
-            sums = [s for t in extra_texts for s in parse_coco_summaries(t) if _same_numbers(s, cm[0])]
-        if sums:
-            bbox = {k: sums[-1].get(k) for k in COCO_METRICS if k in sums[-1]}
-            evaluator = "pycocotools summary (log)"
-        else:
-            bbox, evaluator = dict(cm[0]), "CocoMetric"
-            for k in COCO_METRICS:
-                if k not in bbox:
-                    unavailable[k] = "n/a (CocoMetric)"
-        per_class = parse_classwise_table(text) or (cm[1] if cm else {})
-        if voc is not None:
-            bbox[VOC_METRIC] = voc
-    losses = workdir_has_loss(tsdirs)
-    if bbox is not None:
-        state, reason = "done", ""
-        if losses.get("nan") is not None:
-            reason = f"training loss NaN from iter {losses['nan']}; results come from a diverged model"
-    elif losses.get("nan"):
-        state, reason = "failed", f"NaN at iter {losses['nan']} (no test results)"
-    else:
-        state, reason = "unknown", "no test results in its logs (still training, or never tested)"
-    axes = {"workdir": name}
-    if seed is not None:
-        axes["seed"] = seed
-    return {
-        "run_id": name, "experiment": "workdirs", "name": name, "axes": axes, "source": "workdir",
-        "state": state, "reason": reason, "run_dir": wd,
-        "attempts": [{"attempt": 1, "lr": losses.get("lr"), "dir": wd, "why": "", "state": state,
-                      "reason": reason, "nan": None, "has_metrics": bbox is not None}],
-        "final": 1 if bbox is not None else None,
-        "metrics": None if bbox is None else {"bbox": bbox, "per_class": per_class, "evaluator": evaluator},
-        "unavailable": unavailable, "retry": {},
-    }
-
-
-def workdir_has_loss(tsdirs) -> dict:
-    """First lr and first non-finite loss iteration of a work dir's training scalars."""
-    out = {}
-    for ts in tsdirs:
-        for f in _vis_files(ts):
-            for rec in read_scalars(f):
-                if "loss" in rec:
-                    if "lr" not in out and rec.get("lr") is not None:
-                        out["lr"] = _float_or_none(rec["lr"])
-                    v = rec["loss"]
-                    if "nan" not in out and isinstance(v, float) and not math.isfinite(v):
-                        out["nan"] = rec.get("iter", rec.get("step"))
-    return out
-
-
-def collect(ws, experiments: Iterable[str] = (), workdirs: Iterable = ()) -> list:
-    """Every run record the report covers."""
+def collect(ws, experiments: Iterable[str] = (), workdirs: Iterable = (), pick=None) -> list:
+    """Every run record the report covers (work dirs: see mmdet_workdir.expand and .read)."""
     records = collect_workspace(ws, experiments)
     seen = {r["run_id"] for r in records}
+    if workdirs:
+        from ssflctl.report import mmdet_workdir
+
+        workdirs = mmdet_workdir.expand(workdirs)
     for wd in workdirs:
-        rec = read_workdir(wd)
+        rec = read_workdir(wd, pick=pick)
         base, k = rec["run_id"], 2
         while rec["run_id"] in seen:
             rec["run_id"] = f"{base}-{k}"
