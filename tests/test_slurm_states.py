@@ -242,6 +242,22 @@ def test_parse_sacct_written_formats():
     assert r["40"].kind is Kind.TIMEOUT and r["40"].elapsed == "00:01:00" and r["40"].name == "train-a"
 
 
+# captured with SSFLCTL_SLURM_MEM_ENFORCE=1 (JobAcctGatherParams=OverMemoryKill, task/none, 22.05.8),
+# --mem=100M and 400 MiB touched: no OUT_OF_MEMORY state (that needs task/cgroup), the step is cancelled
+# with SIGKILL; the job log says "StepId=31.batch exceeded memory limit (434950144 > 104857600), being killed"
+SACCT_OVERMEMORYKILL = """\
+31|FAILED|0:9|None||00:00:02|wrap
+31.batch|CANCELLED by 0|0:9||434950144|00:00:02|batch
+"""
+
+
+@pytest.mark.unit
+def test_overmemorykill_is_a_sigkill_failure_with_its_maxrss():
+    r = q.parse_sacct(SACCT_OVERMEMORYKILL)["31"]
+    assert r.kind is Kind.FAILED and r.signal_name == "SIGKILL" and r.max_rss_bytes == 434950144
+    assert r.steps == {"31.batch": "CANCELLED by 0"}
+
+
 @pytest.mark.unit
 def test_parsers_refuse_an_unmapped_state():
     with pytest.raises(ss.UnmappedState):
