@@ -25,7 +25,7 @@ def _latest(run_dir: Path) -> Path:
     return dirs[-1]
 
 
-def light_render(run_dir, attempt, *, lr=None, resume_from=None, reason="first attempt"):
+def light_render(run_dir, attempt, *, lr=None, resume_from=None, reason="first attempt", run=None):
     run_dir = Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
     adir = run_dir / f"attempt-{attempt}"

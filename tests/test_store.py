@@ -130,16 +130,6 @@ def test_local_task_state_lost_runner(tmp_path):
     assert local.parse_job_id("local-12_3") == (12, 3) and local.parse_job_id("17_0") is None
 
 
-def test_parse_sacct_arrays():
-    from ssflctl.backends.slurm import parse_sacct
-
-    text = "16_0|COMPLETED|0:0|00:00:02\n16_[1-3%2]|PENDING|0:0|00:00:00\n17|CANCELLED by 0|0:15|00:00:01\n"
-    st = parse_sacct(text)
-    assert st["16_0"]["state"] == "COMPLETED"
-    assert [st[f"16_{i}"]["state"] for i in (1, 2, 3)] == ["PENDING"] * 3
-    assert st["17"]["state"] == "CANCELLED"
-
-
 def test_status_view_shows_lineage_of_retried_runs(tmp_path):
     from ssflctl.commands.status import view
 

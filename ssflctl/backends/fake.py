@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Dict, List, Optional
 
-from ssflctl.backends.base import Backend, JobKind, JobRef, JobStatus
+from ssflctl.backends.base import Backend, JobKind, JobStatus
 from ssflctl.errors import UserError
 
 

@@ -2,13 +2,12 @@
 resource group, optional %N throttle) and one test array whose task i starts after train task i
 succeeded (``aftercorr``; ``afterok`` for a single job). Nothing waits on the login node.
 
-Also: sacct/squeue queries (`job_states`) and scancel.
+Queries: ``slurm_query`` (sacct/squeue) and ``slurm_states`` (every state and pending reason); scancel here.
 """
 from __future__ import annotations
 
 import importlib
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -19,8 +18,13 @@ import submitit
 import submitit.helpers
 
 from ssflctl.atomic import read_json, write_json
+from ssflctl.backends import slurm_query, slurm_states
 from ssflctl.backends.base import TEST_FN, THREAD_VARS, TRAIN_FN, Backend, JobKind, JobStatus, Task
 from ssflctl.errors import UserError
+
+
+#: the node's note of an interruption (called in the job when submitit's checkpoint signal arrives)
+NOTE_FN = "ssflctl.node.job:note_interrupted"
 
 
 def _resolve(fn: str):
@@ -58,9 +62,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     def checkpoint(self, run_dir: str, *args, **kwargs):
         """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call."""
         try:
-            from ssflctl.node.job import note_interrupted
-
-            note_interrupted(run_dir, self.cause())
+            _resolve(NOTE_FN)(run_dir, self.cause())  # node code, by name: not imported on the login node
         except Exception:  # noqa: BLE001 - the requeue matters more than the note
             pass
         return super().checkpoint(run_dir, *args, **kwargs)
@@ -181,116 +183,6 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
 # scheduler state
 # ------------------------------------------------------------------------------------------
 
-def _expand_ids(jobid: str) -> List[str]:
-    """'12_[0-3,5%2]' -> ['12_0', '12_1', '12_2', '12_3', '12_5']; other ids unchanged."""
-    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", jobid)
-    if not m:
-        return [jobid]
-    base, spec = m.group(1), m.group(2).split("%")[0]
-    out = []
-    for part in spec.split(","):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out += [f"{base}_{i}" for i in range(int(a), int(b) + 1)]
-        elif part:
-            out.append(f"{base}_{part}")
-    return out
-
-
-def _parse(text: str, fields) -> Dict[str, Dict[str, str]]:
-    """``|``-separated lines → per job id; a task's own record wins over an array range record
-    (sacct keeps a ``5_[0-1%2] CANCELLED`` record of the not-yet-started range beside ``5_0 RUNNING``)."""
-    own: Dict[str, Dict[str, str]] = {}
-    ranged: Dict[str, Dict[str, str]] = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 2 or not parts[0]:
-            continue
-        rec = {f: (parts[i] if i < len(parts) else "") for i, f in enumerate(fields)}
-        rec["state"] = rec["state"].split()[0] if rec.get("state") else "UNKNOWN"  # "CANCELLED by 0"
-        ids = _expand_ids(parts[0])
-        target = ranged if ids != [parts[0]] else own
-        for j in ids:
-            target.setdefault(j, rec)
-    return {**ranged, **own}
-
-
-def parse_sacct(text: str) -> Dict[str, Dict[str, str]]:
-    """Parse ``sacct -X -n -P -o JobID,State,ExitCode,Elapsed[,JobName]`` output."""
-    out = _parse(text, ("id", "state", "exit_code", "elapsed", "name"))
-    for rec in out.values():
-        rec.pop("id", None)
-        if not rec.get("name"):
-            rec.pop("name", None)
-    return out
-
-
-def parse_squeue(text: str) -> Dict[str, Dict[str, str]]:
-    """Parse ``squeue -h -o %i|%T|%M|%j|%r`` output."""
-    out = _parse(text, ("id", "state", "elapsed", "name", "reason"))
-    for rec in out.values():
-        rec.pop("id", None)
-        rec["exit_code"] = ""
-        if not rec.get("name"):
-            rec.pop("name", None)
-    return out
-
-
-class QueryFailed(Exception):
-    """A scheduler command that did not answer (non-zero exit, timeout, not found)."""
-
-
-def _run(cmd: List[str], timeout: float = 60, empty_if: str = "") -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise QueryFailed(f"`{cmd[0]}` timed out after {timeout:g} s") from None
-    except OSError as exc:
-        raise QueryFailed(f"`{cmd[0]}` could not run: {exc}") from None
-    if proc.returncode != 0:
-        if empty_if and empty_if in (proc.stderr or ""):
-            return ""
-        msg = " ".join((proc.stderr or proc.stdout or "").split())[-300:] or f"exit {proc.returncode}"
-        raise QueryFailed(f"`{cmd[0]}` failed: {msg}")
-    return proc.stdout
-
-
-def job_states(job_ids: Iterable[str], timeout: float = 60) -> Dict[str, Dict[str, str]]:
-    """State per job id from sacct and squeue (squeue wins for what is still queued or running).
-
-    A job neither command could be asked about gets ``{"state": "QUERY_FAILED", "error": ...}``;
-    a job that both answered without is left out (the scheduler has no record of it).
-    """
-    ids = sorted({str(j) for j in job_ids if j})
-    if not ids:
-        return {}
-    bases = sorted({j.split("_")[0] for j in ids})
-    states: Dict[str, Dict[str, str]] = {}
-    errors = []
-    try:
-        states.update(parse_sacct(_run(["sacct", "-j", ",".join(bases), "-X", "-n", "-P", "-o",
-                                        "JobID,State,ExitCode,Elapsed,JobName%200"], timeout)))
-    except QueryFailed as exc:
-        errors.append(str(exc))
-    squeue_ok = True
-    try:  # authoritative for what is still queued/running (sacct may lag); %r is the pending reason
-        for j, st in parse_squeue(_run(["squeue", "-h", "-j", ",".join(bases), "-o", "%i|%T|%M|%j|%r"],
-                                       timeout, empty_if="Invalid job id")).items():
-            if j not in states or states[j]["state"] in ("PENDING", "RUNNING", "REQUEUED", "UNKNOWN"):
-                states[j] = st
-    except QueryFailed as exc:
-        squeue_ok = False
-        errors.append(str(exc))
-    out = {j: states[j] for j in ids if j in states}
-    if errors:
-        for j in ids:
-            # sacct failed: a job squeue does not list may have ended; squeue failed: a job sacct
-            # has as pending/running may have moved on. Either way: don't know, never "gone".
-            if j not in out or (not squeue_ok and out[j]["state"] in ("PENDING", "RUNNING", "REQUEUED")):
-                out[j] = {"state": "QUERY_FAILED", "error": "; ".join(errors)}
-    return out
-
-
 def _cancel_quietly(out: Dict[str, Dict[str, Any]]) -> None:
     try:
         cancel([v["job_id"] for v in out.values()] + [v["test_job_id"] for v in out.values()])
@@ -344,41 +236,70 @@ def recover(folder: Path) -> Dict[str, Dict[str, Any]]:
 # ------------------------------------------------------------------------------------------
 # the backend
 # ------------------------------------------------------------------------------------------
-#: Slurm job states (``squeue --helpstate``/``sacct --helpstate``, Slurm 22.05+) → JobKind
-STATE_KINDS: Dict[str, JobKind] = {
-    "PENDING": JobKind.QUEUED, "REQUEUED": JobKind.QUEUED, "CONFIGURING": JobKind.QUEUED,
-    "REQUEUE_FED": JobKind.QUEUED, "RESIZING": JobKind.QUEUED,
-    "REQUEUE_HOLD": JobKind.HELD, "SPECIAL_EXIT": JobKind.HELD, "RESV_DEL_HOLD": JobKind.HELD,
-    "RUNNING": JobKind.RUNNING, "COMPLETING": JobKind.RUNNING, "SIGNALING": JobKind.RUNNING,
-    "STAGE_OUT": JobKind.RUNNING, "SUSPENDED": JobKind.RUNNING, "STOPPED": JobKind.RUNNING,
-    "COMPLETED": JobKind.COMPLETED,
-    "FAILED": JobKind.FAILED, "TIMEOUT": JobKind.FAILED, "NODE_FAIL": JobKind.FAILED,
-    "OUT_OF_MEMORY": JobKind.FAILED, "BOOT_FAIL": JobKind.FAILED, "DEADLINE": JobKind.FAILED,
-    "PREEMPTED": JobKind.FAILED, "REVOKED": JobKind.FAILED,
-    "CANCELLED": JobKind.CANCELLED,
-}
+_KIND = {"queued": JobKind.QUEUED, "held": JobKind.HELD, "running": JobKind.RUNNING,
+         "suspended": JobKind.RUNNING, "done": JobKind.COMPLETED, "failed": JobKind.FAILED,
+         "preempted": JobKind.FAILED, "timeout": JobKind.FAILED, "node_fail": JobKind.FAILED,
+         "oom": JobKind.FAILED, "cancelled": JobKind.CANCELLED, "unknown": JobKind.UNKNOWN}
 
 
-def to_status(job_id: str, rec: Optional[Dict[str, str]], name_hint: str = "") -> JobStatus:
-    """One job's record from :func:`job_states` as a JobStatus (no record: GONE)."""
+def _gib(n: int) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.0f} MiB"
+
+
+def to_status(job_id: str, rec, name_hint: str = "") -> JobStatus:
+    """One answer of :func:`ssflctl.backends.slurm_query.query` as a JobStatus.
+
+    ``rec`` is a JobRecord, a QueryFailed (the job could not be asked about: UNKNOWN with the
+    failing command) or None (both commands answered without it: GONE). A record whose job name
+    lacks our submission id belongs to another job that got our id after slurmctld's state was
+    wiped: for us ours is GONE. Pending reasons that never clear by waiting come with a hint; a
+    job killed by a signal or out of memory says which, with its peak memory when sacct has it.
+    """
     if rec is None:
         return JobStatus(job_id, JobKind.GONE)
-    raw = rec.get("state", "")
-    if raw == "QUERY_FAILED":
-        return JobStatus(job_id, JobKind.UNKNOWN, raw="", error=rec.get("error", ""))
-    # a record whose job name lacks our submission id is another job with a reused id
-    # (slurmctld's state was wiped): for us, ours is gone
-    if name_hint and rec.get("name") and name_hint not in rec["name"]:
+    if isinstance(rec, slurm_query.QueryFailed):
+        return JobStatus(job_id, JobKind.UNKNOWN, error=str(rec))
+    if isinstance(rec, dict):  # a plain {"state", "exit_code", "name", "reason"} (tests, old callers)
+        try:
+            kind = slurm_states.kind_of(rec.get("state", ""))
+        except slurm_states.UnmappedState:
+            return JobStatus(job_id, JobKind.UNKNOWN, raw=rec.get("state", ""),
+                             error=f"unmapped Slurm state {rec.get('state')!r}")
+        rc, sig = slurm_query.parse_exit_code(rec.get("exit_code", ""))
+        rec = slurm_query.JobRecord(job_id=job_id, state=slurm_states.base_state(rec.get("state", "")),
+                                    state_text=rec.get("state", ""), kind=kind, reason=rec.get("reason", ""),
+                                    exit_code=rc, signal=sig, elapsed=rec.get("elapsed", ""),
+                                    name=rec.get("name", ""))
+    if name_hint and rec.name and name_hint not in rec.name:
         return JobStatus(job_id, JobKind.GONE, reason=f"job id {job_id} now belongs to another job "
-                         f"({rec['name']}); the scheduler has no record of ours")
-    kind = STATE_KINDS.get(raw)
-    if kind is None:
-        return JobStatus(job_id, JobKind.UNKNOWN, raw=raw, error=f"unmapped Slurm state {raw!r}")
-    reason = rec.get("reason", "") if kind in (JobKind.QUEUED, JobKind.HELD) else ""
-    if reason in ("None", "(null)"):
-        reason = ""
-    return JobStatus(job_id, kind, raw=raw, reason=reason, exit_code=rec.get("exit_code", ""),
-                     elapsed=rec.get("elapsed", ""), name=rec.get("name", ""))
+                         f"({rec.name}); the scheduler has no record of ours")
+    try:
+        verdict = rec.verdict()
+    except slurm_states.UnmappedState:
+        return JobStatus(job_id, JobKind.UNKNOWN, raw=rec.state, error=f"unmapped Slurm state {rec.state!r}")
+    kind = _KIND[verdict.kind.value]
+    if kind is JobKind.QUEUED and verdict.stuck:
+        kind = JobKind.HELD
+    ec = "" if rec.exit_code is None else f"{rec.exit_code}:{rec.signal or 0}"
+    st = JobStatus(job_id, kind, raw=rec.state, exit_code=ec, elapsed=rec.elapsed, name=rec.name,
+                   extra={"max_rss_bytes": rec.max_rss_bytes, "signal": rec.signal_name})
+    if kind in (JobKind.QUEUED, JobKind.HELD):
+        st.reason = rec.reason if rec.reason not in ("None", "(null)") else ""
+        if verdict.stuck or kind is JobKind.HELD:
+            st.hint = verdict.hint.replace("JOBID", job_id)
+    elif kind is JobKind.FAILED:
+        bits = []
+        if rec.signal:
+            bits.append(rec.exit_text)
+        if verdict.kind.value == "oom" or rec.signal == 9:
+            if rec.max_rss_bytes:
+                bits.append(f"peak memory {_gib(rec.max_rss_bytes)}")
+            bits.append("out of memory?" if verdict.kind.value != "oom" else "out of memory")
+            st.hint = "raise resources.mem or lower batch_size"
+        elif verdict.hint and verdict.kind.value in ("timeout", "preempted", "node_fail"):
+            st.hint = verdict.hint.replace("JOBID", job_id)
+        st.reason = ", ".join(bits)
+    return st
 
 
 class SlurmBackend(Backend):
@@ -397,7 +318,7 @@ class SlurmBackend(Backend):
 
     def query(self, jobs):
         jobs = [j for j in jobs if j.job_id]
-        raw = job_states([j.job_id for j in jobs])
+        raw = slurm_query.query([j.job_id for j in jobs]) if jobs else {}
         return {j.job_id: to_status(j.job_id, raw.get(j.job_id), j.name_hint) for j in jobs}
 
     def cancel(self, jobs):

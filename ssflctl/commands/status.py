@@ -87,6 +87,15 @@ def _elapsed(run, train, state: str) -> Optional[float]:
     return (t1 - t0) if t1 else None
 
 
+def _sched_json(st) -> Optional[Dict[str, Any]]:
+    """The scheduler's answer for --json: its own state word and reason, and ``known: false`` with
+    the failing query when it could not be asked."""
+    if st is None:
+        return None
+    return {"job_id": st.job_id, "state": st.raw, "kind": st.kind.value, "reason": st.reason, "hint": st.hint,
+            "exit_code": st.exit_code, "known": st.kind.value != "unknown", "error": st.error or None}
+
+
 def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
     """Reconcile, then one dict per run with everything the table shows."""
     from ssflctl.control.reconcile import reconcile
@@ -128,9 +137,9 @@ def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
             "test_job": row.get("test_job_id") or "", "progress": prog.describe() if prog is not None else "",
             "loss_val": prog.loss if prog is not None else None, "elapsed": _fmt_elapsed(elapsed),
             "elapsed_s": elapsed, "note": note, "axes": ax, "attempts": row["attempts"],
-            "scheduler": None if train is None else {
-                "state": train.raw, "kind": train.kind.value, "reason": train.reason, "known": train.kind.value != "unknown",
-                "error": train.error or None},
+            "scheduler": _sched_json(train), "test_scheduler": _sched_json(test),
+            "job_ids": sorted({j for j in [*(a.get("job_id") for a in row["attempts"]), row["job_id"],
+                                           row.get("test_job_id")] if j}),
             "log_tail": (last.outcome.log_tail if last is not None and last.outcome is not None else None)
             if state == "failed" else None,
         })

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from ssflctl.backends.base import JobKind, JobStatus
+from ssflctl.workdir import layout
 from ssflctl.workdir.layout import AttemptDir, RunDir
 from ssflctl.workdir.records import OutcomeKind, RunState, fmt_lr
 
@@ -130,8 +131,8 @@ def decide(run: RunDir, view: Optional[JobView]) -> Verdict:
         return files_only(run)
     if view.last_known is not None and view.last_known[0] == RunState.DONE.value:
         last = run.latest()
-        what = "metrics.json" if last is not None and last.outcome is not None and last.outcome.done \
-            else "outcome.json"
+        what = layout.METRICS if last is not None and last.outcome is not None and last.outcome.done \
+            else layout.OUTCOME
         return Verdict(RunState.FAILED, f"results missing: no {what} in {last.path if last else run.path}")
     if not view.asked:
         if view.last_known is not None:
@@ -163,7 +164,7 @@ def decide(run: RunDir, view: Optional[JobView]) -> Verdict:
     # COMPLETED: the train job ended 0 without a settling outcome
     test = run.run.test
     if view.test_in_train_job or not test:
-        what = "metrics.json" if test else "a 'done' outcome.json"
+        what = layout.METRICS if test else f"a 'done' {layout.OUTCOME}"
         return Verdict(RunState.FAILED, stopped_from_outside(submitted, f"the job exited 0 but wrote no {what}"))
     if not view.test_job_id:
         return Verdict(RunState.FAILED, "trained, but no test job was submitted")

@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ssflctl import backends
 from ssflctl.backends import Task
@@ -153,12 +153,12 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
                 reason = "first attempt" if n == 1 else f"resubmitted ({item.why})"
                 resume = _resume_point(run)
                 if resume is None:
-                    render(run.path, n, reason=reason)
+                    render(run.path, n, reason=reason, run=rj)
                 else:
                     item.lr, ck = resume
                     reason += f"; resumes attempt-{n - 1}/{Path(ck).name}" + \
                         (f" at lr {item.lr:g}" if item.lr is not None else "")
-                    render(run.path, n, lr=item.lr, resume_from=ck, reason=reason)
+                    render(run.path, n, lr=item.lr, resume_from=ck, reason=reason, run=rj)
                 item.attempt, item.reason = n, reason
                 tasks.append(Task(item.run.run_id, str(run.path.resolve()), item.run.resources, item.run.test))
             options = dict(exp.executor.get(kind) or {})

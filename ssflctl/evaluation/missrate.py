@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
+from ssflctl.workdir.layout import AttemptDir
 
 REF_FPPI = tuple(10.0 ** (-2.0 + 0.25 * k) for k in range(9))
 EPS = 1e-10
@@ -321,14 +322,14 @@ def plot(results: Mapping[str, MissRate], out_path, title: str = "") -> Path:
 def attempt_files(attempt_dir) -> tuple:
     """(ann_file, detections file) of a tested attempt: metrics.json's ann_file, else config.py's
     test_evaluator.ann_file (read with mmengine)."""
-    adir = Path(attempt_dir)
-    dets = adir / "detections.bbox.json"
+    a = AttemptDir(attempt_dir)
+    adir, dets = a.path, a.detections_path
     if not dets.is_file():
         raise UserError(f"{adir}: no detections.bbox.json (the run has not been tested)")
     ann = None
-    mpath = adir / "metrics.json"
+    mpath = a.metrics_path
     if mpath.is_file():
-        ann = (load_json(mpath, "metrics.json") or {}).get("ann_file")
+        ann = (load_json(mpath, mpath.name) or {}).get("ann_file")
     if not ann:
         ann = config_ann_file(adir)
     if not ann:
@@ -339,7 +340,7 @@ def attempt_files(attempt_dir) -> tuple:
 
 def config_ann_file(adir) -> Optional[str]:
     """test_evaluator.ann_file of an attempt's config.py (mmengine), or None."""
-    cfg_path = Path(adir) / "config.py"
+    cfg_path = AttemptDir(adir).config_path
     if not cfg_path.is_file():
         return None
     from mmengine.config import Config
@@ -355,7 +356,7 @@ def config_ann_file(adir) -> Optional[str]:
 def _tested_attempt(rec: dict) -> Optional[str]:
     for a in reversed(rec.get("attempts") or []):
         d = a.get("dir")
-        if d and (Path(d) / "detections.bbox.json").is_file():
+        if d and AttemptDir(d).has_detections:
             return d
     return None
 

@@ -48,7 +48,7 @@ except Exception:  # pragma: no cover - exercised only without the training stac
     _HookBase = object  # type: ignore[assignment,misc]
     _HOOKS = None
 
-NAN_FILE = "nan.json"
+from ssflctl.workdir.layout import NAN as NAN_FILE  # noqa: E402  (the layout owns the name)
 #: between LoggerHook (60) and ParamSchedulerHook (70) / CheckpointHook (90)
 GUARD_PRIORITY = 65
 

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from ssflctl import atomic
-from ssflctl.plan import render
 from ssflctl.errors import UserError
+from ssflctl.plan import render
+from ssflctl.workdir.checkpoints import latest_checkpoint
+from ssflctl.workdir.layout import AttemptDir, RunDir
+from ssflctl.workdir.records import Outcome, Progress, Recovery
 
 PathLike = Union[str, "os.PathLike[str]"]
 LOG_TAIL_LINES = 40
@@ -272,7 +274,7 @@ def _next_attempt(run: Dict[str, Any], run_dir: Path, n: int, outcome: Dict[str,
     from ssflctl.node import retry
 
     adir = RunDir(run_dir).attempt(n)
-    policy = retry.RetryPolicy.from_dict(run.get("retry"), where=f"{run_dir / 'run.json'}: retry")
+    policy = retry.RetryPolicy.from_dict(run.get("retry"), where=f"{RunDir(run_dir).run_json_path}: retry")
     decision = retry.decide(policy, adir.path, n, float(adir.info.lr), outcome)
     if decision.action == "stop":
         return None
@@ -284,7 +286,7 @@ def _next_attempt(run: Dict[str, Any], run_dir: Path, n: int, outcome: Dict[str,
 def _on_preempt(run: Dict[str, Any], run_dir: Path) -> str:
     from ssflctl.node import retry
 
-    return retry.RetryPolicy.from_dict(run.get("retry"), where=f"{run_dir / 'run.json'}: retry").on_preempt
+    return retry.RetryPolicy.from_dict(run.get("retry"), where=f"{RunDir(run_dir).run_json_path}: retry").on_preempt
 
 
 def train_run(run_dir: PathLike) -> Dict[str, Any]:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ssflctl import atomic
 from ssflctl.workdir import checkpoints, mmlogs as logs
 from ssflctl.workdir.layout import AttemptDir
 from ssflctl.workdir.records import NanRecord

@@ -47,9 +47,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ssflctl import atomic
 from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
+from ssflctl.workdir.layout import RunDir
+from ssflctl.workdir.records import AttemptInfo
 
 REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
@@ -397,12 +398,13 @@ def _jsonable(obj):
 # attempts
 # --------------------------------------------------------------------------------------------
 def attempt_dir(run_dir: Union[str, Path], attempt: int) -> Path:
-    return Path(run_dir) / f"attempt-{int(attempt)}"
+    return RunDir(run_dir).attempt(attempt).path
 
 
 def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
-    path = Path(run_dir) / "run.json"
-    run = load_json(path, "run.json", f"; is {run_dir} a run directory (ssflctl submit writes it)?")
+    """run.json's body; UserError naming the file when it is missing, unreadable or has no template."""
+    path = RunDir(run_dir).run_json_path
+    run = load_json(path, path.name, f"; is {run_dir} a run directory (ssflctl submit writes it)?")
     if not isinstance(run, dict) or "template" not in run:
         raise UserError(f"{path}: needs at least a 'template' key")
     return run
@@ -453,17 +455,21 @@ def provenance(run: Dict[str, Any], template: Path, resolved: Dict[str, Any]) ->
 
 def render_attempt(run_dir: Union[str, Path], attempt: int, *, lr: Optional[float] = None,
                    resume_from: Optional[str] = None, reason: str = "first attempt",
-                   force: bool = False) -> Path:
+                   force: bool = False, run: Optional[Dict[str, Any]] = None) -> Path:
     """Write ``<run_dir>/attempt-<n>/{config.py, provenance.json, attempt.json}``; return the dir.
 
-    ``lr`` overrides the run's ``params.lr``; ``resume_from`` (a checkpoint path) makes the attempt
-    resume that checkpoint (``resume=True, load_from=...`` in the config). An attempt that was
-    already rendered (attempt.json exists) is not overwritten unless ``force``.
+    ``run`` is the run's run.json body (``RunSpec.run_json()``); read from ``run_dir`` when not
+    given (the node's retry loop). ``lr`` overrides the run's ``params.lr``; ``resume_from`` (a
+    checkpoint path) makes the attempt resume that checkpoint (``resume=True, load_from=...`` in
+    the config). An attempt that was already rendered (attempt.json exists) is not overwritten
+    unless ``force``.
     """
     run_dir = Path(run_dir)
-    run = read_run(run_dir)
-    adir = attempt_dir(run_dir, attempt)
-    if (adir / "attempt.json").exists() and not force:
+    if run is None:
+        run = read_run(run_dir)
+    a = RunDir(run_dir).attempt(attempt)
+    adir = a.path
+    if a.rendered and not force:
         raise UserError(f"{adir}: attempt {attempt} was already rendered; use a new attempt number")
     template = resolve_template(run["template"])
     params = dict(run.get("params") or {})
@@ -475,25 +481,19 @@ def render_attempt(run_dir: Union[str, Path], attempt: int, *, lr: Optional[floa
         # lr that mmengine's resume restores with the optimizer and scheduler state
         cfg.resume = True
         cfg.load_from = str(resume_from)
-        if _module_exists("ssflctl.node.guard"):
+        if "ssflctl.node.guard" in (cfg.get("custom_imports") or {}).get("imports", []):
             hooks = [h for h in (cfg.get("custom_hooks") or []) if h.get("type") != "LrOverrideHook"]
             hooks.append(dict(type="LrOverrideHook", lr=float(cfg.optim_wrapper.optimizer.lr)))
             cfg.custom_hooks = hooks
     adir.mkdir(parents=True, exist_ok=True)
     tmp = adir / ".config.py.tmp.py"
     cfg.dump(str(tmp))
-    os.replace(tmp, adir / "config.py")
+    os.replace(tmp, a.config_path)
     resolved = dict(cfg.ssflctl_params)
-    atomic.write_json(adir / "provenance.json", provenance(run, template, resolved))
-    atomic.write_json(adir / "attempt.json", {
-        "run_id": run.get("run_id"),
-        "attempt": int(attempt),
-        "config": str((adir / "config.py").resolve()),
-        "template": str(template),
-        "lr": float(cfg.optim_wrapper.optimizer.lr),
-        "resume_from": str(resume_from) if resume_from else None,
-        "reason": reason,
-        "test": bool(run.get("test", True)),
-        "rendered_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    })
+    a.write_provenance(provenance(run, template, resolved))
+    a.write_info(AttemptInfo(
+        run_id=run.get("run_id"), attempt=int(attempt), config=str(a.config_path.resolve()),
+        lr=float(cfg.optim_wrapper.optimizer.lr), resume_from=str(resume_from) if resume_from else None,
+        reason=reason, rendered_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        extra={"template": str(template), "test": bool(run.get("test", True))}))
     return adir

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from ssflctl.errors import UserError
+from ssflctl.workdir.layout import AttemptDir
 
 MAX_WIDTH = 960     # px of one GT | predictions picture in the page
 JPEG_QUALITY = 85
@@ -50,7 +51,7 @@ def pick_runs(rep) -> List[Tuple[str, object, str]]:
                 out.append((cap, None, "no finished run"))
                 continue
             tested = [(r, d) for r in done for d in [_result_dir(r)]
-                      if d and os.path.isfile(os.path.join(d, "detections.bbox.json"))]
+                      if d and AttemptDir(d).has_detections]
             if not tested:
                 out.append((cap, None, "no detections.bbox.json in its runs' result attempts"))
                 continue

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 from ssflctl.atomic import load_json
 from ssflctl.workdir import runref
 from ssflctl.errors import UserError
+from ssflctl.workdir.layout import AttemptDir, RunDir
 
 HEADER = 14
 GAP = 6
@@ -44,9 +45,9 @@ def find_attempt(run: str, ws=None, attempt: Optional[int] = None) -> Path:
     """The attempt dir to show: RUN is an attempt dir, a run dir, or a run id / name / id prefix in
     the workspace; the latest attempt with detections unless ``attempt`` is given."""
     p = Path(run)
-    if p.is_dir() and (p / "detections.bbox.json").is_file() and attempt is None:
+    if p.is_dir() and AttemptDir(p).has_detections and attempt is None:
         return p
-    if p.is_dir() and (p / "run.json").is_file():
+    if p.is_dir() and RunDir(p).exists:
         rdir = p
     else:
         rdir = runref.resolve(ws or ".ssflctl", run, "show")
@@ -55,10 +56,10 @@ def find_attempt(run: str, ws=None, attempt: Optional[int] = None) -> Path:
         dirs = [d for d in dirs if d.name == f"attempt-{attempt}"]
         if not dirs:
             raise UserError(f"show: {rdir.name} has no attempt {attempt}")
-        if not (dirs[0] / "detections.bbox.json").is_file():
+        if not AttemptDir(dirs[0]).has_detections:
             raise UserError(f"{dirs[0]}: no detections.bbox.json (this attempt was not tested)")
         return dirs[0]
-    tested = [d for d in dirs if (d / "detections.bbox.json").is_file()]
+    tested = [d for d in dirs if AttemptDir(d).has_detections]
     if not tested:
         raise UserError(f"show: {rdir.name} has no tested attempt (no detections.bbox.json); "
                         "wait for the test step, or run it")
@@ -78,16 +79,16 @@ def test_set(adir: Path) -> Tuple[Path, Path]:
     """(COCO annotation file, image folder) of the attempt's test set."""
     from mmengine.config import Config
 
-    cfg_path = adir / "config.py"
+    cfg_path = AttemptDir(adir).config_path
     if not cfg_path.is_file():
         raise UserError(f"{adir}: no config.py; is this an ssflctl attempt directory?")
     cfg = Config.fromfile(str(cfg_path))
     ds = _test_dataset(cfg)
     root = Path(str(ds.get("data_root") or ""))
     ann = None
-    metrics = adir / "metrics.json"
+    metrics = AttemptDir(adir).metrics_path
     if metrics.is_file():
-        ann = (load_json(metrics, "metrics.json") or {}).get("ann_file")
+        ann = (load_json(metrics, metrics.name) or {}).get("ann_file")
     if not ann:
         ev = cfg.get("test_evaluator")
         for e in (ev if isinstance(ev, (list, tuple)) else [ev]):
@@ -167,7 +168,7 @@ def show(attempt_dir, n: int = 8, score_thr: float = 0.3, out_dir=None, force: b
     adir = Path(attempt_dir)
     if n < 1:
         raise UserError(f"--n {n}: give at least 1 image")
-    dets_path = adir / "detections.bbox.json"
+    dets_path = AttemptDir(adir).detections_path
     dets = load_json(dets_path, "detections dump")
     if not isinstance(dets, list):
         raise UserError(f"{dets_path}: not a COCO results list")

@@ -106,6 +106,10 @@ class AttemptDir:
         return (self.path / METRICS).is_file()
 
     @property
+    def has_detections(self) -> bool:
+        return (self.path / DETECTIONS).is_file()
+
+    @property
     def config_path(self) -> Path:
         return self.path / CONFIG
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 

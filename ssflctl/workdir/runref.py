@@ -8,16 +8,16 @@ a few of them.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Union
 
 from ssflctl.errors import UserError
+from ssflctl.workdir.layout import RunDir, run_dirs
 
 
 def _name(run_dir: Path) -> str:
     try:
-        return str(json.loads((run_dir / "run.json").read_text()).get("name") or "")
+        return RunDir(run_dir).run.name
     except (OSError, ValueError):
         return ""
 
@@ -26,7 +26,7 @@ def resolve(ws: Union[str, Path], ref: str, cmd: str) -> Path:
     """The run directory RUN names in workspace ``ws``; a one-line UserError (prefixed ``cmd:``) if none
     or several do."""
     runs = Path(ws) / "runs"
-    dirs = sorted(d for d in runs.iterdir() if (d / "run.json").is_file()) if runs.is_dir() else []
+    dirs = [r.path for r in run_dirs(ws)]
     exact = [d for d in dirs if d.name == ref]
     named = [d for d in dirs if _name(d) == ref] if not exact else []
     cands: List[Path] = exact or named or [d for d in dirs if d.name.startswith(ref)]
