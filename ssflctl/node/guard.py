@@ -260,41 +260,5 @@ if _HOOKS is not None:  # pragma: no branch
     _HOOKS.register_module(name="NanGuardHook", module=NanGuardHook, force=True)
 
 
-class LrOverrideHook(_HookBase):  # type: ignore[misc,valid-type]
-    """Make the config's lr (or ``lr``) win over the one a ``resume`` restores.
-
-    ``before_run`` (the optimizer is built from the new config, nothing resumed yet) records each
-    param group's multiplier; ``before_train`` (after ``load_or_resume``, before the first
-    iteration and its lr log) calls :func:`ssflctl.node.retry.apply_lr_after_resume`. Without a
-    resume it changes nothing when ``lr`` is None or equals the config's lr.
-
-        custom_hooks = [dict(type='LrOverrideHook', lr=0.001)]
-    """
-
-    priority = "VERY_HIGH"
-
-    def __init__(self, lr: Optional[float] = None):
-        self.lr = None if lr is None else float(lr)
-        self._mult = None
-        self.applied: Optional[list] = None
-
-    def before_run(self, runner) -> None:
-        from ssflctl.node import retry
-        try:
-            self._mult = retry.lr_multipliers(runner)
-        except Exception:
-            self._mult = None
-
-    def before_train(self, runner) -> None:
-        from ssflctl.node import retry
-        lr = self.lr
-        if lr is None:
-            try:
-                lr = float(runner.cfg.optim_wrapper.optimizer.lr)
-            except Exception:
-                return
-        self.applied = retry.apply_lr_after_resume(runner, lr, self._mult)
-
-
-if _HOOKS is not None:  # pragma: no branch
-    _HOOKS.register_module(name="LrOverrideHook", module=LrOverrideHook, force=True)
+# registered in mmengine's HOOKS beside NanGuardHook (configs import ssflctl.node.guard)
+from ssflctl.node.lr_resume import LrOverrideHook  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """Retry policy: what to do after an attempt ended (NaN, preemption, node failure, error).
 
-Light module (no torch/mmengine at import); :func:`apply_lr_after_resume` touches a live runner.
+Light module (no torch/mmengine at import).
 
 Policy keys (``run.json["retry"]``, from the experiment file), with defaults::
 
@@ -17,14 +17,14 @@ Two traps of mmengine 0.10.7 this module handles:
 * ``last_checkpoint`` keeps pointing at checkpoints written after the NaN (poisoned weights):
   :func:`clean_checkpoint` reads each checkpoint's own saved iteration instead.
 * ``resume`` restores the optimizer and the schedulers, so a lower lr written in the config is
-  silently ignored: :func:`apply_lr_after_resume` (or ``LrOverrideHook`` in ``ssflctl.node.guard``)
-  rewrites the param groups' lr and the schedulers' base values after the resume.
+  silently ignored: ``ssflctl.node.lr_resume`` (``LrOverrideHook``) rewrites the param groups' lr
+  and the schedulers' base values after the resume.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from ssflctl.workdir import checkpoints, mmlogs as logs
 from ssflctl.workdir.layout import AttemptDir
@@ -220,83 +220,5 @@ def _where(attempt_dir: Path) -> str:
     return (" at " + " ".join(parts)) if parts else ""
 
 
-# ---------------------------------------------------------------------------------------------
-# making a new lr take effect after mmengine's resume
-# ---------------------------------------------------------------------------------------------
-def _optimizers(runner) -> List[Any]:
-    ow = runner.optim_wrapper
-    wrappers = list(ow.optim_wrappers.values()) if hasattr(ow, "optim_wrappers") else [ow]
-    return [w.optimizer for w in wrappers]
-
-
-def _schedulers(runner) -> List[Any]:
-    ps = getattr(runner, "param_schedulers", None)
-    if not ps:
-        return []
-    if isinstance(ps, dict):
-        return [s for v in ps.values() for s in v]
-    return list(ps)
-
-
-def lr_multipliers(runner) -> List[float]:
-    """Each param group's base lr relative to the optimizer's configured lr (``defaults``).
-
-    Taken on a freshly built optimizer (before a resume overwrites the groups) this is the
-    exact ``paramwise_cfg`` multiplier of every group.
-    """
-    out = []
-    for opt in _optimizers(runner):
-        base = float(opt.defaults.get("lr") or 0) or None
-        for g in opt.param_groups:
-            g_base = float(g.get("initial_lr", g["lr"]))
-            out.append(g_base / base if base else 1.0)
-    return out
-
-
-def apply_lr_after_resume(runner, lr: float, multipliers: Optional[List[float]] = None) -> List[float]:
-    """Make ``lr`` the base lr of a resumed run; returns the param groups' new current lrs.
-
-    mmengine's resume loads the optimizer's param groups (``lr``, ``initial_lr``) and every
-    scheduler's ``base_values``/``_last_value`` from the checkpoint. This rescales each group to
-    ``lr × multiplier`` while keeping the schedule's progress (the ratio of the group's current
-    lr to its base, e.g. 0.1 after a step decay or the warmup factor), and rewrites the lr
-    schedulers' ``base_values`` and ``_last_value`` to match, so the next scheduler step and the
-    log both use the new lr.
-
-    ``multipliers`` (per group, see :func:`lr_multipliers`) default to each group's base relative
-    to the first group's base.
-    """
-    lr = float(lr)
-    groups = [g for opt in _optimizers(runner) for g in opt.param_groups]
-    if not groups:
-        return []
-    old_bases = [float(g.get("initial_lr", g["lr"])) for g in groups]
-    if multipliers is None or len(multipliers) != len(groups):
-        ref = old_bases[0] or 1.0
-        multipliers = [b / ref for b in old_bases]
-    new_lrs = []
-    for g, old_base, m in zip(groups, old_bases, multipliers):
-        progress = (float(g["lr"]) / old_base) if old_base else 1.0
-        new_base = lr * m
-        g["initial_lr"] = new_base
-        g["lr"] = new_base * progress
-        new_lrs.append(g["lr"])
-    by_id = {id(g): (float(g["initial_lr"]), float(g["lr"])) for g in groups}
-    for s in _schedulers(runner):
-        if getattr(s, "param_name", "lr") != "lr":
-            continue
-        opt = getattr(s, "optimizer", None)
-        sg = getattr(opt, "param_groups", None)
-        if not sg:
-            continue
-        if hasattr(s, "base_values"):
-            s.base_values = [by_id.get(id(g), (float(g["lr"]),))[0] for g in sg]
-        if hasattr(s, "_last_value"):
-            s._last_value = [float(g["lr"]) for g in sg]
-        if hasattr(s, "base_lrs"):
-            s.base_lrs = [by_id.get(id(g), (float(g["lr"]),))[0] for g in sg]
-    logger = getattr(runner, "logger", None)
-    if logger is not None:
-        logger.info(f"ssflctl: lr set to {lr:g} after resume (param group lrs now "
-                    f"{', '.join(f'{x:g}' for x in sorted(set(new_lrs)))})")
-    return new_lrs
+# the lr after a resume: ssflctl.node.lr_resume (one place, with its hook)
+from ssflctl.node.lr_resume import apply_lr_after_resume, lr_multipliers  # noqa: E402,F401
