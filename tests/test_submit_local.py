@@ -223,65 +223,6 @@ def test_submit_killed_between_claim_and_launch(env):
     assert {i["state"] for i in items.values()} == {"done"}
 
 
-_KILLED_AFTER_LAUNCH = """
-import sys, time
-import submit_light_job as light
-from ssflctl import backends
-from ssflctl.control import submit
-backend = backends.get("local")
-real = backend.submit
-def launch_then_hang(*a, **k):
-    real(*a, **k)
-    print("launched", flush=True)
-    time.sleep(600)
-backend.submit = launch_then_hang
-submit.submit(sys.argv[1], sys.argv[2], fns=light.FNS, render=light.light_render)
-"""
-
-
-def test_submit_killed_after_launch_adopts_the_jobs(env):
-    ws = env / "ws"
-    path = experiment(env, seeds="[1]")
-    p = subprocess.Popen([sys.executable, "-c", _KILLED_AFTER_LAUNCH, str(path), str(ws)], stdout=subprocess.PIPE,
-                         text=True)
-    assert p.stdout.readline().strip() == "launched"
-    p.kill()
-    p.wait()
-    res = do_submit(path, ws)  # the jobs that did go out are found, not sent twice
-    assert res.submitted == [] and all(x.why.startswith(("queued", "running", "done")) for x in res.plan), \
-        [x.why for x in res.plan]
-    items = wait_all(ws, "light")
-    assert {i["state"] for i in items.values()} == {"done"}
-    assert len(list((ws / "submissions").iterdir())) == 1
-    with Registry(ws) as reg:
-        assert all(any(e["kind"] == "recovered" for e in reg.events(r["run_id"])) for r in reg.list_runs())
-
-
-_SHELL = "{py} -c 'import sys, submit_light_job as L; from ssflctl.control import submit; " \
-         "submit.submit(sys.argv[1], sys.argv[2], fns=L.FNS, render=L.light_render)' {exp} {ws}; " \
-         "echo submitted; sleep 300"
-
-
-def test_sighup_to_the_submitting_shell_leaves_jobs_running(env, monkeypatch):
-    monkeypatch.setenv("LIGHT_JOB_SLEEP", "1.0")
-    ws = env / "ws"
-    path = experiment(env, seeds="[1]")
-    shell = subprocess.Popen(["setsid", "bash", "-c", _SHELL.format(py=sys.executable, exp=path, ws=ws)],
-                             stdout=subprocess.PIPE, text=True)
-    assert shell.stdout.readline().strip() == "submitted"
-    pgid = os.getpgid(shell.pid)
-    sub = next((ws / "submissions").iterdir())
-    deadline = time.time() + 60
-    while time.time() < deadline and json.loads((sub / "tasks" / "0.json").read_text())["state"] != "running":
-        time.sleep(0.2)
-    assert json.loads((sub / "tasks" / "0.json").read_text())["state"] == "running"
-    os.killpg(pgid, signal.SIGHUP)  # what closing the terminal / SSH link does
-    shell.wait(timeout=30)
-    assert shell.returncode != 0  # the shell itself died of the hangup
-    items = wait_all(ws, "light")
-    assert {i["state"] for i in items.values()} == {"done"}
-
-
 def test_cancel_experiment_kills_processes(env, monkeypatch):
     monkeypatch.setenv("LIGHT_JOB_SLEEP", "30")
     ws = env / "ws"

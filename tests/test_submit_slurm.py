@@ -8,9 +8,7 @@ attempt files in about a second.
 """
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -141,25 +139,6 @@ def test_matrix_one_array_dependent_tests_resubmit(env, slurm_cluster):
     assert items[victim]["attempt"] == 2 and items[victim]["job"] == res3.submitted[0].job_id
 
 
-_SHELL = "{py} -c 'import sys, submit_light_job as L; from ssflctl.control import submit; " \
-         "submit.submit(sys.argv[1], sys.argv[2], fns=L.FNS, render=L.light_render)' {exp} {ws}; " \
-         "echo submitted; sleep 300"
-
-
-def test_sighup_to_the_submitting_shell_leaves_jobs_running(env, slurm_cluster, monkeypatch):
-    monkeypatch.setenv("LIGHT_JOB_SLEEP", "1.0")
-    ws = env / "ws"
-    path = experiment(env, slurm_cluster, name="hup", seeds="[1]")
-    shell = subprocess.Popen(["setsid", "bash", "-c", _SHELL.format(py=sys.executable, exp=path, ws=ws)],
-                             stdout=subprocess.PIPE, text=True)
-    assert shell.stdout.readline().strip() == "submitted"
-    os.killpg(os.getpgid(shell.pid), signal.SIGHUP)
-    shell.wait(timeout=30)
-    assert shell.returncode != 0
-    items = wait_all(ws, "hup")
-    assert {i["state"] for i in items.values()} == {"done"}
-
-
 def test_cancel_run_scancels_train_and_test(env, slurm_cluster, monkeypatch):
     monkeypatch.setenv("LIGHT_JOB_SLEEP", "60")
     ws = env / "ws"
@@ -194,38 +173,6 @@ def test_sbatch_refusal_is_one_line_and_recorded(env, slurm_cluster):
         runs = reg.list_runs("refused")
     assert len(runs) == 2 and {r["state"] for r in runs} == {"failed"}
     assert all(r["job_id"] is None for r in runs)
-
-
-_KILLED_AFTER_LAUNCH = """
-import sys, time
-import submit_light_job as light
-from ssflctl import backends
-from ssflctl.control import submit
-backend = backends.get("slurm")
-real = backend.submit
-def launch_then_hang(*a, **k):
-    real(*a, **k)
-    print("launched", flush=True)
-    time.sleep(600)
-backend.submit = launch_then_hang
-submit.submit(sys.argv[1], sys.argv[2], fns=light.FNS, render=light.light_render)
-"""
-
-
-def test_submit_killed_after_sbatch_adopts_the_jobs(env, slurm_cluster):
-    ws = env / "ws"
-    path = experiment(env, slurm_cluster, name="adopt", seeds="[1]")
-    p = subprocess.Popen([sys.executable, "-c", _KILLED_AFTER_LAUNCH, str(path), str(ws)], stdout=subprocess.PIPE,
-                         text=True)
-    assert p.stdout.readline().strip() == "launched"
-    p.kill()
-    p.wait()
-    res = do_submit(path, ws)  # found through the job names in sacct/squeue: nothing is sent twice
-    assert res.submitted == [], [x.why for x in res.plan]
-    items = wait_all(ws, "adopt")
-    assert {i["state"] for i in items.values()} == {"done"}
-    jobs = sorted(i["job"] for i in items.values())
-    assert len({j.split("_")[0] for j in jobs}) == 1 and [j.split("_")[1] for j in jobs] == ["0", "1"]
 
 
 @pytest.mark.training
