@@ -314,9 +314,47 @@ def _state_text(recs: list) -> str:
     return "; ".join(parts)
 
 
+@dataclass
+class _Ctx:
+    """What every part of the report is computed from (see :func:`_prepare`)."""
+    records: list
+    metrics: list
+    by: list
+    base: Optional[tuple]
+    base_idx: Optional[int]
+    cfg_vals: dict
+    cfgs: list
+    datasets: list
+    df: Any
+    stats: dict
+    seedvals: dict
+    by_cell: dict
+    exp_ds: dict
+    cfg_exps: dict
+    iou_type: str
+    delta_keys: list = field(default_factory=list)
+    unfinished: set = field(default_factory=set)
+    feet: dict = field(default_factory=dict)
+    footnotes: list = field(default_factory=list)
+
+
 def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: str = "", iou_type=None) -> Report:
     """The report's content from run records (see collect). iou_type: bbox|segm|both (None: what
-    the runs have)."""
+    the runs have). Raises UserError when there is nothing to report or an option is malformed."""
+    ctx = _prepare(records, metrics, by, baseline, iou_type)
+    main, rows, missing = _main_table(ctx)
+    summary, notes = _summary_and_notes(ctx, rows)
+    exps = sorted({r["experiment"] for r in ctx.records if r["experiment"]})
+    return Report(title or _title(exps), summary, main, _per_class_tables(ctx), _retried_runs(ctx), _gaps_table(ctx),
+                  notes, ctx.df, missing,
+                  configs=[(" ".join(x for x in c if x) or "(all)", dict(zip(ctx.by, ctx.cfg_vals[c])))
+                           for c in ctx.cfgs],
+                  datasets=ctx.datasets, by=ctx.by, records=ctx.records, seedvals=ctx.seedvals, cfg_keys=ctx.cfgs,
+                  footnotes=ctx.footnotes)
+
+
+def _prepare(records: list, metrics, by, baseline, iou_type) -> _Ctx:
+    """Configurations (the ``by`` axes), datasets, the long frame and its mean/std/n per cell."""
     if not records:
         raise UserError("no runs to report; check the experiment names and --workspace, or pass --workdirs")
     iou_type = resolve_iou_type(records, iou_type)
@@ -362,24 +400,38 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
         exp_ds.setdefault(r["experiment"], set()).add(r["_ds"])
         cfg_exps.setdefault(r["_cfg"], set()).add(r["experiment"])
 
-    # ---- main table
-    missing = []
+    ctx = _Ctx(records, metrics, by, base, base_idx, cfg_vals, cfgs, datasets, df, stats, seedvals, by_cell, exp_ds,
+               cfg_exps, iou_type)
     # deltas against the baseline: COCO AP, and VOC mAP@0.5 when the table has it (a VOC study's
     # headline number)
-    delta_keys = [k for k in (VOC_METRIC, "AP") if k in metrics] if base_idx is not None else []
-    show_delta = bool(delta_keys)
+    ctx.delta_keys = [k for k in (VOC_METRIC, "AP") if k in metrics] if base_idx is not None else []
+    ctx.unfinished = {(r["_cfg"], r["_ds"]) for r in records if r["state"] == UNFINISHED}
+    ctx.feet, ctx.footnotes = footnote_numbers(records)
+    return ctx
+
+
+def _best_values(ctx: _Ctx) -> dict:
+    """(dataset, metric) -> the best displayed mean (only where configurations differ)."""
+    best = {}
+    for ds in ctx.datasets:
+        for k in ctx.metrics:
+            disp = [float(pct(ctx.stats[(c, ds, k)]["mean"])) for c in ctx.cfgs
+                    if (c, ds, k) in ctx.stats and (c, ds) not in ctx.unfinished]
+            if len(disp) >= 2 and len(set(disp)) > 1:  # all equal: nothing to single out
+                best[(ds, k)] = max(disp)
+    return best
+
+
+def _main_table(ctx: _Ctx) -> tuple:
+    """(Table, its rows, the list of gaps) of the main results."""
+    metrics, by, base, base_idx = ctx.metrics, ctx.by, ctx.base, ctx.base_idx
+    cfgs, cfg_vals, datasets, stats, by_cell = ctx.cfgs, ctx.cfg_vals, ctx.datasets, ctx.stats, ctx.by_cell
+    exp_ds, cfg_exps, unfinished, feet, delta_keys = ctx.exp_ds, ctx.cfg_exps, ctx.unfinished, ctx.feet, ctx.delta_keys
+    missing = []
     columns = list(metrics) + [_delta_name(k) for k in delta_keys] + ["n"]
     groups = [(ds, list(columns)) for ds in datasets]
     rows = []
-    best = {}
-    unfinished = {(r["_cfg"], r["_ds"]) for r in records if r["state"] == UNFINISHED}
-    feet, footnotes = footnote_numbers(records)
-    for ds in datasets:
-        for k in metrics:
-            disp = [float(pct(stats[(c, ds, k)]["mean"])) for c in cfgs
-                    if (c, ds, k) in stats and (c, ds) not in unfinished]
-            if len(disp) >= 2 and len(set(disp)) > 1:  # all equal: nothing to single out
-                best[(ds, k)] = max(disp)
+    best = _best_values(ctx)
     for c in cfgs:
         cells = []
         for ds in datasets:
@@ -436,11 +488,15 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     stub = list(by) if by else ["configuration"]
     if not by:
         rows = [(["(all)"], cells) for _, cells in rows]
-    coco = {"bbox": "COCO bbox", "segm": "COCO segm", "both": "COCO bbox and segm"}[iou_type]
+    coco = {"bbox": "COCO bbox", "segm": "COCO segm", "both": "COCO bbox and segm"}[ctx.iou_type]
     main = Table(f"Main results (VOC mAP@0.5 and {coco}, %)" if VOC_METRIC in metrics
                  else f"Main results ({coco}, %)", stub, groups, rows)
+    return main, rows, missing
 
-    # ---- per-class AP (one table per dataset: rows = classes, columns = configurations)
+
+def _per_class_tables(ctx: _Ctx) -> list:
+    """One table per dataset: rows = classes, columns = configurations."""
+    df, cfgs, datasets = ctx.df, ctx.cfgs, ctx.datasets
     per_class = []
     pc = df[(df["metric"] == "class_AP") & df["state"].isin(WITH_RESULTS)]
     if len(pc):
@@ -473,8 +529,12 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                             cell.best = True
                 prow.append(([cls], cells))
             per_class.append(Table(f"Per-class AP{' — ' + ds if ds else ''} (%)", ["class"], [("", cfg_labels)], prow))
+    return per_class
 
-    # ---- runs that needed a lower lr
+
+def _retried_runs(ctx: _Ctx) -> list:
+    """One line per run that needed more than one attempt (or went NaN)."""
+    records, cfgs = ctx.records, ctx.cfgs
     retries = []
     for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)))):
         atts = r["attempts"]
@@ -486,8 +546,12 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
             why = a.get("reason") or ""
             steps.append(f"attempt {a['attempt']} lr {_fmt_lr(a['lr'])}: {st}{' (' + why + ')' if why and st != 'done' else ''}")
         retries.append(f"{r['run_id'] or r['name']}: " + " → ".join(steps))
+    return retries
 
-    # ---- gaps: every run that is not done
+
+def _gaps_table(ctx: _Ctx):
+    """Every run without results, with its state and reason."""
+    records, cfgs = ctx.records, ctx.cfgs
     grow = []
     for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)), r["name"])):
         if r["state"] in WITH_RESULTS and r.get("metrics"):
@@ -498,8 +562,14 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                                              Cell(r["state"]), Cell(r["reason"] or "—")]))
     gaps = Table("Runs without results", ["run"], [("", ["configuration", "dataset", "seed", "state", "reason"])], grow,
                  numeric=False)
+    return gaps
 
-    # ---- summary and notes
+
+def _summary_and_notes(ctx: _Ctx, rows: list) -> tuple:
+    """(summary lines, notes) under the tables."""
+    records, metrics, by, base, delta_keys = ctx.records, ctx.metrics, ctx.by, ctx.base, ctx.delta_keys
+    footnotes, unfinished = ctx.footnotes, ctx.unfinished
+    show_delta = bool(delta_keys)
     counts = {}
     for r in records:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -547,11 +617,7 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     if any("n/a (CocoMetric)" in (r.get("unavailable") or {}).values() for r in records):
         notes.append("n/a (CocoMetric): the work dir has only mmdet CocoMetric numbers (AP, AP50, AP75, APs, APm, "
                      "APl); the AR numbers need a pycocotools summary in its log.")
-    rep = Report(title or _title(exps), summary, main, per_class, retries, gaps, notes, df, missing,
-                 configs=[(" ".join(x for x in c if x) or "(all)", dict(zip(by, cfg_vals[c]))) for c in cfgs],
-                 datasets=datasets, by=by, records=records, seedvals=seedvals, cfg_keys=cfgs,
-                 footnotes=footnotes)
-    return rep
+    return summary, notes
 
 
 def _lowered_lr(r: dict) -> bool:
