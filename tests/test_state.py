@@ -219,3 +219,25 @@ def test_status_report_and_submit_plan_agree(tmp_path, monkeypatch, fake, schedu
     if scheduler == "not_answering":  # never "gone": the last known state stays, and nothing is sent again
         assert by_kind["stale_progress"][0] == "queued" and "timed out" in by_kind["stale_progress"][1]
         assert all(plan[r] == "skip" for r in ids if kinds.get(r) in ("stale_progress", "interrupted_with_checkpoint"))
+
+
+def test_a_refused_submission_spends_no_attempt(tmp_path, monkeypatch, fake):
+    """sbatch refused (a typo in the partition, say): the runs stay unsubmitted with the reason,
+    never `failed`, and the next submit starts at attempt 1 again (the retry budget is intact)."""
+    from ssflctl.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "agree.yaml"
+    path.write_text(EXP.format(root=tmp_path / "data"))
+    ws = tmp_path / "ws"
+    fake.refuse = "Invalid partition name specified"
+    with pytest.raises(UserError, match="Invalid partition"):
+        submit_mod.submit(path, ws, render=light.light_render)
+    with Registry(ws) as reg:
+        rows = reg.list_runs("agree")
+    assert {r["state"] for r in rows} == {"pending"} and all("Invalid partition" in r["reason"] for r in rows)
+    assert not list((ws / "runs").glob("*/attempt-*"))
+    fake.refuse = None
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    assert len(res.submitted) == 14 and {p.attempt for p in res.submitted} == {1}

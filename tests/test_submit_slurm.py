@@ -171,8 +171,10 @@ def test_sbatch_refusal_is_one_line_and_recorded(env, slurm_cluster):
     assert len(msg.splitlines()) == 1 and "sbatch refused" in msg and "partition" in msg
     with Registry(ws) as reg:
         runs = reg.list_runs("refused")
-    assert len(runs) == 2 and {r["state"] for r in runs} == {"failed"}
-    assert all(r["job_id"] is None for r in runs)
+    # never "failed": nothing ran; the runs are unsubmitted with the reason, and no attempt is spent
+    assert len(runs) == 2 and {r["state"] for r in runs} == {"pending"}
+    assert all(r["job_id"] is None and r["reason"].startswith("not submitted: sbatch refused") for r in runs)
+    assert not list((ws / "runs").glob("*/attempt-*"))
 
 
 @pytest.mark.training

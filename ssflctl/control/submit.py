@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ssflctl import backends
 from ssflctl.backends import Task
@@ -88,7 +88,11 @@ def submission_id() -> str:
 def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
            fns: Optional[Dict[str, str]] = None, render: Optional[Callable] = None) -> SubmitResult:
     """Validate, plan and (unless ``dry_run``) submit. ``fns`` overrides the job callables
-    (``{"train", "test", "local"}`` as ``module:function``) and ``render`` the attempt renderer."""
+    (``{"train", "test", "local"}`` as ``module:function``) and ``render`` the attempt renderer.
+
+    Raises UserError for a bad experiment file (nothing written) and when the scheduler refuses
+    the submission (the claimed runs go back to ``pending`` with the reason; the attempts rendered
+    for them are removed, so they never count against the retry budget)."""
     ws = Path(ws)
     exp = spec_mod.load(path)
     runs = spec_mod.expand(exp, check_paths=True, dry_run=dry_run)
@@ -97,22 +101,12 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
     if not dry_run:
         backend.check_available(f"{exp.path}:{exp.lines.get('executor', 1)}: ")
     result = SubmitResult(experiment=exp, kind=kind, plan=[], dry_run=dry_run, warnings=list(exp.warnings))
-
     if dry_run:
-        rows = {}
-        if (ws / "registry.sqlite").exists():
-            from ssflctl.registry.store import Registry
-
-            with Registry.for_reading(ws) as reg:
-                rows = {r["run_id"]: r for r in reg.run_rows(exp.name)}
-        for run in runs:
-            row = rows.get(run.run_id)
-            why = _why_skip(row) if row is not None else None
-            result.plan.append(PlanItem(run, "skip" if why else "submit", why or _why_submit(row)))
+        result.plan = _dry_plan(ws, exp, runs)
         return result
 
     from ssflctl.control.reconcile import reconcile
-    from ssflctl.registry.store import Registry, hostname, now
+    from ssflctl.registry.store import Registry
 
     reg = Registry(ws)
     try:
@@ -120,72 +114,122 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         reconcile(reg, ws, exp.name)
         sid = submission_id()
         folder = ws / "submissions" / sid
-        claimed: List[PlanItem] = []
-        with reg.transaction():
-            for run in runs:
-                row = reg.ensure_run(run.run_id, exp.name, run.name, run.axes, run.resources)
-                why = _why_skip(row)
-                if why:
-                    result.plan.append(PlanItem(run, "skip", why))
-                    continue
-                item = PlanItem(run, "submit", _why_submit(row))
-                reg.update_run(run.run_id, state="submitting", reason=item.why, event="claimed",
-                               claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now(), submission_id=sid,
-                               backend=kind)
-                result.plan.append(item)
-                claimed.append(item)
-            if claimed:
-                reg.add_submission(sid, exp.name, kind, str(folder.resolve()), len(claimed),
-                                   {"spec": str(Path(path).resolve())})
+        claimed = _claim(reg, result, runs, sid, folder, path)
         if not claimed:
             return result
         result.submission_id = sid
         try:
-            if render is None:
-                from ssflctl.plan.render import render_attempt as render
-            tasks = []
-            for item in claimed:
-                run = RunDir.of(ws, item.run.run_id)
-                rj = item.run.run_json()
-                rj["submission_id"] = sid
-                run.write_run(rj)
-                n = run.next_attempt_number()
-                reason = "first attempt" if n == 1 else f"resubmitted ({item.why})"
-                resume = _resume_point(run)
-                if resume is None:
-                    render(run.path, n, reason=reason, run=rj)
-                else:
-                    item.lr, ck = resume
-                    reason += f"; resumes attempt-{n - 1}/{Path(ck).name}" + \
-                        (f" at lr {item.lr:g}" if item.lr is not None else "")
-                    render(run.path, n, lr=item.lr, resume_from=ck, reason=reason, run=rj)
-                item.attempt, item.reason = n, reason
-                tasks.append(Task(item.run.run_id, str(run.path.resolve()), item.run.resources, item.run.test))
+            tasks = _render_attempts(ws, claimed, sid, render)
             options = dict(exp.executor.get(kind) or {})
             options["experiment"] = exp.name
             ids = backend.submit(tasks, folder, options, fns=fns)
         except BaseException as exc:
+            _release(reg, ws, claimed, exc)
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            for item in claimed:
-                reg.update_run(item.run.run_id, state="failed", reason=f"submit failed before launch: {msg}"[:300])
             if isinstance(exc, ImportError):
                 raise UserError(f"rendering the configs needs the training stack ({msg}); install it with "
                                 "scripts/setup.sh (or pip install 'ssflctl[train]') on this machine") from None
             raise
-        with reg.transaction():
-            for item in claimed:
-                got = ids[item.run.run_id]
-                item.job_id, item.test_job_id = got["job_id"], got.get("test_job_id")
-                reg.update_run(item.run.run_id, state="queued", reason="", event="submitted",
-                               job_id=item.job_id, test_job_id=item.test_job_id, attempt=item.attempt,
-                               submitted_at=now(), claim_pid=None)
-                reg.upsert_attempt(item.run.run_id, item.attempt,
-                                   lr=item.lr if item.lr is not None else item.run.params.get("lr"), state="queued",
-                                   reason=item.reason or "first attempt", job_id=item.job_id,
-                                   submission_id=sid)
-            reg.update_submission(sid, {"jobs": {i.run.run_id: [i.job_id, i.test_job_id] for i in claimed}})
+        _record_submitted(reg, claimed, ids, sid)
         return result
     finally:
         reg.close()
 
 
+def _dry_plan(ws: Path, exp, runs) -> List[PlanItem]:
+    """What a submit would do, from the registry as it is (read-only; nothing reconciled)."""
+    rows = {}
+    if (ws / "registry.sqlite").exists():
+        from ssflctl.registry.store import Registry
+
+        with Registry.for_reading(ws) as reg:
+            rows = {r["run_id"]: r for r in reg.run_rows(exp.name)}
+    plan = []
+    for run in runs:
+        row = rows.get(run.run_id)
+        why = _why_skip(row) if row is not None else None
+        plan.append(PlanItem(run, "skip" if why else "submit", why or _why_submit(row)))
+    return plan
+
+
+def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path) -> List[PlanItem]:
+    """In one IMMEDIATE transaction: register every run and claim those to submit (``submitting``)."""
+    from ssflctl.registry.store import hostname, now
+
+    exp, claimed = result.experiment, []
+    with reg.transaction():
+        for run in runs:
+            row = reg.ensure_run(run.run_id, exp.name, run.name, run.axes, run.resources)
+            why = _why_skip(row)
+            if why:
+                result.plan.append(PlanItem(run, "skip", why))
+                continue
+            item = PlanItem(run, "submit", _why_submit(row))
+            reg.update_run(run.run_id, state="submitting", reason=item.why, event="claimed",
+                           claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now(), submission_id=sid,
+                           backend=result.kind)
+            result.plan.append(item)
+            claimed.append(item)
+        if claimed:
+            reg.add_submission(sid, exp.name, result.kind, str(folder.resolve()), len(claimed),
+                               {"spec": str(Path(path).resolve())})
+    return claimed
+
+
+def _render_attempts(ws: Path, claimed: List[PlanItem], sid: str, render: Optional[Callable]) -> List[Task]:
+    """run.json and the next attempt's config for every claimed run (continuing a checkpoint left
+    by a job stopped from outside)."""
+    if render is None:
+        from ssflctl.plan.render import render_attempt as render
+    tasks = []
+    for item in claimed:
+        run = RunDir.of(ws, item.run.run_id)
+        rj = item.run.run_json()
+        rj["submission_id"] = sid
+        run.write_run(rj)
+        n = run.next_attempt_number()
+        reason = "first attempt" if n == 1 else f"resubmitted ({item.why})"
+        resume = _resume_point(run)
+        if resume is None:
+            render(run.path, n, reason=reason, run=rj)
+        else:
+            item.lr, ck = resume
+            reason += f"; resumes attempt-{n - 1}/{Path(ck).name}" + \
+                (f" at lr {item.lr:g}" if item.lr is not None else "")
+            render(run.path, n, lr=item.lr, resume_from=ck, reason=reason, run=rj)
+        item.attempt, item.reason = n, reason
+        tasks.append(Task(item.run.run_id, str(run.path.resolve()), item.run.resources, item.run.test))
+    return tasks
+
+
+def _release(reg, ws: Path, claimed: List[PlanItem], exc: BaseException) -> None:
+    """The submission never reached the scheduler: the runs go back to ``pending`` with the reason
+    (never ``failed``: nothing ran), and the attempt directories rendered for them are removed, so
+    they never count against the run's retry budget. The event log keeps what happened."""
+    import shutil
+
+    msg = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
+    for item in claimed:
+        if item.attempt:
+            adir = RunDir.of(ws, item.run.run_id).attempt(item.attempt)
+            if adir.path.is_dir() and adir.outcome is None and adir.progress is None:
+                shutil.rmtree(adir.path, ignore_errors=True)
+        reg.update_run(item.run.run_id, state="pending", reason=f"not submitted: {msg}", event="not submitted",
+                       claim_pid=None)
+
+
+def _record_submitted(reg, claimed: List[PlanItem], ids: Dict[str, Dict[str, Any]], sid: str) -> None:
+    from ssflctl.registry.store import now
+
+    with reg.transaction():
+        for item in claimed:
+            got = ids[item.run.run_id]
+            item.job_id, item.test_job_id = got["job_id"], got.get("test_job_id")
+            reg.update_run(item.run.run_id, state="queued", reason="", event="submitted",
+                           job_id=item.job_id, test_job_id=item.test_job_id, attempt=item.attempt,
+                           submitted_at=now(), claim_pid=None)
+            reg.upsert_attempt(item.run.run_id, item.attempt,
+                               lr=item.lr if item.lr is not None else item.run.params.get("lr"), state="queued",
+                               reason=item.reason or "first attempt", job_id=item.job_id,
+                               submission_id=sid)
+        reg.update_submission(sid, {"jobs": {i.run.run_id: [i.job_id, i.test_job_id] for i in claimed}})
