@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -73,6 +74,30 @@ def run_test(run_dir: str, fn: str = TEST_FN):
     return _resolve(fn)(run_dir)
 
 
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:=+%*|&()\[\]/@-]+")
+_SAFE_KEY = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def check_options(opts: Dict[str, Any], name: str) -> None:
+    """Refuse (UserError, one line) anything that would not stay one ``#SBATCH`` value in the
+    script submitit writes: a newline in a partition or an sbatch option starts a new script line.
+    Setup lines are shell commands by design, but each must be one line."""
+    for key in ("partition", "qos", "account", "constraint", "gres"):
+        v = opts.get(key)
+        if v is not None and not _SAFE_VALUE.fullmatch(str(v)):
+            raise UserError(f"executor.slurm.{key}: {str(v)!r} is not a Slurm {key} name (letters, digits and "
+                            "_.,:=+%*|&()[]/@- only); fix the experiment file")
+    for k, v in (opts.get("sbatch") or {}).items():
+        if not _SAFE_KEY.fullmatch(str(k)) or any(c in str(v) for c in "\n\r\0"):
+            raise UserError(f"executor.slurm.sbatch.{k}: an sbatch option must be a lower-case name with a one-line "
+                            "value; fix the experiment file")
+    for i, line in enumerate(opts.get("setup") or []):
+        if any(c in str(line) for c in "\n\r\0"):
+            raise UserError(f"executor.slurm.setup[{i}]: one shell line per entry (no newline); split it into entries")
+    if not _SAFE_VALUE.fullmatch(name):
+        raise UserError(f"job name {name!r}: letters, digits and _.- only; rename the experiment")
+
+
 def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, Any]:
     p: Dict[str, Any] = {
         "job_name": name,
@@ -105,6 +130,7 @@ def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, A
 
 
 def make_executor(folder: Path, res: Dict[str, Any], opts: Dict[str, Any], name: str = "ssflctl"):
+    check_options(opts, name)
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=int(opts.get("max_num_timeout", 3)))
     ex.update_parameters(**_params(res, opts, name))
     return ex

@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
+from ssflctl.plan.config_check import check_rendered
 from ssflctl.workdir.layout import RunDir
 from ssflctl.workdir.records import AttemptInfo
 
@@ -488,6 +489,11 @@ def render_attempt(run_dir: Union[str, Path], attempt: int, *, lr: Optional[floa
     adir.mkdir(parents=True, exist_ok=True)
     tmp = adir / ".config.py.tmp.py"
     cfg.dump(str(tmp))
+    try:  # the written file must parse back, without running, to exactly what was meant
+        check_rendered(tmp, cfg.to_dict())
+    except UserError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, a.config_path)
     resolved = dict(cfg.ssflctl_params)
     a.write_provenance(provenance(run, template, resolved))
