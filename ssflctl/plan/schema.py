@@ -424,6 +424,15 @@ def _axis_value_problem(axis: str, val: Any) -> Optional[str]:
     return param_problem(axis, val)
 
 
+def _canonical(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The rule expansion matches exclude rules by (``ssflctl.plan.spec._same``): equal canonical JSON."""
+    return _canonical(a) == _canonical(b)
+
+
 def _axes(mat: Dict[str, Any]) -> Dict[str, List[Any]]:
     axes: Dict[str, List[Any]] = {}
     for ax, vals in mat.items():
@@ -436,13 +445,14 @@ def _axes(mat: Dict[str, Any]) -> Dict[str, List[Any]]:
             vals = [vals]
         if len(vals) == 0:
             raise error("empty axis; give at least one value or remove the axis", key=ax)
-        seen: List[Any] = []
+        seen: set = set()
         for i, val in enumerate(vals):
             at = (ax, i) if isinstance(mat[ax], list) else (ax,)
             _check_plain(val, at)
-            if any(val == s and type(val) is type(s) for s in seen):
+            ident = (type(val).__name__, _canonical(val))
+            if ident in seen:
                 raise error(f"value {val!r} is listed twice; list each value once", key=at)
-            seen.append(val)
+            seen.add(ident)
             problem = _axis_value_problem(ax, val)
             if problem:
                 raise error(problem, key=at)
@@ -450,13 +460,6 @@ def _axes(mat: Dict[str, Any]) -> Dict[str, List[Any]]:
     if not axes:
         raise error("no axes; give at least one, e.g. loss: [focal, ssfl]")
     return axes
-
-
-def _same(a: Any, b: Any) -> bool:
-    """The rule expansion matches exclude rules by (``ssflctl.plan.spec._same``): equal canonical JSON."""
-    def c(v: Any) -> str:
-        return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-    return c(a) == c(b)
 
 
 def _rules(mat: Dict[str, Any], rule: str, axes: Dict[str, List[Any]]) -> List[Dict[str, Any]]:
@@ -623,10 +626,16 @@ def _loc(err: Dict[str, Any]) -> Tuple:
     return loc
 
 
+def show_key(k: Any) -> str:
+    """A key as the message shows it: plain when it is one printable word, else quoted (one line)."""
+    s = str(k)
+    return s if s and s.isprintable() and not any(c.isspace() for c in s) else repr(k)
+
+
 def dotted(loc: Tuple) -> str:
     out = ""
     for p in loc:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        out += f"[{p}]" if isinstance(p, int) else (f".{show_key(p)}" if out else show_key(p))
     return out
 
 

@@ -168,7 +168,8 @@ def _construct_mapping(loader: Loader, node: MappingNode) -> LDict:
             raise UserError(f"{loader.name}:{line}: a mapping key must be a plain value, not {type(key).__name__}")
         is_merged = i < len(merged)
         if key in out and key not in from_merge:
-            raise UserError(f"{loader.name}:{line}: {key}: duplicate key (first on line {out.lines[key]}); keep one")
+            shown = key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else repr(key)
+            raise UserError(f"{loader.name}:{line}: {shown}: duplicate key (first on line {out.lines[key]}); keep one")
         if is_merged:
             from_merge.add(key)
         else:
