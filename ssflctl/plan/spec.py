@@ -1,7 +1,12 @@
 """Experiment files: YAML -> validated `Experiment` -> expanded `RunSpec`s with stable ids.
 
 Every error is a `UserError` of the form ``<file>:<line>: <key>: <what was expected>`` with a
-near-miss suggestion for misspelt keys. Nothing here imports heavy modules.
+near-miss suggestion for misspelt keys. Nothing here imports heavy modules (nor ``plan.render`` or
+``ssflctl.node``). The parts: ``plan/yamlio.py`` (line-numbered YAML, YAML 1.2 numbers, limits),
+``plan/schema.py`` (the pydantic models and the values every template understands),
+``plan/templates.py`` (template lookup, ast only), ``plan/losses.py`` (loss names and keywords);
+this module builds the `Experiment` and expands it into `RunSpec`s (ids: a hash of the settings,
+unchanged by the schema rewrite; see tests/test_plan_schema.py::test_run_ids_do_not_change).
 
 Schema (see experiments/ssfl_vs_fl.yaml)::
 
