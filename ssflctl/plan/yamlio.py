@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 from yaml.constructor import ConstructorError
@@ -80,22 +80,23 @@ class LList(list):
 _Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class Loader(_Base):  # type: ignore[misc,valid-type]
-    """SafeLoader (the C one where available) with YAML 1.2 numbers and line-numbered containers."""
-
-    # PyYAML's 1.1 int/float resolvers out, the 1.2 ones in (below); the rest (bool, null, merge,
-    # timestamp, value) unchanged
-    yaml_implicit_resolvers = {
+def _loader_class(base: type) -> type:
+    """``base`` (CSafeLoader or SafeLoader) with YAML 1.2 numbers and line-numbered containers."""
+    # PyYAML's 1.1 int/float resolvers out, the 1.2 ones in; the rest (bool, null, merge, timestamp,
+    # value) unchanged
+    cls = type(f"Experiment{base.__name__}", (base,), {"yaml_implicit_resolvers": {
         first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG)]
-        for first, resolvers in _Base.yaml_implicit_resolvers.items()
-    }
+        for first, resolvers in base.yaml_implicit_resolvers.items()}})
+    cls.add_implicit_resolver(INT_TAG, INT_RE, list("-+0123456789"))
+    cls.add_implicit_resolver(FLOAT_TAG, FLOAT_RE, list("-+0123456789."))
+    cls.add_constructor(INT_TAG, _construct_int)
+    cls.add_constructor(FLOAT_TAG, _construct_float)
+    cls.add_constructor(MAP_TAG, _construct_mapping)
+    cls.add_constructor(SEQ_TAG, _construct_sequence)
+    return cls
 
 
-Loader.add_implicit_resolver(INT_TAG, INT_RE, list("-+0123456789"))
-Loader.add_implicit_resolver(FLOAT_TAG, FLOAT_RE, list("-+0123456789."))
-
-
-def _construct_int(loader: Loader, node: ScalarNode) -> int:
+def _construct_int(loader: Any, node: ScalarNode) -> int:
     s = str(loader.construct_scalar(node)).replace("_", "")
     try:
         if len(s) > 400:
@@ -107,7 +108,7 @@ def _construct_int(loader: Loader, node: ScalarNode) -> int:
         raise ConstructorError(None, None, f"not an integer: {s[:40]!r} ({exc})", node.start_mark)
 
 
-def _construct_float(loader: Loader, node: ScalarNode) -> float:
+def _construct_float(loader: Any, node: ScalarNode) -> float:
     s = str(loader.construct_scalar(node)).replace("_", "").lower()
     if s in (".inf", "+.inf"):
         return float("inf")
@@ -123,7 +124,7 @@ def _construct_float(loader: Loader, node: ScalarNode) -> float:
         raise ConstructorError(None, None, f"not a number: {s[:40]!r} ({exc})", node.start_mark)
 
 
-def _flat_pairs(loader: Loader, node: MappingNode) -> Tuple[list, list]:
+def _flat_pairs(loader: Any, node: MappingNode) -> Tuple[list, list]:
     """(pairs from ``<<`` merge keys, explicit pairs) of a mapping node; later pairs win.
 
     YAML merge key (https://yaml.org/type/merge.html): explicit keys override merged ones, and in
@@ -153,7 +154,7 @@ def _flat_pairs(loader: Loader, node: MappingNode) -> Tuple[list, list]:
     return merged, explicit
 
 
-def _construct_mapping(loader: Loader, node: MappingNode) -> LDict:
+def _construct_mapping(loader: Any, node: MappingNode) -> LDict:
     merged, explicit = _flat_pairs(loader, node)
     out = LDict()
     out.line = node.start_mark.line + 1
@@ -180,24 +181,23 @@ def _construct_mapping(loader: Loader, node: MappingNode) -> LDict:
     return out
 
 
-def _construct_sequence(loader: Loader, node: SequenceNode) -> LList:
+def _construct_sequence(loader: Any, node: SequenceNode) -> LList:
     out = LList(loader.construct_object(child, deep=True) for child in node.value)
     out.line = node.start_mark.line + 1
     out.lines = [child.start_mark.line + 1 for child in node.value]
     return out
 
 
-Loader.add_constructor(INT_TAG, _construct_int)
-Loader.add_constructor(FLOAT_TAG, _construct_float)
-Loader.add_constructor(MAP_TAG, _construct_mapping)
-Loader.add_constructor(SEQ_TAG, _construct_sequence)
+#: the loader used: libyaml's parser where PyYAML has it; PyLoader is the pure-Python twin (tests)
+Loader = _loader_class(_Base)
+PyLoader = _loader_class(yaml.SafeLoader)
 
 
 def _limit(name: str, mark, what: str) -> UserError:
     return UserError(f"{name}:{mark.line + 1}: {what}")
 
 
-def compose(loader: Loader, name: str, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH):
+def compose(loader: Any, name: str, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH):
     """The document's node graph, built iteratively from the parser's events (no recursion), with
     depth and expanded-node-count limits. None for an empty stream."""
     loader.get_event()  # StreamStart
@@ -308,9 +308,9 @@ def read_text(path: Path, max_bytes: int = MAX_BYTES) -> str:
     return text
 
 
-def parse(text: str, name: str) -> Any:
+def parse(text: str, name: str, loader_class: Optional[type] = None) -> Any:
     """Parse YAML text into line-numbered plain data (see the module doc for the rules)."""
-    loader = Loader(text)
+    loader = (loader_class or Loader)(text)
     loader.name = name
     try:
         node = compose(loader, name)
