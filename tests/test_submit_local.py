@@ -271,7 +271,7 @@ def test_yaml_injection_stays_an_inert_string(tmp_path, monkeypatch):
           d: {{root: {tmp_path / 'data'}}}
         matrix:
           loss: [focal]
-          model.bbox_head.loss_cls.note: ["{evil}"]
+          model.bbox_head.loss_cls.reduction: ["{evil}"]   # a string argument of FocalLoss (plan-time checked)
         params: {{classes: ["{evil}", "car"]}}
         """))
     from ssflctl.plan import render
@@ -285,7 +285,7 @@ def test_yaml_injection_stays_an_inert_string(tmp_path, monkeypatch):
     from mmengine.config import Config
 
     cfg = Config.fromfile(str(adir / "config.py"))
-    assert cfg.model.bbox_head.loss_cls.note == evil
+    assert cfg.model.bbox_head.loss_cls.reduction == evil
     assert evil in list(cfg.train_dataloader.dataset.metainfo["classes"])
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
 

@@ -2,7 +2,8 @@
 
 Light module (no torch/mmengine at import).
 
-Policy keys (``run.json["retry"]``, from the experiment file), with defaults::
+Policy keys (``run.json["retry"]``, from the experiment file; the model is
+:class:`ssflctl.workdir.retry_policy.RetryPolicy`, re-exported here), with defaults::
 
     on_nan: lower_lr        # lower_lr | retry (same lr) | fail
     factor: 0.1             # new lr = lr × factor   (0 < factor < 1)
@@ -27,66 +28,14 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ssflctl.workdir import checkpoints, mmlogs as logs
+from ssflctl.workdir import retry_policy as _policy
 from ssflctl.workdir.layout import AttemptDir
 from ssflctl.workdir.records import NanRecord
-from ssflctl.errors import UserError
 
-_CHOICES = {
-    "on_nan": ("lower_lr", "retry", "fail"),
-    "from": ("scratch", "checkpoint"),
-    "on_preempt": ("resume", "restart", "fail"),
-    "on_node_fail": ("resubmit", "fail"),
-    "on_error": ("fail", "retry"),
-}
-DEFAULTS: Dict[str, Any] = {
-    "on_nan": "lower_lr", "factor": 0.1, "max_attempts": 3, "from": "scratch",
-    "on_preempt": "resume", "on_node_fail": "resubmit", "on_error": "fail",
-}
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    on_nan: str = "lower_lr"
-    factor: float = 0.1
-    max_attempts: int = 3
-    from_: str = "scratch"
-    on_preempt: str = "resume"
-    on_node_fail: str = "resubmit"
-    on_error: str = "fail"
-
-    @classmethod
-    def from_dict(cls, d: Optional[Dict[str, Any]], where: str = "retry") -> "RetryPolicy":
-        """Validate a policy dict (None or {} → defaults). Bad values → UserError naming the key."""
-        if d is None:
-            d = {}
-        if not isinstance(d, dict):
-            raise UserError(f"{where}: must be a mapping of retry settings, got {type(d).__name__}; "
-                            f"keys: {', '.join(DEFAULTS)}")
-        unknown = [k for k in d if k not in DEFAULTS]
-        if unknown:
-            raise UserError(f"{where}.{unknown[0]}: unknown retry setting; "
-                            f"use one of {', '.join(DEFAULTS)}")
-        v = {**DEFAULTS, **d}
-        for key, choices in _CHOICES.items():
-            if v[key] not in choices:
-                raise UserError(f"{where}.{key}: {v[key]!r} is not allowed; use one of "
-                                f"{', '.join(choices)}")
-        f = v["factor"]
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < float(f) < 1):
-            raise UserError(f"{where}.factor: {f!r} must be a number between 0 and 1 "
-                            f"(the lr is multiplied by it after a NaN), e.g. 0.1")
-        m = v["max_attempts"]
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise UserError(f"{where}.max_attempts: {m!r} must be a whole number >= 1 "
-                            f"(attempts in all, the first included), e.g. 3")
-        return cls(on_nan=v["on_nan"], factor=float(f), max_attempts=m, from_=v["from"],
-                   on_preempt=v["on_preempt"], on_node_fail=v["on_node_fail"],
-                   on_error=v["on_error"])
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"on_nan": self.on_nan, "factor": self.factor, "max_attempts": self.max_attempts,
-                "from": self.from_, "on_preempt": self.on_preempt,
-                "on_node_fail": self.on_node_fail, "on_error": self.on_error}
+# The policy itself is part of run.json's contract: one pydantic model, in ssflctl.workdir.
+RetryPolicy = _policy.RetryPolicy
+DEFAULTS: Dict[str, Any] = _policy.DEFAULTS
+_CHOICES = _policy.CHOICES
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ auto_scale_lr  ``auto_scale_lr.enable``
 """
 from __future__ import annotations
 
-import ast
 import copy
 import datetime as _dt
 import hashlib
@@ -50,17 +49,12 @@ from typing import Any, Dict, List, Optional, Union
 from ssflctl.atomic import load_json
 from ssflctl.errors import UserError
 from ssflctl.plan.config_check import check_rendered
+from ssflctl.plan.losses import LOSSES  # noqa: F401  (re-exported: loss name -> loss_cls config)
+from ssflctl.plan.templates import (  # noqa: F401  (ast-only; re-exported for callers of render)
+    REPO_TEMPLATES, _literal_assign, list_templates, resolve_template, template_dirs, template_params)
+from ssflctl.plan.templates import template_bindings as _template_bindings
 from ssflctl.workdir.layout import RunDir
 from ssflctl.workdir.records import AttemptInfo
-
-REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-
-#: loss name -> loss_cls config (RetinaNet's defaults: sigmoid, gamma 2, alpha 0.25)
-LOSSES: Dict[str, Dict[str, Any]] = {
-    "focal": dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
-    "ssfl": dict(type="ShiftStepFocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, shift=0.1, loss_weight=1.0),
-    "gfl": dict(type="ShiftStepFocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, shift=0.0, loss_weight=1.0),
-}
 
 _SPLITS = ("train", "val", "test")
 #: params _apply_params knows (others need ssflctl_bindings or ssflctl_derived in the template)
@@ -69,75 +63,6 @@ _HANDLED = frozenset({"loss", "lr", "seed", "max_epochs", "max_iters", "val_inte
                       "auto_scale_lr"} | {f"{s}_{k}" for s in ("train", "val", "test") for k in ("ann", "img")})
 _DATASET_WRAPPERS = ("RepeatDataset", "ClassBalancedDataset", "MultiImageMixDataset")
 _VERSIONED = ("torch", "mmcv", "mmdet", "mmengine", "ssflctl", "numpy", "pycocotools")
-
-
-# --------------------------------------------------------------------------------------------
-# templates
-# --------------------------------------------------------------------------------------------
-def template_dirs() -> List[Path]:
-    dirs = [Path(p) for p in os.environ.get("SSFLCTL_TEMPLATE_PATH", "").split(os.pathsep) if p]
-    dirs.append(REPO_TEMPLATES)
-    return dirs
-
-
-def list_templates() -> List[str]:
-    names = set()
-    for d in template_dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.py") if not p.name.startswith("_"))
-    return sorted(names)
-
-
-def resolve_template(name_or_path: Union[str, Path]) -> Path:
-    """A template name (``retinanet_tiny``) or a path to a config file -> absolute path."""
-    raw = str(name_or_path)
-    p = Path(raw).expanduser()
-    if p.suffix == ".py" and p.is_file():
-        return p.resolve()
-    if os.sep not in raw and "/" not in raw:
-        stem = raw[:-3] if raw.endswith(".py") else raw
-        for d in template_dirs():
-            cand = d / f"{stem}.py"
-            if cand.is_file():
-                return cand.resolve()
-    raise UserError(f"template {raw!r}: not found; use a path to an mmengine config or one of "
-                    f"{', '.join(list_templates()) or '(none)'}")
-
-
-def _literal_assign(tree: ast.Module, name: str, path: Path) -> Optional[Dict[str, Any]]:
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            value = node.value
-            try:
-                if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "dict" \
-                        and not value.args:
-                    return {kw.arg: ast.literal_eval(kw.value) for kw in value.keywords}
-                out = ast.literal_eval(value)
-            except ValueError:
-                raise UserError(f"{path}:{node.lineno}: {name} must be a dict of literal values") from None
-            if not isinstance(out, dict):
-                raise UserError(f"{path}:{node.lineno}: {name} must be a dict")
-            return out
-    return None
-
-
-def template_params(template: Union[str, Path]) -> Dict[str, Any]:
-    """The template's named params and defaults, read without executing it (no mmengine needed)."""
-    path = resolve_template(template)
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    except SyntaxError as exc:
-        raise UserError(f"{path}:{exc.lineno}: syntax error in template ({exc.msg})") from None
-    params = _literal_assign(tree, "ssflctl_params", path)
-    if params is None:
-        raise UserError(f"{path}: declares no ssflctl_params dict; add one (param name -> default)")
-    return params
-
-
-def _template_bindings(path: Path) -> Dict[str, List[str]]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    b = _literal_assign(tree, "ssflctl_bindings", path) or {}
-    return {k: [v] if isinstance(v, str) else list(v) for k, v in b.items()}
 
 
 # --------------------------------------------------------------------------------------------
