@@ -333,6 +333,21 @@ def test_merge_controller_wins_sacct_adds_exit_and_rss():
 
 
 @pytest.mark.unit
+def test_merge_with_the_controller_down_keeps_only_final_accounting_records():
+    down = q.QueryFailed("squeue -j 15,6", "exit 1: slurm_load_jobs error: Unable to contact slurm controller")
+    sa = q.parse_sacct("15|RUNNING|0:0|None||00:00:03|wrap\n6|FAILED|3:0|None||00:00:05|wrap\n")
+    m = q.merge(down, sa, ["15", "6"])
+    # sacct's RUNNING lags the controller and may be stale: don't know; its FAILED is final
+    assert isinstance(m["15"], q.QueryFailed) and "sacct's RUNNING may be stale" in m["15"].message
+    assert "Unable to contact slurm controller" in m["15"].message
+    assert m["6"].state == "FAILED" and m["6"].partial.startswith("unknown: squeue -j 15,6: ")
+    # accounting down: the controller's record stands and says which query failed
+    dbd = q.QueryFailed("sacct -j 15", "exit 1: sacct: error: Problem talking to the database: Connection refused")
+    m = q.merge(q.parse_squeue("15|RUNNING|None|0:02|wrap\n"), dbd, ["15"])
+    assert m["15"].state == "RUNNING" and "Problem talking to the database" in m["15"].partial
+
+
+@pytest.mark.unit
 def test_job_states_is_a_superset_of_launch_slurm(tmp_path, monkeypatch):
     _fake(tmp_path, monkeypatch, "squeue", "printf '7|RUNNING|None|0:03|train-s1\\n'\n")
     _fake(tmp_path, monkeypatch, "sacct", "printf '7|RUNNING|0:0|None||00:00:03|train-s1\\n"

@@ -29,7 +29,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-from ssflctl.backends.slurm_states import Kind, State, UnmappedState, base_state, classify
+from ssflctl.backends.slurm_states import ACTIVE_KINDS, Kind, State, UnmappedState, base_state, classify
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -62,6 +62,7 @@ class JobRecord:
     source: str = ""                     # 'squeue' or 'sacct'
     from_range: bool = False             # taken from an array range record (5_[0-3])
     steps: Dict[str, str] = field(default_factory=dict)  # sacct step id -> state text
+    partial: str = ""                    # the other query failed: 'unknown: <command>: <message>'
 
     @property
     def signal_name(self) -> str:
@@ -270,7 +271,12 @@ def merge(squeue: Union[Dict[str, JobRecord], QueryFailed], sacct: Union[Dict[st
           job_ids: Iterable[str]) -> Dict[str, Union[JobRecord, QueryFailed]]:
     """One answer per requested id: the controller's record (with sacct's exit code and MaxRSS when
     sacct agrees on the state), else sacct's; when neither has it and a query failed, that failure
-    (both, joined); when both answered without it, the id is absent (no record anywhere)."""
+    (both, joined); when both answered without it, the id is absent (no record anywhere).
+
+    With the controller not answering, sacct's record stands only when it is final (a terminal
+    state): its PENDING or RUNNING lags the controller and may be stale, so the job is "don't know"
+    (the squeue failure, saying what sacct had). A record that stands while the other query failed
+    carries that failure in :attr:`JobRecord.partial`."""
     ids = [str(j) for j in job_ids if j]
     sq = squeue if isinstance(squeue, dict) else {}
     sa = sacct if isinstance(sacct, dict) else {}
@@ -284,8 +290,15 @@ def merge(squeue: Union[Dict[str, JobRecord], QueryFailed], sacct: Union[Dict[st
                     a.exit_code, a.signal = b.exit_code, b.signal
                 a.max_rss_bytes, a.steps = b.max_rss_bytes, b.steps
                 a.name = a.name or b.name
+            if isinstance(sacct, QueryFailed):
+                a.partial = str(sacct)
             out[j] = a
         elif b is not None:
+            if isinstance(squeue, QueryFailed):
+                if b.kind in ACTIVE_KINDS:
+                    out[j] = QueryFailed(squeue.command, f"{squeue.message} (sacct's {b.state} may be stale)")
+                    continue
+                b.partial = str(squeue)
             out[j] = b
         elif fails:
             out[j] = fails[0] if len(fails) == 1 else QueryFailed(

@@ -148,7 +148,7 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
     * node_fail → resume (resubmit) at the same lr from the latest checkpoint.
     * failed (exception, OOM) → stop with its reason (no lr change); ``on_error: retry`` retries
       at the same lr while attempts are left. A failed attempt whose logs show a non-finite loss
-      before the exception is treated as a NaN.
+      before the exception is treated as a NaN, unless the exception is CUDA's out of memory.
     """
     if isinstance(policy, dict) or policy is None:
         policy = RetryPolicy.from_dict(policy)
@@ -160,7 +160,7 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
     if kind == "done":
         return Decision("stop", lr, None, "finished")
 
-    if kind == "failed" and logs.find_nonfinite(attempt_dir) is not None:
+    if kind == "failed" and not _cuda_oom(outcome) and logs.find_nonfinite(attempt_dir) is not None:
         # the code raised, but the loss had already gone non-finite (e.g. an assertion on NaN
         # boxes in an unguarded run): the NaN is the cause, the retry policy for NaN applies
         kind = "nan"
@@ -206,6 +206,13 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
     if policy.on_error == "retry" and left:
         return Decision("retry", lr, None, f"after error: {why}")
     return Decision("stop", lr, None, f"failed: {why}")
+
+
+def _cuda_oom(outcome: Optional[Dict[str, Any]]) -> bool:
+    """CUDA out of memory (torch.cuda.OutOfMemoryError): a failure to explain, never a NaN to retry."""
+    from ssflctl.control.state import is_cuda_oom
+
+    return is_cuda_oom((outcome or {}).get("reason"), (outcome or {}).get("log_tail"))
 
 
 def _where(attempt_dir: Path) -> str:
