@@ -258,6 +258,21 @@ def test_overmemorykill_is_a_sigkill_failure_with_its_maxrss():
     assert r.steps == {"31.batch": "CANCELLED by 0"}
 
 
+# captured: `srun python3 ...` in a batch job, the python process killed with `kill -9` (22.05.8)
+SACCT_SRUN_KILLED = """\
+32|FAILED|9:0|None||00:00:01|ssflctl-k9probe
+32.batch|FAILED|9:0|||00:00:01|batch
+32.0|CANCELLED|0:9|||00:00:01|python3
+"""
+
+
+@pytest.mark.unit
+def test_a_step_killed_by_a_signal_names_it_on_its_job():
+    r = q.parse_sacct(SACCT_SRUN_KILLED)["32"]
+    assert r.kind is Kind.FAILED and (r.exit_code, r.signal, r.step_signal) == (9, None, 9) and r.signal_name == "SIGKILL"
+    assert r.exit_text == "killed by SIGKILL (signal 9)"
+
+
 @pytest.mark.unit
 def test_parsers_refuse_an_unmapped_state():
     with pytest.raises(ss.UnmappedState):

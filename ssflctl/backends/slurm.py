@@ -290,9 +290,9 @@ def to_status(job_id: str, rec, name_hint: str = "") -> JobStatus:
             st.hint = verdict.hint.replace("JOBID", job_id)
     elif kind is JobKind.FAILED:
         bits = []
-        if rec.signal:
+        if rec.killed_by:
             bits.append(rec.exit_text)
-        if verdict.kind.value == "oom" or rec.signal == 9:
+        if verdict.kind.value == "oom" or rec.killed_by == 9:
             if rec.max_rss_bytes:
                 bits.append(f"peak memory {_gib(rec.max_rss_bytes)}")
             bits.append("out of memory?" if verdict.kind.value != "oom" else "out of memory")
