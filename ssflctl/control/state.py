@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 from ssflctl.backends.base import JobKind, JobStatus
 from ssflctl.workdir import layout
 from ssflctl.workdir.layout import AttemptDir, RunDir
-from ssflctl.workdir.records import OutcomeKind, RunState, fmt_lr
+from ssflctl.workdir.records import OutcomeKind, RunState, fmt_lr, is_cuda_oom
 
 #: sacct may not know a job for a moment after sbatch
 SCHEDULER_GRACE_S = 120
@@ -57,16 +57,9 @@ class JobView:
     asked: bool = True                      # False: the scheduler was not asked (report, read-only)
 
 
-#: CUDA's out-of-memory error as torch words it (torch.cuda.OutOfMemoryError; older torch: RuntimeError)
-_CUDA_OOM = ("OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory")
 CUDA_OOM_HINT = ("the GPU ran out of memory: lower batch_size (or the input size), or ask for a GPU with more "
                  "memory; then `ssflctl submit` again")
 KILLED_HINT = "raise resources.mem or lower batch_size, then `ssflctl submit` again"
-
-
-def is_cuda_oom(*texts: Optional[str]) -> bool:
-    """Whether a reason or log tail is CUDA's out-of-memory error (a failure to explain, never a NaN)."""
-    return any(t and any(m in t for m in _CUDA_OOM) for t in texts)
 
 
 def explain(reason: str, *, log_tail: str = "", job: Optional[JobStatus] = None) -> str:

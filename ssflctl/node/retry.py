@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional
 
 from ssflctl.workdir import checkpoints, mmlogs as logs
 from ssflctl.workdir.layout import AttemptDir
-from ssflctl.workdir.records import NanRecord
+from ssflctl.workdir.records import NanRecord, is_cuda_oom
 from ssflctl.errors import UserError
 
 _CHOICES = {
@@ -210,8 +210,6 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
 
 def _cuda_oom(outcome: Optional[Dict[str, Any]]) -> bool:
     """CUDA out of memory (torch.cuda.OutOfMemoryError): a failure to explain, never a NaN to retry."""
-    from ssflctl.control.state import is_cuda_oom
-
     return is_cuda_oom((outcome or {}).get("reason"), (outcome or {}).get("log_tail"))
 
 
