@@ -211,8 +211,8 @@ def test_status_report_and_submit_plan_agree(tmp_path, monkeypatch, fake, schedu
     assert by_kind["metrics_without_outcome"][0] == "done"
     assert by_kind["nan_retries_spent"] == ("failed", "NaN after 3 attempts")
     assert by_kind["failed_outcome"][0] == "failed"  # CUDA OOM: explained, with what to change
-    assert by_kind["failed_outcome"][1].startswith("RuntimeError: CUDA out of memory — the GPU ran out of memory: "
-                                                   "lower batch_size")
+    assert by_kind["failed_outcome"][1] == ("RuntimeError: CUDA out of memory — GPU out of memory: lower "
+                                            "batch_size or use a larger GPU, then submit again")
     if scheduler == "ended":
         assert by_kind["test_failed"] == ("failed", "test job completed but wrote no metrics.json")
         assert by_kind["stale_progress"][0] == "failed"
@@ -349,8 +349,8 @@ def test_a_killed_job_is_explained_with_signal_memory_and_what_to_change(tmp_pat
     _attempt(run2, 1, outcome={"outcome": "failed", "reason": "RuntimeError: step failed",
                                "log_tail": "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"})
     v = decide(run2, JobView(train=_slurm("9", "FAILED", exit_code="1:0"), since_attempt=1))
-    assert v.state == "failed" and v.reason.startswith("RuntimeError: step failed — the GPU ran out of memory: lower "
-                                                       "batch_size")
+    assert v.state == "failed" and v.reason == ("RuntimeError: step failed — GPU out of memory: lower batch_size "
+                                                "or use a larger GPU, then submit again")
 
 
 def test_cuda_oom_is_never_retried_as_a_nan(tmp_path):

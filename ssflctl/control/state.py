@@ -57,8 +57,7 @@ class JobView:
     asked: bool = True                      # False: the scheduler was not asked (report, read-only)
 
 
-CUDA_OOM_HINT = ("the GPU ran out of memory: lower batch_size (or the input size), or ask for a GPU with more "
-                 "memory; then `ssflctl submit` again")
+CUDA_OOM_HINT = "GPU out of memory: lower batch_size or use a larger GPU, then submit again"
 KILLED_HINT = "raise resources.mem or lower batch_size, then `ssflctl submit` again"
 
 
