@@ -56,6 +56,12 @@ def user_errors(fn):
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(130)
+        except PermissionError as err:  # a write needed but refused: one line naming the path
+            from rich.markup import escape
+
+            _err(escape(f"{err.filename or 'a file'}: {err.strerror or 'permission denied'}; this needs write "
+                        "access there (ask the workspace's owner, or work on a copy)"))
+            raise typer.Exit(1)
 
     return wrapper
 
@@ -184,6 +190,9 @@ def report(
     Example: ssflctl report ssfl_vs_fl --format html --out report/index.html
     """
     from ssflctl import report as report_mod
+    from ssflctl.commands.status import read_only_note
+
+    read_only_note(workspace_path(workspace))
 
     if (subset_field or subset_list or min_height) and not missrate:
         raise UserError("--subset-field/--subset-list need --missrate CLASS (e.g. --missrate person)")

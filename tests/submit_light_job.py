@@ -4,6 +4,9 @@ matrix tests (local processes and Slurm): it writes the same attempt files as th
 ssflctl's launch/registry/reconcile machinery without training. The real job is covered by
 tests/test_submit_local.py::test_real_tiny_training_run (marked `training`).
 
+``LIGHT_JOB_STEPS``/``LIGHT_JOB_SLEEP`` set its length; ``LIGHT_JOB_IGNORE_USR2`` makes it ignore
+Slurm's SIGUSR2 warning (it then runs into its time limit); env.json has its ``pid``.
+
 A run fails on purpose when ``<workspace>/fail/<run name>`` exists (the workspace is the run dir's
 grandparent), so tests can make exactly one run fail.
 """
@@ -42,8 +45,12 @@ def light_train(run_dir):
     run = json.loads((run_dir / "run.json").read_text())
     adir = _latest(run_dir)
     info = json.loads((adir / "attempt.json").read_text())
+    if os.environ.get("LIGHT_JOB_IGNORE_USR2"):  # a job that does not act on Slurm's warning signal
+        import signal
+
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     write_json(adir / "env.json", {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                                   "start": time.time()})
+                                   "start": time.time(), "pid": os.getpid()})
     steps = int(os.environ.get("LIGHT_JOB_STEPS", "3"))
     for it in range(1, steps + 1):
         write_json(adir / "progress.json", {"epoch": 1, "max_epochs": 1, "iter": it, "max_iters": steps,

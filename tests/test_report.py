@@ -128,7 +128,8 @@ def test_gaps_are_shown_never_dropped():
 
     md = build_report(GOLDEN_WS)
     assert "—, failed: NaN after 3 attempts; running: epoch 7/12; pending: not submitted" in md
-    assert "| gfl-cityscapes-s3-71be12f6 | gfl | cityscapes | 3 | failed | RuntimeError: CUDA out of memory |" in md
+    assert ("| gfl-cityscapes-s3-71be12f6 | gfl | cityscapes | 3 | failed | RuntimeError: CUDA out of memory — GPU out "
+            "of memory: lower batch\\_size or use a larger GPU, then submit again |") in md
     assert "| — | focal | coco | 3 | missing | no run in the workspace |" in md
     # the retried run is marked and explained
     assert "3†" in md

@@ -258,6 +258,21 @@ def test_overmemorykill_is_a_sigkill_failure_with_its_maxrss():
     assert r.steps == {"31.batch": "CANCELLED by 0"}
 
 
+# captured: `srun python3 ...` in a batch job, the python process killed with `kill -9` (22.05.8)
+SACCT_SRUN_KILLED = """\
+32|FAILED|9:0|None||00:00:01|ssflctl-k9probe
+32.batch|FAILED|9:0|||00:00:01|batch
+32.0|CANCELLED|0:9|||00:00:01|python3
+"""
+
+
+@pytest.mark.unit
+def test_a_step_killed_by_a_signal_names_it_on_its_job():
+    r = q.parse_sacct(SACCT_SRUN_KILLED)["32"]
+    assert r.kind is Kind.FAILED and (r.exit_code, r.signal, r.step_signal) == (9, None, 9) and r.signal_name == "SIGKILL"
+    assert r.exit_text == "killed by SIGKILL (signal 9)"
+
+
 @pytest.mark.unit
 def test_parsers_refuse_an_unmapped_state():
     with pytest.raises(ss.UnmappedState):
@@ -330,6 +345,21 @@ def test_merge_controller_wins_sacct_adds_exit_and_rss():
     fail = q.QueryFailed("sacct -j 15", "exit 1: boom")
     m = q.merge(sq, fail, ["15", "99"])
     assert m["15"].state == "RUNNING" and m["99"] is fail  # not silently absent
+
+
+@pytest.mark.unit
+def test_merge_with_the_controller_down_keeps_only_final_accounting_records():
+    down = q.QueryFailed("squeue -j 15,6", "exit 1: slurm_load_jobs error: Unable to contact slurm controller")
+    sa = q.parse_sacct("15|RUNNING|0:0|None||00:00:03|wrap\n6|FAILED|3:0|None||00:00:05|wrap\n")
+    m = q.merge(down, sa, ["15", "6"])
+    # sacct's RUNNING lags the controller and may be stale: don't know; its FAILED is final
+    assert isinstance(m["15"], q.QueryFailed) and "sacct's RUNNING may be stale" in m["15"].message
+    assert "Unable to contact slurm controller" in m["15"].message
+    assert m["6"].state == "FAILED" and m["6"].partial.startswith("unknown: squeue -j 15,6: ")
+    # accounting down: the controller's record stands and says which query failed
+    dbd = q.QueryFailed("sacct -j 15", "exit 1: sacct: error: Problem talking to the database: Connection refused")
+    m = q.merge(q.parse_squeue("15|RUNNING|None|0:02|wrap\n"), dbd, ["15"])
+    assert m["15"].state == "RUNNING" and "Problem talking to the database" in m["15"].partial
 
 
 @pytest.mark.unit

@@ -210,7 +210,9 @@ def test_status_report_and_submit_plan_agree(tmp_path, monkeypatch, fake, schedu
     assert by_kind["done_after_nan_retry"] == ("done", "attempt 2 at lr 0.001")
     assert by_kind["metrics_without_outcome"][0] == "done"
     assert by_kind["nan_retries_spent"] == ("failed", "NaN after 3 attempts")
-    assert by_kind["failed_outcome"] == ("failed", "RuntimeError: CUDA out of memory")
+    assert by_kind["failed_outcome"][0] == "failed"  # CUDA OOM: explained, with what to change
+    assert by_kind["failed_outcome"][1] == ("RuntimeError: CUDA out of memory — GPU out of memory: lower "
+                                            "batch_size or use a larger GPU, then submit again")
     if scheduler == "ended":
         assert by_kind["test_failed"] == ("failed", "test job completed but wrote no metrics.json")
         assert by_kind["stale_progress"][0] == "failed"
@@ -241,3 +243,141 @@ def test_a_refused_submission_spends_no_attempt(tmp_path, monkeypatch, fake):
     fake.refuse = None
     res = submit_mod.submit(path, ws, render=light.light_render)
     assert len(res.submitted) == 14 and {p.attempt for p in res.submitted} == {1}
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 14: failed queries never resubmit; cancel reaches every job; killed jobs explained
+
+
+def _agree(tmp_path, monkeypatch, seeds="[1]"):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    path = tmp_path / "agree.yaml"
+    path.write_text(EXP.format(root=tmp_path / "data").replace("[1, 2, 3, 4, 5, 6, 7]", seeds))
+    return path, tmp_path / "ws"
+
+
+def test_a_failed_query_keeps_any_last_known_state_and_the_test_jobs(tmp_path):
+    run = _run_dir(tmp_path)
+    _attempt(run, 1)
+    down = JobStatus("5", JobKind.UNKNOWN, error="unknown: sacct -j 5: exit 1: Connection refused")
+    v = decide(run, JobView(train=down, last_known=("failed", "train job 5 FAILED (exit 1:0)")))
+    assert v.state == "failed" and "Connection refused" in v.reason
+    v = decide(run, JobView(train=down, last_known=None))
+    assert v.state == "unknown" and "no state known yet" in v.reason
+    # the train job ended 0, the test job cannot be asked about: it may still run, the run stays running
+    v = decide(run, JobView(train=_slurm("5", "COMPLETED"), test=JobStatus("6", JobKind.UNKNOWN, error="boom"),
+                            test_job_id="6", last_known=("running", "testing")))
+    assert v.as_tuple() == ("running", "scheduler not answering about test job 6 (boom); last known state kept")
+
+
+def test_submit_never_resubmits_a_run_whose_job_may_still_exist(tmp_path, monkeypatch, fake):
+    path, ws = _agree(tmp_path, monkeypatch)
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    jobs = {p.run.run_id: p.job_id for p in res.submitted}
+    (a, b) = sorted(jobs)
+    fake.fail_queries = "unknown: squeue -j 100: no answer in 30 s"
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    assert again.submitted == [] and len(fake.submitted) == 1
+    assert {p.why for p in again.plan} == {f"queued (job {jobs[a]})", f"queued (job {jobs[b]})"}
+    fake.fail_queries = None
+    # files say failed while the train job still runs (it is writing its outcome): not sent again
+    _attempt(RunDir.of(ws, a).refresh(), 1, outcome={"outcome": "failed", "reason": "ValueError: x"})
+    fake.set(jobs[a], JobKind.RUNNING)
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    skipped = {p.run.run_id: p.why for p in again.plan}
+    assert again.submitted == [] and skipped[a] == f"failed, but train job {jobs[a]} is still RUNNING; submit " \
+        "again when it has ended (or `ssflctl cancel` it)"
+    # ... and while the scheduler cannot be asked about it
+    fake.fail_queries = "unknown: sacct -j 100: exit 1: Connection refused"
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    assert again.submitted == [] and "could not be asked" in {p.run.run_id: p.why for p in again.plan}[a]
+    fake.fail_queries = None
+    fake.set(jobs[a], JobKind.FAILED, exit_code="1:0")
+    fake.set(res.submitted[[p.run.run_id for p in res.submitted].index(a)].test_job_id, JobKind.CANCELLED)  # kill_invalid_depend
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    assert [p.run.run_id for p in again.submitted] == [a]
+
+
+def test_cancel_cancels_every_job_a_run_ever_had(tmp_path, monkeypatch, fake):
+    from ssflctl.control.cancel import cancel
+
+    path, ws = _agree(tmp_path, monkeypatch)
+    first = {p.run.run_id: (p.job_id, p.test_job_id) for p in submit_mod.submit(path, ws, render=light.light_render).submitted}
+    for jid, tid in first.values():  # the scheduler forgot them (an answer): the runs are resubmitted ...
+        fake.forget(jid)
+        fake.forget(tid)
+    with Registry(ws) as reg:  # past the grace time after sbatch
+        for rid in first:
+            reg.update_run(rid, submitted_at="2000-01-01T00:00:00+00:00")
+    second = {p.run.run_id: (p.job_id, p.test_job_id) for p in submit_mod.submit(path, ws, render=light.light_render).submitted}
+    assert set(second) == set(first)
+    for jid, _ in first.values():  # ... and then the old train jobs turn up again, still queued
+        fake.set(jid, JobKind.QUEUED)
+    jobs = []
+    with Registry(ws) as reg:
+        done = cancel(reg, ws, "agree", jobs_out=jobs)
+        ever = {rid: {j for j, _, _ in reg.job_ids_ever(rid)} for rid in first}
+    assert sorted(done) == sorted(first)
+    for rid in first:
+        assert ever[rid] == {*first[rid], *second[rid]}
+    # the alive ones: the old train jobs and the new train and test jobs (the forgotten old test jobs are gone)
+    want = {j for j, _ in first.values()} | {j for pair in second.values() for j in pair}
+    assert set(jobs) == want and set(fake.cancelled) == want and fake.alive() == []
+
+
+def test_a_killed_job_is_explained_with_signal_memory_and_what_to_change(tmp_path):
+    from ssflctl.backends import slurm_query as q
+    from ssflctl.backends.slurm import to_status
+
+    run = _run_dir(tmp_path)
+    _attempt(run, 1, progress=True)
+    # captured (Slurm 22.05.8, JobAcctGatherParams=OverMemoryKill): the step killed with SIGKILL
+    rec = q.parse_sacct("31|FAILED|0:9|None||00:00:02|wrap\n31.batch|CANCELLED by 0|0:9||434950144|00:00:02|batch\n")
+    v = decide(run, JobView(train=to_status("31", rec["31"]), since_attempt=1))
+    assert v.state == "failed"
+    assert v.reason == ("train job 31 FAILED (exit 0:9): killed by SIGKILL (signal 9), peak memory 415 MiB, "
+                        "out of memory? — raise resources.mem or lower batch_size")
+    # OUT_OF_MEMORY (task/cgroup saw the kernel's OOM killer), sacct's format
+    rec = q.parse_sacct("32|OUT_OF_MEMORY|0:125|None||00:01:02|train\n32.batch|OUT_OF_MEMORY|0:125||8.5G|00:01:02|batch\n")
+    v = decide(run, JobView(train=to_status("32", rec["32"]), since_attempt=1))
+    assert v.state == "failed" and "OUT_OF_MEMORY" in v.reason and "peak memory 8.50 GiB" in v.reason
+    assert "out of memory" in v.reason and "resources.mem" in v.reason and "batch_size" in v.reason
+    # CUDA out of memory in the log: a failure explained, whatever the job's exit
+    run2 = RunDir(tmp_path / "runs" / "r2")
+    run2.write_run({"run_id": "r2", "test": True, "retry": {"max_attempts": 3}})
+    _attempt(run2, 1, outcome={"outcome": "failed", "reason": "RuntimeError: step failed",
+                               "log_tail": "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"})
+    v = decide(run2, JobView(train=_slurm("9", "FAILED", exit_code="1:0"), since_attempt=1))
+    assert v.state == "failed" and v.reason == ("RuntimeError: step failed — GPU out of memory: lower batch_size "
+                                                "or use a larger GPU, then submit again")
+
+
+def test_cuda_oom_is_never_retried_as_a_nan(tmp_path):
+    from ssflctl.node import retry
+
+    adir = tmp_path / "attempt-1"
+    adir.mkdir()
+    (adir / "nan.json").write_text(json.dumps({"iter": 3, "loss_key": "loss_cls", "nonfinite": {"loss_cls": "nan"}}))
+    oom = {"outcome": "failed", "reason": "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB"}
+    d = retry.decide(retry.RetryPolicy(), adir, 1, 0.01, oom)
+    assert d.action == "stop" and d.lr == 0.01 and "CUDA out of memory" in d.reason
+    # the same logs with another exception: the NaN is the cause
+    assert retry.decide(retry.RetryPolicy(), adir, 1, 0.01, {"outcome": "failed", "reason": "AssertionError"}).action \
+        == "retry"
+
+
+def test_status_says_once_which_query_failed(tmp_path, monkeypatch, fake, capsys):
+    from ssflctl.commands import status as status_cmd
+
+    path, ws = _agree(tmp_path, monkeypatch, seeds="[1, 2]")
+    submit_mod.submit(path, ws, render=light.light_render)
+    fake.fail_queries = "unknown: sacct -P -n -j 100,101: exit 1: sacct: error: Problem talking to the database"
+    items = status_cmd.main(ws, "agree", as_json=True)
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if "could not be asked" in ln]
+    assert lines == ["note: the scheduler could not be asked: sacct -P -n -j 100,101: exit 1: sacct: error: Problem "
+                     "talking to the database; 8 jobs not known: their runs keep the last known state"]
+    got = json.loads(out)
+    assert {d["state"] for d in got} == {"queued"} and len(items) == 4
+    assert all(d["scheduler"]["known"] is False and "Problem talking" in d["scheduler"]["error"] for d in got)

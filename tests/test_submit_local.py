@@ -71,6 +71,15 @@ def wait_all(ws, exp, timeout=180, states=("done", "failed", "cancelled", "unkno
         time.sleep(0.5)
 
 
+def wait_jobs_ended(ws, exp, timeout=60):
+    """The files may settle a run while its process is still exiting; submit skips a run while a job
+    of it may live (never two live train jobs for one run), so wait until the jobs have ended."""
+    deadline = time.time() + timeout
+    while any((i["scheduler"] or {}).get("kind") in ("queued", "held", "running", "unknown")
+              for i in wait_all(ws, exp).values()) and time.time() < deadline:
+        time.sleep(0.5)
+
+
 def test_matrix_failure_and_resubmission(env):
     ws = env / "ws"
     path = experiment(env)
@@ -87,6 +96,7 @@ def test_matrix_failure_and_resubmission(env):
     assert all(i["progress"] == "epoch 1/1 iter 3/3" for i in items.values())
 
     (ws / "fail" / "ssfl-s3").unlink()
+    wait_jobs_ended(ws, "light")
     res2 = do_submit(path, ws)
     assert [p.run.run_id for p in res2.submitted] == failed
     assert all(p.why == "done" for p in res2.plan if p.action == "skip")
@@ -112,6 +122,7 @@ def test_resubmitting_an_attempt_stopped_from_outside_resumes_its_checkpoint(env
     items = wait_all(ws, "stopped")
     assert {i["state"] for i in items.values()} == {"done"}
     stopped, failed = (p.run.run_id for p in res.submitted)
+    wait_jobs_ended(ws, "stopped")
     # `stopped`: attempt 1 ran at lr 0.001 (after a NaN, say), saved epoch_3.pth, and was killed
     a1 = ws / "runs" / stopped / "attempt-1"
     for name in ("outcome.json", "metrics.json"):

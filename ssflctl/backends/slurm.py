@@ -308,16 +308,17 @@ def to_status(job_id: str, rec, name_hint: str = "") -> JobStatus:
         kind = JobKind.HELD
     ec = "" if rec.exit_code is None else f"{rec.exit_code}:{rec.signal or 0}"
     st = JobStatus(job_id, kind, raw=rec.state, exit_code=ec, elapsed=rec.elapsed, name=rec.name,
-                   extra={"max_rss_bytes": rec.max_rss_bytes, "signal": rec.signal_name})
+                   error=rec.partial,
+                   extra={"max_rss_bytes": rec.max_rss_bytes, "signal": rec.signal_name, "source": rec.source})
     if kind in (JobKind.QUEUED, JobKind.HELD):
         st.reason = rec.reason if rec.reason not in ("None", "(null)") else ""
         if verdict.stuck or kind is JobKind.HELD:
             st.hint = verdict.hint.replace("JOBID", job_id)
     elif kind is JobKind.FAILED:
         bits = []
-        if rec.signal:
+        if rec.killed_by:
             bits.append(rec.exit_text)
-        if verdict.kind.value == "oom" or rec.signal == 9:
+        if verdict.kind.value == "oom" or rec.killed_by == 9:
             if rec.max_rss_bytes:
                 bits.append(f"peak memory {_gib(rec.max_rss_bytes)}")
             bits.append("out of memory?" if verdict.kind.value != "oom" else "out of memory")

@@ -19,7 +19,9 @@ real cluster of scripts/slurm-cluster.sh):
 * Arrays: a range record (``5_[0-3%2]``, pending tasks not yet split off) stands for each of its
   tasks only until the task's own record (``5_0``) is seen: the task's own record always wins,
   whatever the order.
-* ExitCode ``rc:sig`` (sacct): ``0:9`` is killed by signal 9, named SIGKILL.
+* ExitCode ``rc:sig`` (sacct): ``0:9`` is killed by signal 9, named SIGKILL. A process that
+  ``srun`` started and a signal killed shows on its step (``32.0 CANCELLED 0:9``) while the job
+  says ``FAILED 9:0`` (srun's exit): the step's signal is the job's when the job has none.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-from ssflctl.backends.slurm_states import Kind, State, UnmappedState, base_state, classify
+from ssflctl.backends.slurm_states import ACTIVE_KINDS, Kind, State, UnmappedState, base_state, classify
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -62,16 +64,23 @@ class JobRecord:
     source: str = ""                     # 'squeue' or 'sacct'
     from_range: bool = False             # taken from an array range record (5_[0-3])
     steps: Dict[str, str] = field(default_factory=dict)  # sacct step id -> state text
+    step_signal: Optional[int] = None    # a step's signal when the job's ExitCode has none (srun'd process killed)
+    partial: str = ""                    # the other query failed: 'unknown: <command>: <message>'
+
+    @property
+    def killed_by(self) -> Optional[int]:
+        """The signal that ended the job: its own, else one of its steps'."""
+        return self.signal or self.step_signal
 
     @property
     def signal_name(self) -> str:
-        return signal_name(self.signal) if self.signal else ""
+        return signal_name(self.killed_by) if self.killed_by else ""
 
     @property
     def exit_text(self) -> str:
         """'exit 3', 'killed by SIGKILL (signal 9)', 'exit 0' or '' when unknown."""
-        if self.signal:
-            return f"killed by {self.signal_name} (signal {self.signal})"
+        if self.killed_by:
+            return f"killed by {self.signal_name} (signal {self.killed_by})"
         return "" if self.exit_code is None else f"exit {self.exit_code}"
 
     def verdict(self):
@@ -201,6 +210,10 @@ def parse_sacct(text: str, fields: str = SACCT_FIELDS) -> Dict[str, JobRecord]:
         if rec is None:
             continue
         rec.steps[sid] = row.get("state", "")
+        _, step_sig = parse_exit_code(row.get("exitcode", ""))
+        if step_sig and not rec.step_signal and not sid.endswith(".extern"):
+            # `srun` of a process killed by a signal: the job says 9:0 (srun's exit), the step 0:9
+            rec.step_signal = step_sig
         rss = parse_bytes(row.get("maxrss", ""))
         if rss is not None and (rec.max_rss_bytes is None or rss > rec.max_rss_bytes):
             rec.max_rss_bytes = rss
@@ -270,7 +283,12 @@ def merge(squeue: Union[Dict[str, JobRecord], QueryFailed], sacct: Union[Dict[st
           job_ids: Iterable[str]) -> Dict[str, Union[JobRecord, QueryFailed]]:
     """One answer per requested id: the controller's record (with sacct's exit code and MaxRSS when
     sacct agrees on the state), else sacct's; when neither has it and a query failed, that failure
-    (both, joined); when both answered without it, the id is absent (no record anywhere)."""
+    (both, joined); when both answered without it, the id is absent (no record anywhere).
+
+    With the controller not answering, sacct's record stands only when it is final (a terminal
+    state): its PENDING or RUNNING lags the controller and may be stale, so the job is "don't know"
+    (the squeue failure, saying what sacct had). A record that stands while the other query failed
+    carries that failure in :attr:`JobRecord.partial`."""
     ids = [str(j) for j in job_ids if j]
     sq = squeue if isinstance(squeue, dict) else {}
     sa = sacct if isinstance(sacct, dict) else {}
@@ -282,10 +300,17 @@ def merge(squeue: Union[Dict[str, JobRecord], QueryFailed], sacct: Union[Dict[st
             if b is not None:
                 if b.state == a.state:
                     a.exit_code, a.signal = b.exit_code, b.signal
-                a.max_rss_bytes, a.steps = b.max_rss_bytes, b.steps
+                a.max_rss_bytes, a.steps, a.step_signal = b.max_rss_bytes, b.steps, b.step_signal
                 a.name = a.name or b.name
+            if isinstance(sacct, QueryFailed):
+                a.partial = str(sacct)
             out[j] = a
         elif b is not None:
+            if isinstance(squeue, QueryFailed):
+                if b.kind in ACTIVE_KINDS:
+                    out[j] = QueryFailed(squeue.command, f"{squeue.message} (sacct's {b.state} may be stale)")
+                    continue
+                b.partial = str(squeue)
             out[j] = b
         elif fails:
             out[j] = fails[0] if len(fails) == 1 else QueryFailed(

@@ -11,11 +11,13 @@ def main(workspace, target: str) -> List[str]:
     from ssflctl.control.cancel import cancel
 
     reg = open_registry(workspace, read=False)
+    jobs: List[str] = []
     try:
-        done = cancel(reg, workspace, target)
+        done = cancel(reg, workspace, target, jobs_out=jobs)
     finally:
         reg.close()
     Console(highlight=False, soft_wrap=True).print(
         f"cancelled {len(done)} run{'s' if len(done) != 1 else ''}" + (": " + ", ".join(done) if done else
-                                                                       " (nothing queued or running)"), markup=False)
+                                                                       " (nothing queued or running)")
+        + (f" (jobs {' '.join(jobs)})" if jobs else ""), markup=False)
     return done

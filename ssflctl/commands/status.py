@@ -17,6 +17,19 @@ STATE_STYLE = {"done": "green", "running": "cyan", "queued": "blue", "failed": "
                "unknown": "magenta", "submitting": "blue", "pending": "dim"}
 
 
+READ_ONLY_NOTE = ("note: {path} is read-only for you: showing the last recorded states with what the files say "
+                  "now; nothing is written\n")
+
+
+def read_only_note(ws) -> None:
+    """The one line a read-only command prints when this user cannot write the workspace's registry."""
+    from ssflctl.registry.store import Registry
+
+    path = Path(ws) / "registry.sqlite"
+    if path.exists() and not Registry.writable(ws):
+        sys.stderr.write(READ_ONLY_NOTE.format(path=path))
+
+
 def open_registry(ws, read: bool = True):
     """The workspace's registry (read-only when this user cannot write it: said once on stderr)."""
     from ssflctl.registry.store import Registry
@@ -27,8 +40,7 @@ def open_registry(ws, read: bool = True):
                         "pass --workspace / set SSFLCTL_WORKSPACE")
     reg = Registry.for_reading(ws) if read else Registry(ws)
     if reg.read_only:
-        sys.stderr.write(f"note: {ws / 'registry.sqlite'} is read-only for you: showing the last recorded "
-                         "states with what the files say now; nothing is written\n")
+        sys.stderr.write(READ_ONLY_NOTE.format(path=ws / "registry.sqlite"))
     return reg
 
 
@@ -93,7 +105,56 @@ def _sched_json(st) -> Optional[Dict[str, Any]]:
     if st is None:
         return None
     return {"job_id": st.job_id, "state": st.raw, "kind": st.kind.value, "reason": st.reason, "hint": st.hint,
-            "exit_code": st.exit_code, "known": st.kind.value != "unknown", "error": st.error or None}
+            "exit_code": st.exit_code, "known": st.kind.value != "unknown", "error": st.error or None,
+            "source": st.extra.get("source") or None, "max_rss_bytes": st.extra.get("max_rss_bytes"),
+            "signal": st.extra.get("signal") or None}
+
+
+def _job_log_tail(reg, run_id: str, max_bytes: int = 4096) -> Optional[str]:
+    """The end of the current train job's own output (stderr), for a job killed before it could
+    write an outcome (a signal, the OOM killer): the scheduler's and the kernel's last words."""
+    from ssflctl import backends
+    from ssflctl.control.reconcile import job_refs
+
+    r = reg.get_run(run_id)
+    if r is None or not r["backend"] or not r["job_id"]:
+        return None
+    try:
+        path = backends.get(r["backend"]).job_output(job_refs(reg, r)[0])
+        if path is None:
+            return None
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            return fh.read().decode("utf-8", "replace")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def query_failures(items) -> List[str]:
+    """The distinct failing scheduler queries behind ``items`` ('<command>: <message>')."""
+    out: List[str] = []
+    for it in items:
+        for s in (it.get("scheduler"), it.get("test_scheduler")):
+            err = (s or {}).get("error")
+            if err:
+                err = err[len("unknown: "):] if err.startswith("unknown: ") else err
+                if err not in out:
+                    out.append(err)
+    return out
+
+
+def _query_note(items) -> None:
+    """Once, on stderr: the scheduler could not be asked (which command, its message)."""
+    errs = query_failures(items)
+    if not errs:
+        return
+    unknown = sum(1 for it in items for s in (it.get("scheduler"), it.get("test_scheduler"))
+                  if s and not s.get("known"))
+    more = f" (and {len(errs) - 1} other failing quer{'ies' if len(errs) > 2 else 'y'})" if len(errs) > 1 else ""
+    kept = (f"; {unknown} job{'s' if unknown != 1 else ''} not known: their runs keep the last known state"
+            if unknown else "; the other query answered")
+    sys.stderr.write(f"note: the scheduler could not be asked: {errs[0]}{more}{kept}\n")
 
 
 def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -140,8 +201,8 @@ def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
             "scheduler": _sched_json(train), "test_scheduler": _sched_json(test),
             "job_ids": sorted({j for j in [*(a.get("job_id") for a in row["attempts"]), row["job_id"],
                                            row.get("test_job_id")] if j}),
-            "log_tail": (last.outcome.log_tail if last is not None and last.outcome is not None else None)
-            if state == "failed" else None,
+            "log_tail": ((last.outcome.log_tail if last is not None and last.outcome is not None else None)
+                         or _job_log_tail(reg, row["run_id"])) if state == "failed" else None,
         })
     return out
 
@@ -164,6 +225,7 @@ def main(workspace, experiment: Optional[str] = None, as_json: bool = False, wat
     reg = open_registry(workspace)
     try:
         items = view(reg, workspace, experiment)
+        _query_note(items)
         if as_json:
             sys.stdout.write(json.dumps([{k: v for k, v in it.items()} for it in items], indent=2, default=str) + "\n")
             return items

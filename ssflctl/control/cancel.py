@@ -1,18 +1,24 @@
-"""Cancel the runs of an experiment (or one run): every job id they have that may still be alive."""
+"""Cancel the runs of an experiment (or one run): every job id they ever had that may still be alive."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import List
+from typing import Dict, List
 
 from ssflctl import backends
-from ssflctl.control.reconcile import job_refs, reconcile
+from ssflctl.backends import ALIVE, JobRef
+from ssflctl.control.reconcile import reconcile, refs_ever
 from ssflctl.errors import UserError
 
 CANCELLABLE = ("queued", "running", "submitting", "unknown")
 
 
-def cancel(reg, ws, target: str) -> List[str]:
+def cancel(reg, ws, target: str, jobs_out: List[str] = None) -> List[str]:
     """Cancel the active runs of an experiment or a run; returns the run ids cancelled.
+
+    Every job the matched runs ever had (each attempt's and each submission's train and test job,
+    not only the current ones) is asked about, and each that may still be alive (queued, held,
+    running, or the scheduler could not be asked) is cancelled: a job left by an earlier submission
+    is never left behind. ``jobs_out`` receives the job ids sent to the scheduler's cancel.
 
     Raises UserError for an unknown or ambiguous target, or when the scheduler refuses (then
     nothing is recorded as cancelled)."""
@@ -26,12 +32,19 @@ def cancel(reg, ws, target: str) -> List[str]:
     for e in exps:
         reconcile(reg, ws, e)
     rows = [reg.get_run(r["run_id"]) for r in rows]
-    active = [r for r in rows if r["state"] in CANCELLABLE and r["job_id"]]
-    by_backend = defaultdict(list)
-    for r in active:
-        by_backend[r["backend"]] += job_refs(reg, r)
+    by_backend: Dict[str, List[JobRef]] = defaultdict(list)
+    for r in rows:
+        for name, refs in refs_ever(reg, r["run_id"]).items():
+            by_backend[name] += refs
     for name, refs in by_backend.items():
-        backends.get(name).cancel(refs)
+        backend = backends.get(name)
+        statuses = backend.query(refs)
+        alive = [j for j in refs if statuses.get(j.job_id) is None or statuses[j.job_id].kind in ALIVE]
+        if alive:
+            backend.cancel(alive)
+            if jobs_out is not None:
+                jobs_out.extend(j.job_id for j in alive)
+    active = [r for r in rows if r["state"] in CANCELLABLE and r["job_id"]]
     for r in active:
         reg.update_run(r["run_id"], state="cancelled", reason="cancelled by user", event="cancel")
         if r["attempt"]:

@@ -44,6 +44,20 @@ def job_refs(reg: Registry, row) -> List[JobRef]:
     return [JobRef(j, folder, hint) for j in (row["job_id"], row["test_job_id"]) if j]
 
 
+def refs_ever(reg: Registry, run_id: str) -> Dict[str, List[JobRef]]:
+    """Every job the run ever had (every attempt's and submission's train and test job), by backend."""
+    out: Dict[str, List[JobRef]] = defaultdict(list)
+    folders: Dict[str, Optional[Path]] = {}
+    for jid, sid, backend in reg.job_ids_ever(run_id):
+        if not backend:
+            continue
+        if sid and sid not in folders:
+            sub = reg.submission(sid)
+            folders[sid] = Path(sub["folder"]) if sub else None
+        out[backend].append(JobRef(jid, folders.get(sid) if sid else None, sid or ""))
+    return out
+
+
 def query_all(reg: Registry, rows) -> Dict[Any, JobStatus]:
     """One query per backend for every job of ``rows``; keyed by (backend name, job id)."""
     by_backend: Dict[str, List[JobRef]] = defaultdict(list)

@@ -15,7 +15,8 @@ cannot disagree. Precedence:
 
 The registry's last verdict (:attr:`JobView.last_known`) stands in for the scheduler where it is
 not asked (``report``, read-only workspaces) and where its query failed (the state is kept, with
-the failing command in the reason): the rule is idempotent on it, so a report right after
+the failing command in the reason; whatever the state was: a failed query never makes a run
+resubmittable): the rule is idempotent on it, so a report right after
 ``status`` says what ``status`` said. A run the registry holds as ``done`` whose files no longer
 settle it has lost its results (``failed``, resubmittable).
 """
@@ -28,10 +29,8 @@ from typing import List, Optional, Tuple
 from ssflctl.backends.base import JobKind, JobStatus
 from ssflctl.workdir import layout
 from ssflctl.workdir.layout import AttemptDir, RunDir
-from ssflctl.workdir.records import OutcomeKind, RunState, fmt_lr
+from ssflctl.workdir.records import OutcomeKind, RunState, fmt_lr, is_cuda_oom
 
-#: states a failed scheduler query leaves as they were (the job may still exist)
-ALIVE_STATES = ("queued", "running", "submitting", "unknown")
 #: sacct may not know a job for a moment after sbatch
 SCHEDULER_GRACE_S = 120
 
@@ -58,10 +57,31 @@ class JobView:
     asked: bool = True                      # False: the scheduler was not asked (report, read-only)
 
 
+CUDA_OOM_HINT = "GPU out of memory: lower batch_size or use a larger GPU, then submit again"
+KILLED_HINT = "raise resources.mem or lower batch_size, then `ssflctl submit` again"
+
+
+def explain(reason: str, *, log_tail: str = "", job: Optional[JobStatus] = None) -> str:
+    """The failed verdict's reason with what to change: the one place the explanation is added.
+
+    A CUDA out-of-memory error (in the outcome's reason or the log tail) says to lower
+    ``batch_size``; a job the scheduler saw killed by a signal (SIGKILL: the kernel's OOM killer,
+    Slurm's memory enforcement) or ended OUT_OF_MEMORY carries the backend's hint (``resources.mem``,
+    ``batch_size``) or the one for its state (TIMEOUT: ``resources.time``)."""
+    if is_cuda_oom(reason, log_tail):
+        return reason if CUDA_OOM_HINT in reason else f"{reason} — {CUDA_OOM_HINT}"
+    if job is not None and job.hint and job.hint not in reason:
+        return f"{reason} — {job.hint}"
+    return reason
+
+
 def _attempt_note(a: AttemptDir) -> str:
     """The outcome's line, prefixed with the attempt when it is not the first."""
     what = a.outcome.describe() if a.outcome else ""
-    return (f"attempt {a.n}: {what}" if what else f"attempt {a.n}") if a.n > 1 else (what or "attempt 1")
+    note = (f"attempt {a.n}: {what}" if what else f"attempt {a.n}") if a.n > 1 else (what or "attempt 1")
+    if a.outcome is not None and a.outcome.outcome is OutcomeKind.FAILED:
+        note = explain(note, log_tail=a.outcome.log_tail)
+    return note
 
 
 def files_verdict(run: RunDir) -> Optional[Verdict]:
@@ -122,6 +142,15 @@ def stopped_from_outside(attempts: List[AttemptDir], fallback: str) -> str:
     return fallback
 
 
+def _kept(view: JobView, note: str) -> Verdict:
+    """A query failed: the job may still exist, so the registry's last verdict stands (whatever it
+    was: a run held as queued stays queued, and ``submit`` skips it), with the failing query said."""
+    last = view.last_known[0] if view.last_known is not None else None
+    if last in RunState._value2member_map_ and last not in (RunState.PENDING.value, RunState.SUBMITTING.value):
+        return Verdict(RunState(last), f"{note}; last known state kept")
+    return Verdict(RunState.UNKNOWN, f"{note}; no state known yet")
+
+
 def decide(run: RunDir, view: Optional[JobView]) -> Verdict:
     """A run's state and a one-line reason (see the module docstring for the precedence)."""
     settled = files_verdict(run)
@@ -148,10 +177,7 @@ def decide(run: RunDir, view: Optional[JobView]) -> Verdict:
                                           f"the scheduler has no record of job {jid}"))
     k = tj.kind
     if k is JobKind.UNKNOWN:  # a failed query is "don't know", never "gone": keep the last known state
-        note = f"scheduler not answering about job {tj.job_id} ({tj.error}); last known state kept"
-        if view.last_known is not None and view.last_known[0] in ALIVE_STATES:
-            return Verdict(RunState(view.last_known[0]), note)
-        return Verdict(RunState.UNKNOWN, note)
+        return _kept(view, f"scheduler not answering about job {tj.job_id} ({tj.error})")
     if k in (JobKind.QUEUED, JobKind.HELD):
         note = tj.reason + (f" — {tj.hint}" if tj.hint else "")
         return Verdict(RunState.QUEUED, note)
@@ -160,7 +186,7 @@ def decide(run: RunDir, view: Optional[JobView]) -> Verdict:
     if k is JobKind.CANCELLED:
         return Verdict(RunState.CANCELLED, tj.describe("train job") if tj.raw else "cancelled")
     if k is JobKind.FAILED:
-        return Verdict(RunState.FAILED, stopped_from_outside(submitted, tj.describe("train job")))
+        return Verdict(RunState.FAILED, explain(stopped_from_outside(submitted, tj.describe("train job")), job=tj))
     # COMPLETED: the train job ended 0 without a settling outcome
     test = run.run.test
     if view.test_in_train_job or not test:
@@ -172,7 +198,7 @@ def decide(run: RunDir, view: Optional[JobView]) -> Verdict:
     if sj is None or sj.kind is JobKind.GONE:
         return Verdict(RunState.UNKNOWN, f"the scheduler has no record of test job {view.test_job_id}")
     if sj.kind is JobKind.UNKNOWN:
-        return Verdict(RunState.UNKNOWN, f"cannot ask the scheduler about test job {sj.job_id}: {sj.error}")
+        return _kept(view, f"scheduler not answering about test job {sj.job_id} ({sj.error})")
     if sj.kind in (JobKind.QUEUED, JobKind.HELD, JobKind.RUNNING):
         return Verdict(RunState.RUNNING, "testing")
     if sj.kind is JobKind.CANCELLED:

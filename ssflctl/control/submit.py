@@ -61,6 +61,26 @@ def _why_skip(row) -> Optional[str]:
     return None
 
 
+def _job_may_live(detail) -> Optional[str]:
+    """Why a run must not be sent again although its state would allow it: a job of its current
+    submission that may still exist (queued, held, running, or the scheduler could not be asked:
+    a failed query is "don't know", never "gone"). Two live train jobs for one run are never made."""
+    if not detail:
+        return None
+    from ssflctl.backends import ALIVE, JobKind
+
+    for what in ("train", "test"):
+        st = detail.get(what)
+        if st is None or st.kind not in ALIVE:
+            continue
+        if st.kind is JobKind.UNKNOWN:
+            return f"{detail['verdict'].state.value}, but the scheduler could not be asked about {what} job " \
+                   f"{st.job_id} ({st.error}); not sent again while it may exist"
+        return f"{detail['verdict'].state.value}, but {what} job {st.job_id} is still {st.raw or st.kind.value}; " \
+               "submit again when it has ended (or `ssflctl cancel` it)"
+    return None
+
+
 def _why_submit(row) -> str:
     if row is None or row["state"] == "pending":
         return "new"
@@ -111,10 +131,10 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
     reg = Registry(ws)
     try:
         reg.upsert_experiment(exp.name, str(Path(path).resolve()), exp.description)
-        reconcile(reg, ws, exp.name)
+        details = reconcile(reg, ws, exp.name)
         sid = submission_id()
         folder = ws / "submissions" / sid
-        claimed = _claim(reg, result, runs, sid, folder, path)
+        claimed = _claim(reg, result, runs, sid, folder, path, details)
         if not claimed:
             return result
         result.submission_id = sid
@@ -152,15 +172,18 @@ def _dry_plan(ws: Path, exp, runs) -> List[PlanItem]:
     return plan
 
 
-def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path) -> List[PlanItem]:
-    """In one IMMEDIATE transaction: register every run and claim those to submit (``submitting``)."""
+def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path,
+           details: Optional[Dict[str, Dict[str, Any]]] = None) -> List[PlanItem]:
+    """In one IMMEDIATE transaction: register every run and claim those to submit (``submitting``):
+    not done, not queued or running, and no job of theirs that may still exist (``details``: what
+    reconcile found)."""
     from ssflctl.registry.store import hostname, now
 
     exp, claimed = result.experiment, []
     with reg.transaction():
         for run in runs:
             row = reg.ensure_run(run.run_id, exp.name, run.name, run.axes, run.resources)
-            why = _why_skip(row)
+            why = _why_skip(row) or _job_may_live((details or {}).get(run.run_id))
             if why:
                 result.plan.append(PlanItem(run, "skip", why))
                 continue

@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional
 from ssflctl.workdir import checkpoints, mmlogs as logs
 from ssflctl.workdir import retry_policy as _policy
 from ssflctl.workdir.layout import AttemptDir
-from ssflctl.workdir.records import NanRecord
+from ssflctl.workdir.records import NanRecord, is_cuda_oom
 
 # The policy itself is part of run.json's contract: one pydantic model, in ssflctl.workdir.
 RetryPolicy = _policy.RetryPolicy
@@ -97,7 +97,7 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
     * node_fail → resume (resubmit) at the same lr from the latest checkpoint.
     * failed (exception, OOM) → stop with its reason (no lr change); ``on_error: retry`` retries
       at the same lr while attempts are left. A failed attempt whose logs show a non-finite loss
-      before the exception is treated as a NaN.
+      before the exception is treated as a NaN, unless the exception is CUDA's out of memory.
     """
     if isinstance(policy, dict) or policy is None:
         policy = RetryPolicy.from_dict(policy)
@@ -109,7 +109,7 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
     if kind == "done":
         return Decision("stop", lr, None, "finished")
 
-    if kind == "failed" and logs.find_nonfinite(attempt_dir) is not None:
+    if kind == "failed" and not _cuda_oom(outcome) and logs.find_nonfinite(attempt_dir) is not None:
         # the code raised, but the loss had already gone non-finite (e.g. an assertion on NaN
         # boxes in an unguarded run): the NaN is the cause, the retry policy for NaN applies
         kind = "nan"
@@ -155,6 +155,11 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
     if policy.on_error == "retry" and left:
         return Decision("retry", lr, None, f"after error: {why}")
     return Decision("stop", lr, None, f"failed: {why}")
+
+
+def _cuda_oom(outcome: Optional[Dict[str, Any]]) -> bool:
+    """CUDA out of memory (torch.cuda.OutOfMemoryError): a failure to explain, never a NaN to retry."""
+    return is_cuda_oom((outcome or {}).get("reason"), (outcome or {}).get("log_tail"))
 
 
 def _where(attempt_dir: Path) -> str:

@@ -119,26 +119,40 @@ class Registry:
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
             return
-        self.ws.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        self.conn.execute("PRAGMA foreign_keys = ON")
-        with self.transaction() as c:
-            for stmt in SCHEMA.split(";"):
-                if stmt.strip():
-                    c.execute(stmt)
+        try:
+            self.ws.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            with self.transaction() as c:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+        except (sqlite3.OperationalError, PermissionError) as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not any(
+                    m in str(exc) for m in ("readonly", "read-only", "unable to open", "disk I/O")):
+                raise
+            from ssflctl.errors import UserError
+
+            raise UserError(f"{self.path}: cannot write the registry ({exc}); this command changes the "
+                            "workspace: run it as a user who may write it (read-only commands such as "
+                            "`ssflctl status` work without)") from None
 
     @classmethod
     def for_reading(cls, ws) -> "Registry":
         """Open for a command that only reads (status, report, logs): read-only when the workspace
         or its database cannot be written by this user (reconcile then computes without writing)."""
+        return cls(ws, read_only=not cls.writable(ws))
+
+    @staticmethod
+    def writable(ws) -> bool:
+        """Whether this user may write the workspace's registry (the directory and the database)."""
         ws = Path(ws)
         path = ws / "registry.sqlite"
-        writable = os.access(ws, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
-        return cls(ws, read_only=not writable)
+        return os.access(ws, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
 
     @staticmethod
     def _retry(fn, tries: int = 50):
@@ -273,6 +287,30 @@ class Registry:
 
     def attempts(self, run_id: str) -> List[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,)))
+
+    def job_ids_ever(self, run_id: str) -> List[tuple]:
+        """Every (job id, submission id, backend) the run ever had, oldest first: its attempts'
+        train jobs, every submission's train and test job for it, and its current ones."""
+        seen: Dict[str, tuple] = {}
+
+        def add(jid, sid, backend):
+            if jid and (str(jid) not in seen or (sid and not seen[str(jid)][1])):
+                seen[str(jid)] = (str(jid), sid, backend)
+
+        row = self.get_run(run_id)
+        subs = {r["id"]: r for r in self.conn.execute(
+            "SELECT id, backend, info FROM submissions ORDER BY created_at")}
+        for a in self.attempts(run_id):
+            add(a["job_id"], a["submission_id"], subs[a["submission_id"]]["backend"]
+                if a["submission_id"] in subs else (row["backend"] if row is not None else None))
+        for sid, sub in subs.items():
+            got = (json.loads(sub["info"] or "{}").get("jobs") or {}).get(run_id) or []
+            for jid in got:
+                add(jid, sid, sub["backend"])
+        if row is not None:
+            add(row["job_id"], row["submission_id"], row["backend"])
+            add(row["test_job_id"], row["submission_id"], row["backend"])
+        return list(seen.values())
 
     # ---------------------------------------------------------------- submissions / events
     def add_submission(self, sid: str, experiment: str, backend: str, folder: str, n_runs: int,

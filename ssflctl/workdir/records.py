@@ -42,6 +42,16 @@ class OutcomeKind(str, Enum):
             return cls.FAILED
 
 
+#: CUDA's out-of-memory error as torch words it (torch.cuda.OutOfMemoryError; older torch: RuntimeError)
+CUDA_OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory")
+
+
+def is_cuda_oom(*texts: Optional[str]) -> bool:
+    """Whether an outcome's reason or log tail is CUDA's out-of-memory error: a failure to explain
+    (``control.state.explain``), never a NaN to retry (``node.retry.decide``)."""
+    return any(t and any(m in t for m in CUDA_OOM_MARKERS) for t in texts)
+
+
 class RunState(str, Enum):
     """A run's state as ``status``, ``report`` and ``submit`` see it (one rule: workdir.state)."""
     PENDING = "pending"        # registered, never submitted
