@@ -25,14 +25,29 @@ TARGET_S = 3.0
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def make_workspace(root: Path, n_losses=10, n_seeds=50) -> Path:
+def _train_log(ad: Path, nan_at=None) -> None:
+    """A minimal mmengine text log (<timestamp>/<timestamp>.log) with 10 `Epoch(train)` loss lines."""
+    ts = "20250101_120000"
+    (ad / ts).mkdir()
+    lines = []
+    for i in range(1, 11):
+        loss = "nan" if nan_at is not None and i * 10 >= nan_at else f"{2.0 / i:.4f}"
+        lines.append(f"2025/01/01 12:00:{i:02d} - mmengine - INFO - Epoch(train) [1][{i * 10:>3}/100]  "
+                     f"lr: 1.0000e-02  eta: 0:01:00  time: 0.1000  loss: {loss}  loss_cls: {loss}")
+    (ad / ts / f"{ts}.log").write_text("\n".join(lines) + "\n")
+
+
+def make_workspace(root: Path, n_losses=10, n_seeds=50, datasets=("cityscapes", "coco"), one_dataset=False,
+                   logs=False) -> Path:
+    """``one_dataset``: configuration i runs on datasets[i % len(datasets)] only (so every
+    configuration lacks numbers on the other datasets); ``logs``: every attempt has a text log."""
     rng = random.Random(0)
     ws = root / "ws"
     classes = {"coco": [f"class{i}" for i in range(80)], "cityscapes": [f"c{i}" for i in range(8)]}
     k = 0
     for li in range(n_losses):
         loss = f"loss{li}"
-        for ds in ("cityscapes", "coco"):
+        for ds in ([datasets[li % len(datasets)]] if one_dataset else datasets):
             for seed in range(n_seeds):
                 k += 1
                 rid = f"{loss}-{ds}-s{seed}-{k:08x}"
@@ -50,6 +65,8 @@ def make_workspace(root: Path, n_losses=10, n_seeds=50) -> Path:
                     ad = rd / f"attempt-{n}"
                     ad.mkdir(exist_ok=True)
                     (ad / "attempt.json").write_text(json.dumps({"run_id": rid, "attempt": n, "lr": lr}))
+                    if logs:
+                        _train_log(ad, nan_at=100 if n < len(attempts) else None)
                 last = attempts[-1][0]
                 if len(attempts) > 1:
                     (rd / "attempt-1" / "outcome.json").write_text(json.dumps(
@@ -63,7 +80,7 @@ def make_workspace(root: Path, n_losses=10, n_seeds=50) -> Path:
                     (ad / "progress.json").write_text(json.dumps({"epoch": 3, "max_epochs": 12}))
                     continue
                 (ad / "outcome.json").write_text(json.dumps({"outcome": "done", "reason": "", "nan": None}))
-                ap = 0.3 + 0.01 * li + rng.uniform(-0.01, 0.01)
+                ap = 0.3 + 0.1 * li / n_losses + rng.uniform(-0.01, 0.01)
                 (ad / "metrics.json").write_text(json.dumps({
                     "bbox": {m: ap * (1 + 0.1 * i) for i, m in enumerate(METRICS)},
                     "per_class": {c: ap + rng.uniform(-0.1, 0.1) for c in classes[ds]},
