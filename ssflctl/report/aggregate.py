@@ -406,10 +406,8 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
         pcstats = pcagg.to_dict("index")
         cfg_labels = [" ".join(x for x in c if x) or "(all)" for c in cfgs]
         for ds in datasets:
-            classes = []
-            for (d, cls, _c) in pcstats:
-                if d == ds and cls not in classes:
-                    classes.append(cls)
+            # first-seen order; a dict, not `cls not in classes` per (class, configuration) key
+            classes = list(dict.fromkeys(cls for (d, cls, _c) in pcstats if d == ds))
             if not classes:
                 continue
             prow = []
@@ -426,15 +424,17 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                     cells.append(Cell(txt, value=s["mean"]))
                     vals.append(float(pct(s["mean"])))
                 if len(vals) >= 2 and len(set(vals)) > 1:
+                    top = max(vals)  # once per row, not per cell (quadratic in configurations)
                     for cell in cells:
-                        if cell.value is not None and float(pct(cell.value)) == max(vals):
+                        if cell.value is not None and float(pct(cell.value)) == top:
                             cell.best = True
                 prow.append(([cls], cells))
             per_class.append(Table(f"Per-class AP{' — ' + ds if ds else ''} (%)", ["class"], [("", cfg_labels)], prow))
 
     # ---- runs that needed a lower lr
     retries = []
-    for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)))):
+    cfg_pos = {c: i for i, c in enumerate(cfgs)}  # not cfgs.index per record (quadratic)
+    for r in sorted(records, key=lambda r: (cfg_pos[r["_cfg"]], r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)))):
         atts = r["attempts"]
         if len(atts) < 2 and not any(a.get("state") == "nan" for a in atts):
             continue
@@ -447,7 +447,7 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
 
     # ---- gaps: every run that is not done
     grow = []
-    for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)), r["name"])):
+    for r in sorted(records, key=lambda r: (cfg_pos[r["_cfg"]], r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)), r["name"])):
         if r["state"] == "done" and r.get("metrics"):
             continue
         seed = r["axes"].get(SEED_AXIS)
