@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl.workdir import mmlogs as logs
+from ssflctl.workdir import checkpoints, mmlogs as logs
 from ssflctl.node import retry
 
 pytestmark = pytest.mark.training
@@ -154,10 +154,10 @@ def test_unguarded_run_really_goes_nonfinite_and_poisons_last_checkpoint(runs):
     import torch
     assert runs["unguarded_exc"] is None  # mmengine alone trains on through the NaN
     wd = runs["unguarded"]
-    cks = logs.list_checkpoints(wd)
+    cks = checkpoints.list_checkpoints(wd)
     assert [c["iter"] for c in cks] == [4 * e for e in range(1, EPOCHS + 1)]
     assert all(c["source"] == "meta" for c in cks)
-    last = torch.load(logs.last_checkpoint(wd), map_location="cpu", weights_only=False)
+    last = torch.load(checkpoints.latest_checkpoint(wd), map_location="cpu", weights_only=False)
     assert not torch.isfinite(last["state_dict"]["w"]).all()  # the trap: a poisoned pointer
 
 
@@ -191,7 +191,7 @@ def test_guard_stops_at_first_nonfinite_iteration_and_writes_nan_json(runs):
     assert isinstance(exc, NonFiniteLossError)
     wd = runs["guarded"]
     rec = exc.record
-    saved = retry.atomic.read_json(wd / "nan.json")
+    saved = __import__("json").loads((wd / "nan.json").read_text())
     assert saved["iter"] == rec["iter"] and saved["loss_key"] == "loss_cls"
     first = logs.nonfinite_in_scalars(logs.scalar_files(runs["unguarded"])[0])
     assert rec["iter"] == first["iter"]          # the very first non-finite iteration
@@ -204,9 +204,9 @@ def test_guard_stops_at_first_nonfinite_iteration_and_writes_nan_json(runs):
     recs = [r for r in logs.read_scalars(logs.scalar_files(wd)[0]) if "loss" in r]
     assert recs[-1]["iter"] == rec["iter"]
     # no checkpoint saved at or after the NaN iteration; the pointer is clean
-    cks = logs.list_checkpoints(wd)
+    cks = checkpoints.list_checkpoints(wd)
     assert cks and max(c["iter"] for c in cks) < rec["iter"]
-    assert logs.last_checkpoint(wd) == cks[-1]["path"]
+    assert checkpoints.latest_checkpoint(wd) == cks[-1]["path"]
     # the watcher confirms the guarded outcome (nan.json and the guard's log line)
     assert logs.find_nonfinite(wd)["source"] == "nan.json"
     (log,) = logs.text_logs(wd)
@@ -221,13 +221,13 @@ def test_clean_checkpoint_is_before_the_nan(runs):
     wd = runs["unguarded"]
     hit = logs.find_nonfinite(wd)
     clean = retry.clean_checkpoint(wd, hit["iter"])
-    assert clean is not None and clean != logs.last_checkpoint(wd)
-    meta = logs.read_checkpoint_meta(clean)
+    assert clean is not None and clean != checkpoints.latest_checkpoint(wd)
+    meta = checkpoints.read_checkpoint_meta(clean)
     assert meta["iter"] <= hit["iter"] - 2
     ck = torch.load(clean, map_location="cpu", weights_only=False)
     assert torch.isfinite(ck["state_dict"]["w"]).all()
     # every later checkpoint is excluded, whatever last_checkpoint says
-    later = [c for c in logs.list_checkpoints(wd) if c["iter"] > meta["iter"]]
+    later = [c for c in checkpoints.list_checkpoints(wd) if c["iter"] > meta["iter"]]
     assert later and all(c["iter"] > hit["iter"] - 2 for c in later)
     d = retry.decide(retry.RetryPolicy.from_dict({"from": "checkpoint"}), wd, 1, LR,
                      {"outcome": "nan", "nan": None})
@@ -246,7 +246,7 @@ def test_resume_from_clean_checkpoint_at_lower_lr_logs_the_new_lr(runs, tmp_path
     wd = runs["unguarded"]
     clean = retry.clean_checkpoint(wd, logs.find_nonfinite(wd)["iter"])
     new_lr = LR * 0.1
-    meta = logs.read_checkpoint_meta(clean)
+    meta = checkpoints.read_checkpoint_meta(clean)
 
     # the trap: the config's lower lr is silently ignored by mmengine's resume
     trap, exc = _train(_cfg(tmp_path / "trap", new_lr, guard=True, name="trap", resume_from=clean,
@@ -312,7 +312,7 @@ def test_guard_in_an_iteration_based_loop(runs, tmp_path):
     first = logs.nonfinite_in_scalars(logs.scalar_files(runs["unguarded"])[0])
     assert rec["iter"] == first["iter"] and rec["epoch"] is None
     assert "epoch" not in rec["reason"] and f"iter {rec['iter']} (lr 3)" in rec["reason"]
-    cks = logs.list_checkpoints(tmp_path / "iters")
+    cks = checkpoints.list_checkpoints(tmp_path / "iters")
     assert [c["name"] for c in cks] == [f"iter_{i}.pth" for i in range(4, rec["iter"], 4)]
     assert [c["iter"] for c in cks] == list(range(4, rec["iter"], 4))
     # mmengine's "Iter(train) [ 9/40]" lines parse; the guard's own line names the NaN iteration

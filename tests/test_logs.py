@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ssflctl.workdir import mmlogs as logs
+from ssflctl.workdir import checkpoints, mmlogs as logs
 
 pytestmark = pytest.mark.unit
 
@@ -128,10 +128,10 @@ def test_list_checkpoints_by_meta_and_pointer(tmp_path):
     _fake_checkpoint(wd / "epoch_2.pth", {"epoch": 2, "iter": 40})
     (wd / "epoch_3.pth").write_bytes(b"not a zip")  # unreadable: falls back to name × log
     (wd / "last_checkpoint").write_text(str(wd / "epoch_3.pth"))
-    cks = logs.list_checkpoints(wd)
+    cks = checkpoints.list_checkpoints(wd)
     assert [(c["name"], c["iter"], c["source"]) for c in cks] == [
         ("epoch_1.pth", 20, "meta"), ("epoch_2.pth", 40, "meta"), ("epoch_3.pth", 60, "name")]
-    assert logs.read_checkpoint_meta(wd / "epoch_2.pth")["iter"] == 40
+    assert checkpoints.read_checkpoint_meta(wd / "epoch_2.pth")["iter"] == 40
     # the one finder trusts mmengine's pointer when it names a file (written after the save)
     from ssflctl.workdir.checkpoints import latest_checkpoint
 

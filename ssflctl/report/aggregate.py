@@ -504,10 +504,8 @@ def _per_class_tables(ctx: _Ctx) -> list:
         pcstats = pcagg.to_dict("index")
         cfg_labels = [" ".join(x for x in c if x) or "(all)" for c in cfgs]
         for ds in datasets:
-            classes = []
-            for (d, cls, _c) in pcstats:
-                if d == ds and cls not in classes:
-                    classes.append(cls)
+            # first-seen order; a dict, not `cls not in classes` per (class, configuration) key
+            classes = list(dict.fromkeys(cls for (d, cls, _c) in pcstats if d == ds))
             if not classes:
                 continue
             prow = []
@@ -524,8 +522,9 @@ def _per_class_tables(ctx: _Ctx) -> list:
                     cells.append(Cell(txt, value=s["mean"]))
                     vals.append(float(pct(s["mean"])))
                 if len(vals) >= 2 and len(set(vals)) > 1:
+                    top = max(vals)  # once per row, not per cell (quadratic in configurations)
                     for cell in cells:
-                        if cell.value is not None and float(pct(cell.value)) == max(vals):
+                        if cell.value is not None and float(pct(cell.value)) == top:
                             cell.best = True
                 prow.append(([cls], cells))
             per_class.append(Table(f"Per-class AP{' — ' + ds if ds else ''} (%)", ["class"], [("", cfg_labels)], prow))
@@ -536,7 +535,8 @@ def _retried_runs(ctx: _Ctx) -> list:
     """One line per run that needed more than one attempt (or went NaN)."""
     records, cfgs = ctx.records, ctx.cfgs
     retries = []
-    for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)))):
+    cfg_pos = {c: i for i, c in enumerate(cfgs)}  # not cfgs.index per record (quadratic)
+    for r in sorted(records, key=lambda r: (cfg_pos[r["_cfg"]], r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)))):
         atts = r["attempts"]
         if len(atts) < 2 and not any(a.get("state") == "nan" for a in atts):
             continue
@@ -553,7 +553,8 @@ def _gaps_table(ctx: _Ctx):
     """Every run without results, with its state and reason."""
     records, cfgs = ctx.records, ctx.cfgs
     grow = []
-    for r in sorted(records, key=lambda r: (cfgs.index(r["_cfg"]), r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)), r["name"])):
+    cfg_pos = {c: i for i, c in enumerate(cfgs)}
+    for r in sorted(records, key=lambda r: (cfg_pos[r["_cfg"]], r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)), r["name"])):
         if r["state"] in WITH_RESULTS and r.get("metrics"):
             continue
         seed = r["axes"].get(SEED_AXIS)
