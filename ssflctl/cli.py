@@ -184,6 +184,7 @@ def report(
     subset_list: Optional[List[str]] = typer.Option(None, "--subset-list", help="With --missrate: NAME=FILE, MR⁻² on the images listed in FILE (ids or file names, one a line; repeatable)."),
     min_height: Optional[float] = typer.Option(None, "--min-height", help="With --missrate: boxes lower than this are ignored (Caltech 'reasonable': 50)."),
     gallery: int = typer.Option(0, "--gallery", help="HTML only: N test images (GT | predictions) of one run per configuration."),
+    all_versions: bool = typer.Option(False, "--all-versions", help="Include runs made by older versions of the experiment file (left out by default; settings that differ become columns)."),
 ):
     """COCO AP comparison tables: mean ± std over seeds, deltas vs the baseline, per-class AP, plots.
 
@@ -199,7 +200,7 @@ def report(
     code = report_mod.main(
         workspace_path(workspace), experiments or [], fmt=fmt, out=out, baseline=baseline,
         metrics=metrics, by=by or [], workdirs=workdirs or [], strict=strict, force=force, gallery=gallery,
-        pick=pick, iou_type=iou_type,
+        pick=pick, iou_type=iou_type, all_versions=all_versions,
     )
     if missrate:
         from ssflctl.evaluation import missrate as missrate_mod

@@ -88,6 +88,57 @@ class Task:
     run_dir: str
     resources: Dict[str, Any]
     test: bool = True
+    array: Optional[int] = None      # which of the submission's arrays (Backend.plan_arrays); None: not planned
+
+
+@dataclass
+class Limits:
+    """What a scheduler lets one submission send (None: no limit known). Slurm: ``MaxArraySize``
+    (tasks per array, indices 0..N-1) and ``MaxJobCount`` (jobs slurmctld holds) from ``scontrol
+    show config``; the user's ``MaxSubmitJobs`` (association MaxSubmit, QOS MaxSubmitJobsPerUser)
+    from ``sacctmgr`` where readable, against the user's jobs already in the queue."""
+    max_array_size: Optional[int] = None
+    max_job_count: Optional[int] = None
+    jobs_in_system: Optional[int] = None     # all jobs slurmctld holds now (count against max_job_count)
+    max_submit_jobs: Optional[int] = None
+    submit_source: str = ""                  # where max_submit_jobs comes from ("QOS gpulab02 MaxSubmitPU")
+    jobs_queued: Optional[int] = None        # the user's jobs in the queue now (count against max_submit_jobs)
+    notes: List[str] = field(default_factory=list)  # limits that could not be read, and why
+
+
+def split_tasks(tasks: List[Any], key, size: Optional[int]) -> List[List[Any]]:
+    """The arrays of a submission: tasks grouped by ``key(task)`` (one array per resource request),
+    each group cut into arrays of at most ``size`` tasks (None: no limit), in submission order."""
+    groups: Dict[str, List[Any]] = {}
+    for t in tasks:
+        groups.setdefault(key(t), []).append(t)
+    out: List[List[Any]] = []
+    for group in groups.values():
+        step = max(1, int(size)) if size else len(group) or 1
+        out.extend(group[i:i + step] for i in range(0, len(group), step))
+    return out
+
+
+def capacity_problem(n_train: int, n_test: int, limits: Limits) -> Optional[str]:
+    """Why the scheduler cannot take ``n_train`` train + ``n_test`` test jobs now (None: it can).
+    Every array task is one job for MaxSubmitJobs and MaxJobCount."""
+    n = n_train + n_test
+    what = f"{n_train} train + {n_test} test jobs" if n_test else f"{n_train} train jobs"
+    if limits.max_submit_jobs is not None:
+        queued = limits.jobs_queued or 0
+        room = limits.max_submit_jobs - queued
+        if n > room:
+            return (f"this submission needs {n} jobs ({what}) but {limits.submit_source or 'MaxSubmitJobs'} allows "
+                    f"{limits.max_submit_jobs} per user and {queued} of yours are in the queue (room for {max(0, room)}); "
+                    "submit fewer runs at once (e.g. part of the seeds; `submit` skips runs already queued or done), "
+                    "or wait for jobs to end")
+    if limits.max_job_count is not None:
+        held = limits.jobs_in_system or 0
+        room = limits.max_job_count - held
+        if n > room:
+            return (f"this submission needs {n} jobs ({what}) but the cluster's MaxJobCount is {limits.max_job_count} "
+                    f"and it holds {held} jobs now (room for {max(0, room)}); submit fewer runs at once or wait")
+    return None
 
 
 class Backend:
@@ -124,6 +175,27 @@ class Backend:
     def describe_where(self, options: Dict[str, Any]) -> str:
         """One phrase for the plan's executor column."""
         return self.name
+
+    def limits(self, options: Dict[str, Any]) -> Limits:
+        """What the scheduler allows one submission (read when a submission is planned)."""
+        return Limits()
+
+    def plan_arrays(self, tasks: List[Task], options: Dict[str, Any],
+                    limits: Optional[Limits] = None) -> List[List[Task]]:
+        """The train arrays ``submit`` sends (each within the scheduler's array size; the test arrays
+        match them task for task). UserError, before anything is rendered or sent, when the
+        submission needs more jobs than the scheduler takes now: the number and the limit."""
+        limits = self.limits(options) if limits is None else limits
+        problem = capacity_problem(len(tasks), sum(1 for t in tasks if t.test and not self.test_in_train_job), limits)
+        if problem:
+            raise UserError(f"{self.name}: {problem}")
+        import json
+
+        arrays = split_tasks(list(tasks), lambda t: json.dumps(t.resources, sort_keys=True), limits.max_array_size)
+        for i, arr in enumerate(arrays):
+            for t in arr:
+                t.array = i
+        return arrays
 
 
 _REGISTRY: Dict[str, str] = {

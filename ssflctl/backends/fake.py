@@ -3,14 +3,15 @@
 Jobs live in a dict of this process; a test moves them between states with :meth:`FakeBackend.set`
 and plays the node by writing run-directory files through :mod:`ssflctl.workdir`. ``fail_queries``
 makes every query answer UNKNOWN (a scheduler that does not answer); ``refuse`` makes submit fail
-as sbatch does when it refuses.
+as sbatch does when it refuses; ``scheduler_limits`` (a `Limits`) is what the scheduler allows, so a
+test can plan a submission that exceeds it (split into arrays, or refused at plan time).
 """
 from __future__ import annotations
 
 import itertools
 from typing import Dict, List, Optional
 
-from ssflctl.backends.base import Backend, JobKind, JobStatus
+from ssflctl.backends.base import Backend, JobKind, JobStatus, Limits
 from ssflctl.errors import UserError
 
 
@@ -23,24 +24,35 @@ class FakeBackend(Backend):
         self.cancelled: List[str] = []
         self.fail_queries: Optional[str] = None
         self.refuse: Optional[str] = None
+        self.scheduler_limits = Limits()
         self._ids = itertools.count(100)
 
     def reset(self) -> None:
         self.__init__()
 
+    def limits(self, options):
+        return self.scheduler_limits
+
     def submit(self, tasks, folder, options, fns=None):
         if self.refuse:
             raise UserError(f"sbatch refused the submission: {self.refuse}")
+        tasks = list(tasks)
+        if any(t.array is None for t in tasks):
+            self.plan_arrays(tasks, options)
         out = {}
-        base = str(next(self._ids))
-        test_base = str(next(self._ids))
-        for i, t in enumerate(tasks):
-            jid, tid = f"{base}_{i}", (f"{test_base}_{i}" if t.test else None)
-            self.jobs[jid] = JobStatus(jid, JobKind.QUEUED, raw="PENDING")
-            if tid:
-                self.jobs[tid] = JobStatus(tid, JobKind.QUEUED, raw="PENDING", reason="Dependency")
-            out[t.run_id] = {"job_id": jid, "test_job_id": tid}
-        self.submitted.append({"folder": str(folder), "run_ids": [t.run_id for t in tasks], "ids": out})
+        arrays = []
+        for a in sorted({t.array for t in tasks}):
+            base, test_base = str(next(self._ids)), str(next(self._ids))
+            members = [t for t in tasks if t.array == a]
+            arrays.append([t.run_id for t in members])
+            for i, t in enumerate(members):
+                jid, tid = f"{base}_{i}", (f"{test_base}_{i}" if t.test else None)
+                self.jobs[jid] = JobStatus(jid, JobKind.QUEUED, raw="PENDING")
+                if tid:
+                    self.jobs[tid] = JobStatus(tid, JobKind.QUEUED, raw="PENDING", reason="Dependency")
+                out[t.run_id] = {"job_id": jid, "test_job_id": tid}
+        self.submitted.append({"folder": str(folder), "run_ids": [t.run_id for t in tasks], "ids": out,
+                               "arrays": arrays})
         return out
 
     def set(self, job_id: str, kind: JobKind, raw: str = "", **kw) -> None:

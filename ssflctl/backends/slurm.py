@@ -19,8 +19,9 @@ import submitit
 import submitit.helpers
 
 from ssflctl.atomic import read_json, write_json
-from ssflctl.backends import slurm_query, slurm_states
-from ssflctl.backends.base import TEST_FN, THREAD_VARS, TRAIN_FN, Backend, JobKind, JobStatus, Task
+from ssflctl.backends import slurm_limits, slurm_query, slurm_states
+from ssflctl.backends.base import (TEST_FN, THREAD_VARS, TRAIN_FN, Backend, JobKind, JobStatus, Task,
+                                   split_tasks)
 from ssflctl.errors import UserError
 
 
@@ -145,22 +146,39 @@ def _sbatch_error(exc: Exception) -> UserError:
                      "the experiment file")
 
 
+def arrays_of(tasks: List[Dict[str, Any]], max_array_size: Optional[int] = None) -> List[List[Dict[str, Any]]]:
+    """The train arrays: as planned (each task's ``array``, see Backend.plan_arrays), else one per
+    distinct resource request (usually exactly one) cut at ``max_array_size`` tasks."""
+    if tasks and all(t.get("array") is not None for t in tasks):
+        planned: Dict[int, List[Dict[str, Any]]] = {}
+        for t in tasks:
+            planned.setdefault(int(t["array"]), []).append(t)
+        arrays = [planned[k] for k in sorted(planned)]
+        for arr in arrays:
+            if len({json.dumps(t["resources"], sort_keys=True) for t in arr}) > 1:
+                raise ValueError("an array's tasks must request the same resources")
+            if max_array_size and len(arr) > max_array_size:
+                raise ValueError(f"an array of {len(arr)} tasks exceeds MaxArraySize {max_array_size}")
+        return arrays
+    return split_tasks(list(tasks), lambda t: json.dumps(t["resources"], sort_keys=True), max_array_size)
+
+
 def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
-           fns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
+           fns: Optional[Dict[str, str]] = None, max_array_size: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
+    """One sbatch call per train array (see :func:`arrays_of`) and one per test array, whose task i
+    starts after task i of its own train array succeeded."""
     fns = fns or {}
     train_fn = fns.get("train", TRAIN_FN)
     test_fn = fns.get("test", TEST_FN)
     exp = options.get("experiment", "ssflctl")
     out: Dict[str, Dict[str, Any]] = {}
-    groups: Dict[str, List[Dict[str, Any]]] = {}
-    for t in tasks:  # one array per distinct resource request (usually exactly one)
-        groups.setdefault(json.dumps(t["resources"], sort_keys=True), []).append(t)
+    groups = arrays_of(tasks, max_array_size)
     sid = Path(folder).name
     manifest = {"groups": [{"train_name": f"train-{exp}-{sid}-{gi}", "test_name": f"test-{exp}-{sid}-{gi}",
-                            "run_ids": [t["run_id"] for t in group]} for gi, group in enumerate(groups.values())]}
+                            "run_ids": [t["run_id"] for t in group]} for gi, group in enumerate(groups)]}
     Path(folder).mkdir(parents=True, exist_ok=True)
     write_json(Path(folder) / "manifest.json", manifest)  # before sbatch: lets `recover` find the jobs
-    for gi, (_, group) in enumerate(groups.items()):
+    for gi, group in enumerate(groups):
         res = group[0]["resources"]
         sub = Path(folder) / (f"group{gi}" if len(groups) > 1 else "")
         ex = make_executor(sub / "train", res, options, name=manifest["groups"][gi]["train_name"])
@@ -339,8 +357,15 @@ class SlurmBackend(Backend):
             raise UserError(f"{where}executor: slurm, but sbatch is not on PATH; submit from the cluster's "
                             "login node or pass --executor local")
 
+    def limits(self, options):
+        """The cluster's MaxArraySize, MaxJobCount and the user's MaxSubmitJobs (slurm_limits)."""
+        return slurm_limits.read_limits(options)
+
     def submit(self, tasks, folder, options, fns=None):
         self.check_available()
+        tasks = list(tasks)
+        if any(isinstance(t, Task) and t.array is None for t in tasks):
+            self.plan_arrays(tasks, options)  # not planned by the caller: read the limits now
         return launch([t.__dict__ if isinstance(t, Task) else t for t in tasks], folder, options, fns=fns)
 
     def query(self, jobs):

@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Optional
 
 from ssflctl import backends
 from ssflctl.control.submit import SubmitResult, submit
+from ssflctl.errors import UserError
 
 
 def fmt_time(minutes: int) -> str:
@@ -35,6 +36,7 @@ PLAN_COLUMNS = ["run", "loss", "dataset", "seed", "lr", "resources", "executor",
 
 def main(experiment, workspace, dry_run: bool = False, executor: Optional[str] = None) -> SubmitResult:
     from rich.console import Console
+    from rich.text import Text
 
     from ssflctl.commands.table import print_table
 
@@ -52,5 +54,12 @@ def main(experiment, workspace, dry_run: bool = False, executor: Optional[str] =
     summary = f"{verb} {n} run{'s' if n != 1 else ''}, skipped {skipped} ({result.kind})"
     if not dry_run and n:
         summary += "; follow with: ssflctl status " + result.experiment.name
+    if result.arrays and len(result.arrays) > 1:
+        summary += f"; {len(result.arrays)} train arrays ({', '.join(map(str, result.arrays))} tasks)"
     Console(highlight=False, soft_wrap=True).print(summary, markup=False)
+    if result.problems:
+        for p in result.problems:
+            err.print(Text.assemble(("error: ", "bold red"), p))
+        raise UserError(f"submit would refuse this plan: {len(result.problems)} problem(s) above; nothing was "
+                        "submitted")
     return result

@@ -18,6 +18,7 @@ from ssflctl import backends
 from ssflctl.backends import Task
 from ssflctl.errors import UserError
 from ssflctl.plan import spec as spec_mod
+from ssflctl.workdir import versions
 from ssflctl.workdir.layout import RunDir
 from ssflctl.workdir.records import RESUBMIT
 
@@ -44,6 +45,8 @@ class SubmitResult:
     submission_id: Optional[str] = None
     dry_run: bool = False
     warnings: List[str] = field(default_factory=list)
+    problems: List[str] = field(default_factory=list)  # why submit would refuse this plan (dry run)
+    arrays: List[int] = field(default_factory=list)    # tasks of each train array the backend gets
 
     @property
     def submitted(self) -> List[PlanItem]:
@@ -106,9 +109,12 @@ def submission_id() -> str:
 
 
 def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
-           fns: Optional[Dict[str, str]] = None, render: Optional[Callable] = None) -> SubmitResult:
+           fns: Optional[Dict[str, str]] = None, render: Optional[Callable] = None,
+           preflight: Optional[bool] = None) -> SubmitResult:
     """Validate, plan and (unless ``dry_run``) submit. ``fns`` overrides the job callables
-    (``{"train", "test", "local"}`` as ``module:function``) and ``render`` the attempt renderer.
+    (``{"train", "test", "local"}`` as ``module:function``) and ``render`` the attempt renderer;
+    ``preflight`` checks the data the runs read (plan.preflight; default: unless ``render`` is a
+    stand-in). The dry run lists what submit would refuse in ``result.problems``.
 
     Raises UserError for a bad experiment file (nothing written) and when the scheduler refuses
     the submission (the claimed runs go back to ``pending`` with the reason; the attempts rendered
@@ -121,9 +127,21 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
     if not dry_run:
         backend.check_available(f"{exp.path}:{exp.lines.get('executor', 1)}: ")
     result = SubmitResult(experiment=exp, kind=kind, plan=[], dry_run=dry_run, warnings=list(exp.warnings))
+    if preflight is None:  # a stand-in renderer (tests' light job) brings its own data
+        preflight = render is None
+    problems = _preflight(exp, runs, result) if preflight else []
+    options = dict(exp.executor.get(kind) or {})
+    options["experiment"] = exp.name
     if dry_run:
         result.plan = _dry_plan(ws, exp, runs)
+        result.problems = problems
+        try:
+            _plan_arrays(backend, result, _tasks(ws, result.submitted), options, notes=True)
+        except UserError as exc:
+            result.problems.append(str(exc))
         return result
+    if problems:
+        raise UserError("\n".join(problems))
 
     from ssflctl.control.reconcile import reconcile
     from ssflctl.registry.store import Registry
@@ -135,13 +153,16 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         sid = submission_id()
         folder = ws / "submissions" / sid
         claimed = _claim(reg, result, runs, sid, folder, path, details)
+        versions.record(ws, exp.name, path, [r.run_id for r in runs])  # the report's current version
         if not claimed:
             return result
         result.submission_id = sid
         try:
+            arrays = _plan_arrays(backend, result, _tasks(ws, claimed), options)
             tasks = _render_attempts(ws, claimed, sid, render)
-            options = dict(exp.executor.get(kind) or {})
-            options["experiment"] = exp.name
+            where = {t.run_id: i for i, arr in enumerate(arrays) for t in arr}
+            for t in tasks:
+                t.array = where[t.run_id]
             ids = backend.submit(tasks, folder, options, fns=fns)
         except BaseException as exc:
             _release(reg, ws, claimed, exc)
@@ -154,6 +175,40 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         return result
     finally:
         reg.close()
+
+
+def _preflight(exp, runs, result: SubmitResult) -> List[str]:
+    """Problems with the data the runs will read (plan.preflight), one line each."""
+    from ssflctl.plan import preflight
+
+    pf = preflight.check(runs, where=lambda run: f"{exp.path}:{run.line}")
+    result.warnings.extend(pf.notes)
+    return pf.problems
+
+
+def _tasks(ws: Path, items: List[PlanItem]) -> List[Task]:
+    return [Task(i.run.run_id, str(RunDir.of(ws, i.run.run_id).path.resolve()), i.run.resources, i.run.test)
+            for i in items]
+
+
+def _plan_arrays(backend, result: SubmitResult, tasks: List[Task], options: Dict[str, Any],
+                 notes: bool = False) -> List[List[Task]]:
+    """The backend's arrays for these tasks, within the scheduler's limits (read once here);
+    UserError with the number and the limit when the scheduler cannot take them. ``notes``: say
+    which limits could not be read (the dry run)."""
+    if not tasks:
+        return []
+    limits = backend.limits(options)
+    if notes:
+        result.warnings.extend(f"{backend.name}: {n}; sbatch has the last word" for n in limits.notes)
+    arrays = backend.plan_arrays(tasks, options, limits)
+    result.arrays = [len(a) for a in arrays]
+    if len(arrays) > 1 and limits.max_array_size and any(len(a) == limits.max_array_size for a in arrays):
+        result.warnings.append(f"{len(tasks)} runs go out as {len(arrays)} train arrays of at most "
+                               f"{limits.max_array_size} tasks (the cluster's MaxArraySize), each with its own "
+                               "test array" + (f"; array_parallelism {options['array_parallelism']} applies to each "
+                                               "array" if options.get("array_parallelism") else ""))
+    return arrays
 
 
 def _dry_plan(ws: Path, exp, runs) -> List[PlanItem]:

@@ -28,9 +28,11 @@ def normalize_format(fmt: str) -> str:
 
 
 def make_report(ws, experiments: Iterable[str] = (), *, baseline: Optional[str] = "loss=focal", metrics=None,
-                by: Iterable[str] = (), workdirs: Iterable = (), pick: Optional[str] = None, iou_type=None):
+                by: Iterable[str] = (), workdirs: Iterable = (), pick: Optional[str] = None, iou_type=None,
+                all_versions: bool = False):
     """Collect and aggregate: a `aggregate.Report`. pick: test|last|best for outside work dirs;
-    iou_type: bbox|segm|both (None: what the runs have)."""
+    iou_type: bbox|segm|both (None: what the runs have); all_versions: include the runs made by
+    older versions of the experiment files (left out by default, with a note)."""
     from ssflctl.report import aggregate, collect
 
     experiments = list(experiments or [])
@@ -52,7 +54,8 @@ def make_report(ws, experiments: Iterable[str] = (), *, baseline: Optional[str] 
     if not records:
         raise UserError(f"{ws}: no runs in this workspace; submit an experiment first, pass --workspace, "
                         "or report on mmdet work dirs with --workdirs")
-    return aggregate.build(records, metrics=metrics, by=list(by or []), baseline=baseline, iou_type=iou_type)
+    return aggregate.build(records, metrics=metrics, by=list(by or []), baseline=baseline, iou_type=iou_type,
+                           all_versions=all_versions)
 
 
 def _workdirs_from_args(ws: Path, experiments: list, workdirs: list) -> tuple:
@@ -107,14 +110,14 @@ def render(rep, fmt: str, images: list = (), gallery: list = ()) -> str:
 
 def build_report(ws, experiments: Iterable[str] = (), fmt: str = "markdown", *, baseline="loss=focal",
                  metrics=None, by=(), workdirs=(), plots: bool = False, gallery: int = 0, pick=None,
-                 iou_type=None) -> str:
+                 iou_type=None, all_versions: bool = False) -> str:
     """The report as text. With plots=True (or for html) figures are drawn into a temporary
     directory and embedded (html) or referenced by file name (markdown). gallery=N (html only):
     N pictures of test-set detections for one run of each configuration."""
     fmt = normalize_format(fmt)
     gallery = _check_gallery(fmt, gallery)
     rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs, pick=pick,
-                      iou_type=iou_type)
+                      iou_type=iou_type, all_versions=all_versions)
     if fmt == "html" or (plots and fmt == "markdown"):
         from ssflctl.report import plots as plots_mod
 
@@ -157,7 +160,8 @@ def write_report(rep, fmt: str, out, *, force: bool = False, progress: bool = Fa
 
 
 def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", metrics=None, by=(),
-         workdirs=(), strict=False, force=False, gallery: int = 0, pick=None, iou_type=None) -> int:
+         workdirs=(), strict=False, force=False, gallery: int = 0, pick=None, iou_type=None,
+         all_versions: bool = False) -> int:
     """CLI body of `ssflctl report`: returns the exit code (1 with --strict and missing cells,
     unfinished or unreadable work dirs).
     With --out and the default format, the file's suffix picks the format (.html, .tex, .csv, .json)."""
@@ -168,7 +172,7 @@ def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", me
     if out is not None and Path(out).exists() and not force and not Path(out).is_dir():
         raise UserError(f"{out}: already exists; pass --force to overwrite it")
     rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs, pick=pick,
-                      iou_type=iou_type)
+                      iou_type=iou_type, all_versions=all_versions)
     if out is None:
         if fmt == "html":
             from ssflctl.report import plots as plots_mod

@@ -140,7 +140,98 @@ def _sort_key(v):
 def _axis_value(rec: dict, axis: str):
     if axis == EXPERIMENT_AXIS:
         return rec.get("experiment") or None
-    return rec["axes"].get(axis)
+    if axis in rec["axes"]:
+        return rec["axes"][axis]
+    return (rec.get("_flat") or {}).get(axis)  # a setting outside the matrix that differs (issue 15.6)
+
+
+# ------------------------------------------------------------------------------------------------
+# settings outside the matrix and versions of the experiment file (issue 15.6)
+
+#: params that never define a configuration: the seed is folded into mean ± std, and data_root is
+#: the dataset's place on disk (resolved against the directory submit ran in), not its content
+_NOT_A_SETTING = (SEED_AXIS, "data_root")
+
+
+def flat_settings(rec: dict) -> Optional[dict]:
+    """What defines the run besides its axes, as ``{"template", "params.K", "overrides.K",
+    "resources.gpus": value}`` from run.json; None when the record has no run.json (registry-only
+    runs, outside work dirs). Resources other than the GPU count (total batch under DDP) do not
+    change results."""
+    st = rec.get("settings")
+    if not st:
+        return None
+    axes = rec.get("axes") or {}
+    out = {}
+    if st.get("template"):
+        out["template"] = str(st["template"]).replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".py")
+    for k, v in (st.get("params") or {}).items():
+        if k not in axes and k not in _NOT_A_SETTING:
+            out[f"params.{k}"] = v
+    for k, v in (st.get("overrides") or {}).items():
+        if k not in axes:
+            out[f"overrides.{k}"] = v
+    res = st.get("resources") or {}
+    if "gpus" in res:
+        out["resources.gpus"] = res["gpus"]
+    return out
+
+
+def _cell_key(r: dict) -> tuple:
+    return (r.get("experiment"), _fmt_value(r["axes"].get(DATASET_AXIS)),
+            tuple(sorted((k, _fmt_value(v)) for k, v in r["axes"].items() if k != SEED_AXIS)))
+
+
+def differing_settings(records: list) -> list:
+    """Settings outside the matrix that differ between runs of the same matrix cell (seeds
+    folded): each makes its own configuration, else runs of different settings would be averaged
+    as if they were seeds."""
+    cells = {}
+    for r in records:
+        if r.get("_flat") is not None:
+            cells.setdefault(_cell_key(r), []).append(r["_flat"])
+    keys = []
+    for flats in cells.values():
+        if len(flats) < 2:
+            continue
+        for k in sorted(set().union(*flats)):
+            if k not in keys and len({_fmt_value(f.get(k)) for f in flats}) > 1:
+                keys.append(k)
+    return keys
+
+
+def _values(recs: list, key: str) -> str:
+    vals = sorted({_fmt_value(r["_flat"].get(key)) or "unset" for r in recs if r.get("_flat") is not None})
+    return ", ".join(vals)
+
+
+def select_versions(records: list, all_versions: bool) -> tuple:
+    """(records, notes): runs of older versions of their experiment file (collect's ``version``)
+    are left out unless ``all_versions``, with a line saying how many, what differs and how to
+    include them."""
+    older = [r for r in records if r.get("version") == "older"]
+    if not older:
+        return records, []
+    current = [r for r in records if r.get("version") != "older"]
+    exps = sorted({r["experiment"] for r in older})
+    keys = differing_settings(older + current)
+    cur_cells = {_cell_key(r) for r in current}
+    if keys:
+        what = "; ".join(f"{k} {_values(older, k)} (now {_values(current, k)})" for k in keys)
+        what = f"they differ from the current runs in {what}"
+    else:
+        gone = sum(1 for r in older if _cell_key(r) not in cur_cells)
+        what = f"{gone} of them are matrix cells the file no longer has" if gone else "their settings differ"
+    n = len(older)
+    runs = f"{n} run{'s' if n != 1 else ''}"
+    if all_versions:
+        return records, [f"--all-versions: {runs} made by an older version of the experiment file "
+                         f"({', '.join(exps)}) are included; {what}."]
+    if not current:
+        raise UserError(f"every run of {', '.join(exps)} was made by an older version of the experiment file "
+                        f"({runs}); submit the current file, or pass --all-versions to report the old runs")
+    return current, [f"Left out {runs} made by an older version of the experiment file ({', '.join(exps)}): "
+                     f"{what}. Pass --all-versions to include them (each setting that differs becomes a column)."]
 
 
 def _fmt_value(v) -> str:
@@ -200,9 +291,10 @@ def choose_axes(records: list, by: list) -> list:
     return out
 
 
-def complete_seed_grid(records: list) -> list:
+def complete_seed_grid(records: list, extra: tuple = ()) -> list:
     """Add a `missing` record for each seed that other runs of the same experiment and dataset
-    have but a configuration lacks (a run nobody submitted still shows up as a gap)."""
+    have but a configuration lacks (a run nobody submitted still shows up as a gap). ``extra``:
+    settings outside the matrix that also tell configurations apart (differing_settings)."""
     groups = {}
     for r in records:
         if r["source"] != "ssflctl" or SEED_AXIS not in r["axes"]:
@@ -216,7 +308,8 @@ def complete_seed_grid(records: list) -> list:
             seeds.setdefault(_fmt_value(r["axes"][SEED_AXIS]), r["axes"][SEED_AXIS])
         by_cfg = {}
         for r in recs:
-            cfg = tuple(sorted((k, _fmt_value(v)) for k, v in r["axes"].items() if k != SEED_AXIS))
+            cfg = tuple(sorted((k, _fmt_value(v)) for k, v in r["axes"].items() if k != SEED_AXIS)) + \
+                tuple((k, _fmt_value((r.get("_flat") or {}).get(k))) for k in extra)
             by_cfg.setdefault(cfg, (r, set()))[1].add(_fmt_value(r["axes"][SEED_AXIS]))
         for cfg, (proto, have) in by_cfg.items():
             for s in sorted(set(seeds) - have, key=lambda s: _sort_key(seeds[s])):
@@ -227,6 +320,7 @@ def complete_seed_grid(records: list) -> list:
                     "run_id": "", "experiment": exp, "name": name, "axes": axes, "source": "ssflctl",
                     "state": "missing", "reason": "no run in the workspace", "run_dir": None,
                     "attempts": [], "final": None, "metrics": None, "unavailable": {}, "retry": {},
+                    "_flat": proto.get("_flat"), "version": proto.get("version"),
                 })
     return records + extra
 
@@ -336,12 +430,16 @@ class _Ctx:
     unfinished: set = field(default_factory=set)
     feet: dict = field(default_factory=dict)
     footnotes: list = field(default_factory=list)
+    version_notes: list = field(default_factory=list)
+    extra: list = field(default_factory=list)    # settings outside the matrix that tell configurations apart
 
 
-def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: str = "", iou_type=None) -> Report:
+def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: str = "", iou_type=None,
+          all_versions: bool = False) -> Report:
     """The report's content from run records (see collect). iou_type: bbox|segm|both (None: what
-    the runs have). Raises UserError when there is nothing to report or an option is malformed."""
-    ctx = _prepare(records, metrics, by, baseline, iou_type)
+    the runs have). Runs made by an older version of their experiment file are left out unless
+    ``all_versions``. Raises UserError when there is nothing to report or an option is malformed."""
+    ctx = _prepare(records, metrics, by, baseline, iou_type, all_versions)
     main, rows, missing = _main_table(ctx)
     summary, notes = _summary_and_notes(ctx, rows)
     exps = sorted({r["experiment"] for r in ctx.records if r["experiment"]})
@@ -353,16 +451,23 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
                   footnotes=ctx.footnotes)
 
 
-def _prepare(records: list, metrics, by, baseline, iou_type) -> _Ctx:
-    """Configurations (the ``by`` axes), datasets, the long frame and its mean/std/n per cell."""
+def _prepare(records: list, metrics, by, baseline, iou_type, all_versions: bool = False) -> _Ctx:
+    """Configurations (the ``by`` axes, then any setting outside the matrix that differs within a
+    matrix cell), datasets, the long frame and its mean/std/n per cell."""
     if not records:
         raise UserError("no runs to report; check the experiment names and --workspace, or pass --workdirs")
+    records = [dict(r) for r in records]
+    for r in records:
+        r["_flat"] = flat_settings(r)
+    records, version_notes = select_versions(records, all_versions)
     iou_type = resolve_iou_type(records, iou_type)
     metrics = parse_metrics(metrics, voc=any(VOC_METRIC in (r.get("metrics") or {}).get("bbox", {})
                                              for r in records), iou_type=iou_type)
     base = parse_baseline(baseline)
     by = choose_axes(records, list(by or []))
-    records = complete_seed_grid([dict(r) for r in records])
+    extra = [k for k in differing_settings(records) if k not in by]
+    by = by + extra
+    records = complete_seed_grid(records, tuple(extra))
     # configuration and dataset of every record
     cfg_vals = {}
     for r in records:
@@ -407,6 +512,7 @@ def _prepare(records: list, metrics, by, baseline, iou_type) -> _Ctx:
     ctx.delta_keys = [k for k in (VOC_METRIC, "AP") if k in metrics] if base_idx is not None else []
     ctx.unfinished = {(r["_cfg"], r["_ds"]) for r in records if r["state"] == UNFINISHED}
     ctx.feet, ctx.footnotes = footnote_numbers(records)
+    ctx.version_notes, ctx.extra = version_notes, extra
     return ctx
 
 
@@ -583,14 +689,17 @@ def _summary_and_notes(ctx: _Ctx, rows: list) -> tuple:
     ]
     if VOC_METRIC in metrics:
         summary.append(f"{VOC_METRIC}: Pascal VOC mAP at IoU 0.5 (mmdet VOCMetric), in % likewise.")
-    notes = []
+    notes = list(ctx.version_notes)
+    if ctx.extra:
+        notes.append(f"Runs of the same matrix cell differ in {', '.join(ctx.extra)} (settings outside the matrix, "
+                     "e.g. from an edited experiment file): each value is its own configuration, never averaged "
+                     "with the others as if they were seeds.")
     if show_delta:
         what = " and ".join(f"{_delta_name(k)}: {k} points" for k in delta_keys)
         summary.append(f"{what} against the baseline {base[0]}={base[1]} with the other axes equal. "
                        "Bold: the best value of each column.")
     elif base:
-        notes.append(f"No baseline: no configuration has {base[0]}={base[1]} "
-                     f"(axes defining configurations: {', '.join(by) or 'none'}).")
+        notes.append(no_baseline(records, by, base))
         summary.append("Bold: the best value of each column.")
     else:
         summary.append("Bold: the best value of each column.")
@@ -619,6 +728,29 @@ def _summary_and_notes(ctx: _Ctx, rows: list) -> tuple:
         notes.append("n/a (CocoMetric): the work dir has only mmdet CocoMetric numbers (AP, AP50, AP75, APs, APm, "
                      "APl); the AR numbers need a pycocotools summary in its log.")
     return summary, notes
+
+
+def no_baseline(records: list, by: list, base: tuple) -> str:
+    """Why there is no ΔAP column, saying what is really missing."""
+    axis, value = base
+    vals = []
+    for r in records:
+        v = r["axes"].get(axis) if axis in r["axes"] else ((r.get("settings") or {}).get("params") or {}).get(axis)
+        if v is not None and _fmt_value(v) not in vals:
+            vals.append(_fmt_value(v))
+    varying = ", ".join(by) or "none"
+    if not vals:
+        return (f"No baseline: no run has a {axis} axis or param, so there is nothing to compare against "
+                f"{axis}={value}; pass --baseline AXIS=VALUE for an axis that varies (varying: {varying}).")
+    if axis not in by and len(vals) == 1:
+        if vals[0] == value:
+            return (f"No baseline comparison: every run has {axis}={value}, so there is no other configuration to "
+                    f"compare with; the baseline needs a {axis} axis with another value (e.g. {axis}: [{value}, ...] "
+                    f"in the matrix), or pass --baseline AXIS=VALUE for an axis that varies (varying: {varying}).")
+        return (f"No baseline: every run has {axis}={vals[0]}, none {axis}={value}; add {value} to the {axis} axis "
+                f"or pass --baseline AXIS=VALUE for an axis that varies (varying: {varying}).")
+    return (f"No baseline: no configuration has {axis}={value} ({axis} values: {', '.join(vals)}); "
+            f"pass --baseline {axis}=<one of them>.")
 
 
 def _lowered_lr(r: dict) -> bool:

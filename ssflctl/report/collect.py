@@ -35,6 +35,8 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 VOC_METRIC = "VOC mAP@0.5"
 
 FINISHED_OK = "done"
+#: what run.json says defines a run besides its axes (aggregate compares them: issue 15.6)
+SETTINGS = ("template", "params", "overrides", "resources")
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +209,7 @@ def read_run_dir(run_dir, run_json: Optional[dict] = None, registry_row: Optiona
         "state": verdict.state.value, "reason": verdict.reason, "run_dir": str(run.path),
         "attempts": attempts, "final": final, "metrics": metrics, "unavailable": {},
         "retry": rj.get("retry") or {},
+        "settings": {k: rj[k] for k in SETTINGS if k in rj},
     }
 
 
@@ -287,7 +290,23 @@ def collect_workspace(ws, experiments: Iterable[str] = ()) -> list:
         if rec["state"] == "done":
             rec["state"], rec["reason"] = "failed", "registry says done but the run directory is gone"
         records[rid] = _merge_registry_attempts(rec, reg)
+    _mark_versions(ws, records.values())
     return [records[k] for k in sorted(records)]
+
+
+def _mark_versions(ws: Path, records) -> None:
+    """``version``: "current" when the run is one of its experiment file's runs as last submitted,
+    "older" when it is not (an earlier version of the file made it), None when never recorded."""
+    from ssflctl.workdir import versions
+
+    known = {}
+    for rec in records:
+        exp = rec.get("experiment") or ""
+        if exp not in known:
+            v = versions.current(ws, exp) if exp else None
+            known[exp] = set(v["run_ids"]) if v else None
+        ids = known[exp]
+        rec["version"] = None if ids is None else ("current" if rec["run_id"] in ids else "older")
 
 
 # --------------------------------------------------------------------------------------------
