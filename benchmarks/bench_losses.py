@@ -1,16 +1,24 @@
-"""Forward+backward time of the Focal Loss family vs mmdet's FocalLoss on a RetinaNet-sized input.
+"""Forward+backward time and peak memory of the Focal Loss family vs mmdet's FocalLoss.
 
 ``run(quick)`` returns rows in the benchmarks format (see docs/helpers-common.md); ratio =
-reference time / our time (> 1: ours is faster). The reference is mmdet's ``FocalLoss`` measured in
-the same run on the same inputs: on the CPU it is mmdet's pure-PyTorch ``py_sigmoid_focal_loss``
+reference / ours (> 1: ours is faster or smaller). The reference is mmdet's ``FocalLoss`` measured
+in the same run on the same inputs: on the CPU it is mmdet's pure-PyTorch ``py_sigmoid_focal_loss``
 (one-hot targets, autograd); on CUDA it is mmcv's fused ``sigmoid_focal_loss`` kernel. The device
 defaults to CUDA when available, else the CPU; ``python benchmarks/bench_losses.py --device cuda``
 forces one. Our losses are pure PyTorch on every device (no compiled kernel).
+
+Memory: the peak of the bytes allocated during forward+backward beyond what was allocated before
+(the gradient of the logits included), from :func:`peak_extra_bytes`: on CUDA
+``torch.cuda.max_memory_allocated``; on the CPU torch's own allocation records
+(``torch.profiler`` with ``profile_memory=True``: every allocation and free of the CPU allocator,
+summed in time order). The inputs (logits, labels, weights) are allocated before and not counted.
 
 Input: N anchors x 80 classes (N = 100,000 -- one 800x1333 image has ~120k RetinaNet anchors --
 or 20,000 with ``quick``), logits around RetinaNet's prior (p ~ 0.01) with spread, 1% positive
 anchors, 90% background, the rest ignored (weight 0), avg_factor = number of positives, as
 RetinaNet's head calls the loss.
+
+    python benchmarks/bench_losses.py [--quick] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -33,19 +41,61 @@ def _make_inputs(n, num_classes, device, seed=0):
     return pred.to(device), labels.to(device), weight.to(device), avg_factor
 
 
+def _fwd_bwd(loss_fn, x, labels, weight, avg_factor):
+    loss = loss_fn(x, labels, weight, avg_factor=avg_factor)
+    loss.backward()
+    return loss
+
+
 def _fwd_bwd_seconds(loss_fn, pred, labels, weight, avg_factor):
     import torch
     sync = torch.cuda.synchronize if pred.is_cuda else (lambda: None)
     x = pred.detach().clone().requires_grad_()
     sync()
     t0 = time.perf_counter()
-    loss = loss_fn(x, labels, weight, avg_factor=avg_factor)
-    loss.backward()
+    loss = _fwd_bwd(loss_fn, x, labels, weight, avg_factor)
     sync()
     elapsed = time.perf_counter() - t0
     if not torch.isfinite(loss):
         raise RuntimeError(f"{loss_fn!r} gave a non-finite loss {loss.item()}")
     return elapsed
+
+
+def peak_extra_bytes(fn, device="cpu") -> int:
+    """Peak bytes allocated while ``fn()`` runs, beyond those allocated before it (>= 0).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+    ``memory_allocated`` before. CPU: the running sum of torch's CPU-allocator records
+    (``torch.profiler``, ``profile_memory=True``; each allocation and free with its time), whose
+    maximum is the peak; frees of tensors allocated before ``fn`` make the sum go below 0 and do not
+    count as headroom. Raises RuntimeError if the profiler recorded no allocation at all.
+    """
+    import torch
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - before)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    if not any(b > 0 for _, b in records):
+        raise RuntimeError("torch.profiler recorded no CPU allocation: cannot measure memory")
+    cur = peak = 0
+    for _, nbytes in records:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def _peak_mib(loss_fn, pred, labels, weight, avg_factor):
+    x = pred.detach().clone().requires_grad_()
+    return peak_extra_bytes(lambda: _fwd_bwd(loss_fn, x, labels, weight, avg_factor),
+                            pred.device.type) / 2**20
 
 
 def _interleaved_ms(ours, reference, inputs, repeats):
@@ -79,17 +129,32 @@ def run(quick: bool, device: str | None = None) -> list[dict]:
         "gfl_star": ShiftStepFocalLoss(gamma=2.0, alpha=0.25, shift=0.0),
         "focal_logdomain": FocalFamilyLoss(modulation="focal", gamma=2.0, alpha=0.25),
     }
+    ref_mib = _peak_mib(reference, *inputs)
+    logits_mib = inputs[0].numel() * inputs[0].element_size() / 2**20
     rows = []
     for name, loss in ours.items():
         ms, ref_ms = _interleaved_ms(loss, reference, inputs, repeats)
+        mib = _peak_mib(loss, *inputs)
+        size = f"{n // 1000}kx{num_classes}"
         rows.append({
-            "name": f"loss_{name}_fwd_bwd_{device}_{n // 1000}kx{num_classes}",
+            "name": f"loss_{name}_fwd_bwd_{device}_{size}",
             "value": round(ms, 2),
             "reference": round(ref_ms, 2),
             "ratio": round(ref_ms / ms, 3),
             "unit": "ms",
             "note": (f"{name} vs mmdet FocalLoss ({ref_impl}), forward+backward, median of "
-                     f"{repeats} interleaved runs, {threads} torch threads, float32"),
+                     f"{repeats} interleaved runs, {threads} torch threads, float32; "
+                     f"ours = {ms / ref_ms:.2f}x FocalLoss's time"),
+        })
+        rows.append({
+            "name": f"loss_{name}_peak_mem_{device}_{size}",
+            "value": round(mib, 2),
+            "reference": round(ref_mib, 2),
+            "ratio": round(ref_mib / mib, 3),
+            "unit": "MiB",
+            "note": (f"{name} vs mmdet FocalLoss ({ref_impl}), peak extra memory of "
+                     f"forward+backward (gradient {logits_mib:.1f} MiB included); "
+                     f"ours = {mib / ref_mib:.2f}x FocalLoss's memory"),
         })
     return rows
 
@@ -100,7 +165,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = ap.parse_args()
     for row in run(args.quick, device=args.device):
-        print(f"{row['name']:<44} {row['value']:>9.2f} {row['unit']}  ref {row['reference']:>9.2f}"
+        print(f"{row['name']:<44} {row['value']:>9.2f} {row['unit']:<3} ref {row['reference']:>9.2f}"
               f"  ratio {row['ratio']:.3f}  ({row['note']})")
 
 

@@ -7,6 +7,13 @@
 #                "torch==2.13.0 --index-url <your CUDA wheel index>")
 #   SSFLCTL_NO_APT=1  skip system packages (no root, or a cluster where Slurm already runs)
 #   VENV         where to create the environment (default .venv in the repository)
+# With a CUDA torch (torch.version.cuda set) mmcv's CUDA ops are built by scripts/mmcv_build.py
+# (about 5 min on 16 cores, once; the wheel is cached under ${XDG_CACHE_HOME:-~/.cache}/ssflctl/wheels):
+#   TORCH_CUDA_ARCH_LIST  GPU arch to build for (default: the visible GPU's; required without a GPU,
+#                e.g. 9.0 for H100/H200, 8.0 for A100)
+#   MAX_JOBS     parallel compiler jobs (default: all CPUs)
+#   SSFLCTL_MMCV_SDIST    a local mmcv-2.1.0.tar.gz instead of `pip download` (offline nodes)
+#   SSFLCTL_WHEEL_CACHE   wheel cache folder
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -41,6 +48,16 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install $TORCH_SPEC
 fi
 
+TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')")
+if [ -n "$TORCH_CUDA" ] && ! "$PY" -c "from mmcv.ops import nms" 2>/dev/null; then
+  # torch has CUDA: mmcv's CUDA ops, built from a copy of the sdist with the THC shim current torch
+  # needs, cached per torch/CUDA/arch (scripts/mmcv_build.py says how long it will take)
+  log "torch has CUDA $TORCH_CUDA: building (or reusing) mmcv 2.1.0 with CUDA ops"
+  "${PIP[@]}" install "setuptools<70" wheel ninja
+  MMCV_WHEEL=$("$PY" "$ROOT/scripts/mmcv_build.py" build)
+  "${PIP[@]}" install --no-deps "$MMCV_WHEEL"
+  "${PIP[@]}" install "setuptools>=77.0.3,<81"
+fi
 if ! "$PY" -c "from mmcv.ops import nms" 2>/dev/null; then
   # mmcv 2.1.0 has no wheel for recent torch: build it with its compiled ops against the torch
   # just installed (--no-build-isolation), with setuptools<70 because its setup.py imports
@@ -59,6 +76,9 @@ log "installing ssflctl[train,test] (editable)"
 "$PY" - <<'PY'
 import torch, mmcv, mmengine, mmdet
 from mmcv.ops import nms  # noqa: F401  (compiled ops present)
+if torch.version.cuda:  # mmcv's CUDA ops on a CUDA tensor when a GPU is visible
+    import runpy
+    print("[setup]", runpy.run_path("scripts/mmcv_build.py")["check_cuda_nms"]())
 print(f"[setup] ok: torch {torch.__version__}, mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, mmdet {mmdet.__version__}")
 PY
 log "done. Activate with: source $VENV/bin/activate"

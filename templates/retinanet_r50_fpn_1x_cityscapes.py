@@ -29,6 +29,7 @@ ssflctl_params = dict(
     auto_scale_lr=False,
     log_interval=50,
     ckpt_interval=1,
+    amp=None,  # mixed precision: 'bf16' | 'fp16' | None (ssflctl/amp.py)
 )
 ssflctl_bindings = dict(repeat=['train_dataloader.dataset.times'])
 

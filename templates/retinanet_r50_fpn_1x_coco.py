@@ -22,4 +22,5 @@ ssflctl_params = dict(
     auto_scale_lr=False,
     log_interval=50,
     ckpt_interval=1,
+    amp=None,  # mixed precision: 'bf16' | 'fp16' | None (ssflctl/amp.py)
 )

@@ -35,6 +35,7 @@ ssflctl_params = dict(
     val_interval=None,
     log_interval=5,
     ckpt_interval=1,
+    amp=None,  # mixed precision: 'bf16' | 'fp16' | None (ssflctl/amp.py)
 )
 # Template-specific params: name -> the dotted config keys they set.
 ssflctl_bindings = dict(img_scale=[

@@ -30,6 +30,7 @@ ssflctl_params = dict(
     val_interval=1,
     log_interval=50,
     ckpt_interval=1,
+    amp=None,  # mixed precision: 'bf16' | 'fp16' | None (ssflctl/amp.py)
 )
 # Template-specific params: name -> the dotted config keys they set.
 ssflctl_bindings = dict(img_scale=[

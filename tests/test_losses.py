@@ -365,3 +365,156 @@ def test_retinanet_with_ssfl_builds_and_backprops(L):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert model.bbox_head.retina_cls.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ the fused class-index path (issue 19)
+def _seed_grad(pred64, onehot, shift, gamma, alpha, weight=None, reduce="sum", avg_factor=None):
+    """Gradient of the seed's literal formula (autograd through ssfl_factor_reference), float64."""
+    import ssflctl.extensions.losses as L
+    x = pred64.clone().requires_grad_()
+    loss = L.ssfl_factor_reference(x, onehot, shift=shift, gamma=gamma, alpha=alpha)
+    if weight is not None:
+        loss = loss * (weight.view(-1, 1) if weight.dim() == 1 else weight)
+    total = loss.sum() if avg_factor is None else loss.sum() / (avg_factor + torch.finfo(torch.float32).eps)
+    (grad,) = torch.autograd.grad(total, x)
+    return total.detach(), grad
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (1.0, 0.75), (0.5, 0.5), (3.0, 0.1)])
+@pytest.mark.parametrize("weight_kind", [None, "per_prior", "per_class"])
+def test_closed_form_gradient_equals_autograd_of_the_seed_formula_float64(L, shift, gamma, alpha,
+                                                                           weight_kind):
+    pred, labels, onehot = _grid(lo=-12.0, hi=12.0, n=97, num_classes=4)
+    g = torch.Generator().manual_seed(5)
+    weight = None if weight_kind is None else (
+        torch.rand(pred.size(0), generator=g, dtype=torch.float64) if weight_kind == "per_prior"
+        else torch.rand(pred.shape, generator=g, dtype=torch.float64))
+    ref_total, ref_grad = _seed_grad(pred, onehot, shift, gamma, alpha, weight, avg_factor=7.0)
+    x = pred.clone().requires_grad_()
+    total = L.focal_family_loss(x, labels, weight, gamma=gamma, alpha=alpha, shift=shift,
+                                avg_factor=7.0)
+    (grad,) = torch.autograd.grad(total, x)
+    torch.testing.assert_close(total.detach(), ref_total, rtol=1e-9, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-13)
+
+
+@pytest.mark.parametrize("modulation,shift,max_weight", [("ssfl", 0.1, None), ("ssfl", 0.0, None),
+                                                         ("focal", 0.0, None), ("ssfl", 0.1, 9.0),
+                                                         ("ssfl", 0.0, 5.0), ("focal", 0.0, 0.5)])
+def test_chunks_and_ragged_last_chunk_give_the_one_chunk_result(L, monkeypatch, modulation, shift,
+                                                                 max_weight):
+    g = torch.Generator().manual_seed(11)
+    pred = torch.randn(203, 7, generator=g, dtype=torch.float64) * 6
+    labels = torch.randint(0, 8, (203,), generator=g)
+    weight = torch.rand(203, generator=g, dtype=torch.float64)
+    kw = dict(modulation=modulation, shift=shift, max_weight=max_weight)
+
+    def run(reduction):
+        x = pred.clone().requires_grad_()
+        out = L.focal_family_loss(x, labels, weight, reduction=reduction, **kw)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        return out.detach(), grad
+
+    whole = {r: run(r) for r in ("none", "mean", "sum")}
+    monkeypatch.setitem(L.CHUNK_ELEMS, "cpu", 7 * 10)        # 10 rows a chunk, last chunk 3 rows
+    for r in ("none", "mean", "sum"):
+        out, grad = run(r)
+        torch.testing.assert_close(out, whole[r][0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad, whole[r][1], rtol=1e-12, atol=0)
+    # and all agree with the autograd composition on one-hot float targets
+    onehot = F.one_hot(labels, 8)[:, :7].double()
+    x = pred.clone().requires_grad_()
+    ref = L.focal_family_loss(x, onehot, weight, **kw)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(whole["mean"][0], ref.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(whole["mean"][1], ref_grad, rtol=1e-9, atol=1e-15)
+
+
+def test_empty_input_and_all_background(L):
+    pred = torch.zeros(0, 5, requires_grad=True)
+    loss = L.ShiftStepFocalLoss()(pred, torch.zeros(0, dtype=torch.long), avg_factor=1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and pred.grad.shape == (0, 5)
+    pred = torch.full((6, 5), -4.6, requires_grad=True)
+    loss = L.ShiftStepFocalLoss(reduction="sum")(pred, torch.full((6,), 5))
+    ref = L.ssfl_factor_reference(pred.detach().double(), torch.zeros(6, 5, dtype=torch.float64)).sum()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_backward_keeps_only_logits_labels_and_weight(L):
+    pred, labels, _ = _random_case(n=64, c=5)
+    x = pred.clone().requires_grad_()
+    weight = torch.rand(64)
+    loss = L.ShiftStepFocalLoss()(x, labels, weight, avg_factor=3.0)
+    node = loss.grad_fn
+    while type(node).__name__ != "_FocalFamilyIndexFnBackward":     # through the / avg_factor
+        node = node.next_functions[0][0]
+    saved = node.saved_tensors
+    assert len(saved) == 3
+    assert saved[0].data_ptr() == x.data_ptr() and saved[1].data_ptr() == labels.data_ptr()
+    assert saved[2].shape == (64, 1) and saved[2].data_ptr() == weight.data_ptr()
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_losses", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peak_memory_measure_sees_what_is_allocated():
+    bench = _bench()
+    x = torch.randn(1000, 1000)
+    # a, b alive together (8 MB), then a freed, c allocated: peak 8 MB (+ a few bytes of scalars)
+    def fn():
+        a = x * 2
+        b = a + 1
+        del a
+        c = b.exp()
+        del b, c
+    peak = bench.peak_extra_bytes(fn)
+    assert 8_000_000 <= peak < 8_000_000 + 4096
+
+
+@pytest.mark.parametrize("loss_name", ["ssfl", "gfl", "focal_family"])
+def test_forward_backward_memory_within_1_2x_of_mmdet_focal_loss(L, loss_name):
+    """Peak extra memory of fwd+bwd on the CPU: at most 1.2x mmdet's FocalLoss, and about the
+    gradient plus a few chunk buffers."""
+    bench = _bench()
+    pred, labels, weight, avg_factor = bench._make_inputs(20_000, 80, "cpu")
+    ours = {"ssfl": L.ShiftStepFocalLoss(), "gfl": L.GeneralizedFocalLossStar(),
+            "focal_family": L.FocalFamilyLoss(modulation="focal")}[loss_name]
+    ref_mib = bench._peak_mib(_mmdet_focal(), pred, labels, weight, avg_factor)
+    mib = bench._peak_mib(ours, pred, labels, weight, avg_factor)
+    grad_mib = pred.numel() * 4 / 2**20
+    print(f"\n{loss_name}: {mib:.2f} MiB vs mmdet FocalLoss {ref_mib:.2f} MiB (gradient {grad_mib:.2f})")
+    assert mib <= 1.2 * ref_mib
+    chunk_mib = L.CHUNK_ELEMS["cpu"] * 4 / 2**20
+    assert grad_mib <= mib <= grad_mib + 10 * chunk_mib
+
+
+def test_no_host_sync_or_graph_break_under_dynamo(L):
+    import torch._dynamo as dynamo
+    pred, labels, _ = _random_case(n=50, c=4)
+    weight = torch.rand(50)
+    loss = L.ShiftStepFocalLoss()
+
+    def step(x, labels, weight):
+        return loss(x, labels, weight, avg_factor=5.0)
+
+    dynamo.reset()
+    explained = dynamo.explain(step)(pred.clone().requires_grad_(), labels, weight)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x1, x2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    out = compiled(x1, labels, weight)
+    out.backward()
+    ref = step(x2, labels, weight)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-8)
+    dynamo.reset()

@@ -78,7 +78,12 @@ def format_reason(record: Dict[str, Any]) -> str:
     """The one line the status shows, e.g. ``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)``."""
     from ssflctl.workdir.records import NanRecord
 
-    return (NanRecord.from_json(record) or NanRecord()).describe()
+    text = (NanRecord.from_json(record) or NanRecord()).describe()
+    amp = record.get("amp") or {}
+    if amp.get("dtype") == "float16":
+        text += ("; under fp16 AMP, where a value beyond float16's range (65504) is inf: "
+                 "try amp: bf16 (float32's range) or amp: null (fp32)")
+    return text
 
 
 def _as_float(value: Any) -> Optional[float]:
@@ -210,6 +215,30 @@ def _lr_of(runner):
     return first, lrs
 
 
+def _amp_of(runner) -> Optional[Dict[str, Any]]:
+    """Mixed-precision facts of an mmengine ``AmpOptimWrapper`` (mmengine 0.10.7), else None.
+
+    ``{"dtype": "float16" | "bfloat16", "loss_scale": <GradScaler scale> | None}``. A loss-scale
+    overflow that the GradScaler handles (inf/NaN *gradients*: the step is skipped, the scale
+    halved) leaves the loss finite and never reaches the guard; a non-finite *loss* under fp16
+    AMP may still be a float16 overflow in the forward pass that fp32 or bf16 would not have.
+    """
+    wrapper = getattr(runner, "optim_wrapper", None)
+    if wrapper is None or not any(c.__name__ == "AmpOptimWrapper" for c in type(wrapper).__mro__):
+        return None
+    dtype = getattr(wrapper, "cast_dtype", None)
+    # mmengine's autocast: dtype None -> float16 on CUDA (torch's default)
+    name = "float16" if dtype is None else str(dtype).replace("torch.", "")
+    scale = None
+    scaler = getattr(wrapper, "loss_scaler", None)
+    try:
+        if scaler is not None and scaler.is_enabled():
+            scale = float(scaler.get_scale())
+    except Exception:
+        scale = None
+    return {"dtype": name, "loss_scale": scale}
+
+
 def _by_epoch(loop) -> bool:
     if loop is None:
         return False
@@ -247,6 +276,9 @@ def build_record(runner, batch_idx, vals, bad, last_finite, last_finite_iter) ->
         "work_dir": str(getattr(runner, "work_dir", "")),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    amp = _amp_of(runner)
+    if amp is not None:
+        record["amp"] = amp
     record["reason"] = format_reason(record)
     return record
 

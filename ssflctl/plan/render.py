@@ -30,6 +30,8 @@ val_interval   ``train_cfg.val_interval`` (``None``: validate only after the las
 log_interval   ``default_hooks.logger.interval``
 ckpt_interval  ``default_hooks.checkpoint.interval``
 auto_scale_lr  ``auto_scale_lr.enable``
+amp            ``fp16`` | ``bf16`` | ``None``: mixed precision (``AmpOptimWrapper`` with that dtype,
+               dynamic loss scale; mmdet's FocalLoss -> ``FocalLossAMP``); see ssflctl/amp.py
 =============  ===================================================================================
 """
 from __future__ import annotations
@@ -60,7 +62,7 @@ _SPLITS = ("train", "val", "test")
 #: params _apply_params knows (others need ssflctl_bindings or ssflctl_derived in the template)
 _HANDLED = frozenset({"loss", "lr", "seed", "max_epochs", "max_iters", "val_interval", "batch_size",
                       "workers", "data_root", "classes", "load_from", "log_interval", "ckpt_interval",
-                      "auto_scale_lr"} | {f"{s}_{k}" for s in ("train", "val", "test") for k in ("ann", "img")})
+                      "auto_scale_lr", "amp"} | {f"{s}_{k}" for s in ("train", "val", "test") for k in ("ann", "img")})
 _DATASET_WRAPPERS = ("RepeatDataset", "ClassBalancedDataset", "MultiImageMixDataset")
 _VERSIONED = ("torch", "mmcv", "mmdet", "mmengine", "ssflctl", "numpy", "pycocotools")
 
@@ -298,6 +300,10 @@ def render_config(template: Union[str, Path], params: Optional[Dict[str, Any]] =
             _apply_params(cfg, params, declared, bindings, where)
     for key, value in (overrides or {}).items():
         _set_existing(cfg, str(key), value, "overrides")
+    if "amp" in declared:  # last: it sees the final optim_wrapper and loss_cls (ssflctl/amp.py)
+        from ssflctl.plan.amp import apply_amp
+
+        apply_amp(cfg, resolved.get("amp"), where)
 
     ci = cfg.get("custom_imports") or {}
     imports = list(ci.get("imports", []))
