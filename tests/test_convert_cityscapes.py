@@ -293,10 +293,11 @@ def test_every_decoder_gives_identical_arrays_and_files(synth, tmp_path, monkeyp
     assert len(files) == 13
     top = 0
     for f in files:
-        arr = decode(f.read_bytes())
         ref = np.asarray(Image.open(f))
-        assert arr.dtype == np.uint16 and arr.shape == (SIZE[1], SIZE[0]), f
-        assert np.array_equal(arr, ref), f
+        for reuse in (False, True):  # True: into the decoder's reused buffer, as the converter does
+            arr = decode(f.read_bytes(), reuse)
+            assert arr.dtype == np.uint16 and arr.shape == (SIZE[1], SIZE[0]), f
+            assert np.array_equal(arr, ref), (f, reuse)
         top = max(top, int(arr.max()))
     assert top > 32000  # 16-bit instance ids (bicycle #k = 33000 + k) are in the data
     monkeypatch.setattr(cityscapes, "_READ", None)

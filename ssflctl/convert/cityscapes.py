@@ -110,8 +110,18 @@ def _decode_imagecodecs():
     if not imagecodecs.PNG.available:  # pragma: no cover - depends on the wheel
         raise ImportError("imagecodecs was built without PNG support")
     png_decode = imagecodecs.png_decode
+    reusable: Dict[Tuple[int, int], np.ndarray] = {}
 
-    def decode(data: bytes) -> np.ndarray:
+    def decode(data: bytes, reuse: bool = False) -> np.ndarray:
+        if reuse:  # decode into this process's buffer: no fresh 4 MB (and its page faults) per image
+            hdr = parse_png_header(data[:33], b"")
+            if hdr is not None and hdr.bit_depth == 16 and hdr.color_type == 0:
+                shape = (hdr.height, hdr.width)
+                out = reusable.get(shape)
+                if out is None:
+                    reusable.clear()
+                    out = reusable[shape] = np.empty(shape, np.uint16)
+                return png_decode(data, out=out)
         return png_decode(data)
 
     return decode
@@ -128,7 +138,7 @@ def _decode_opencv():
         pass
     imdecode, unchanged = cv2.imdecode, cv2.IMREAD_UNCHANGED
 
-    def decode(data: bytes) -> np.ndarray:
+    def decode(data: bytes, reuse: bool = False) -> np.ndarray:
         img = imdecode(np.frombuffer(data, np.uint8), unchanged)
         if img is None:
             raise ValueError("OpenCV could not decode it")
@@ -142,7 +152,7 @@ def _decode_pillow():
 
     from PIL import Image
 
-    def decode(data: bytes) -> np.ndarray:
+    def decode(data: bytes, reuse: bool = False) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return np.asarray(im)
@@ -154,7 +164,7 @@ _FACTORIES = {"imagecodecs": _decode_imagecodecs, "opencv": _decode_opencv, "pil
 
 
 def _decoder(name: Optional[str] = None):
-    """``(name, decode(png_bytes) -> ndarray)``: the fastest decoder installed (see ``DECODERS``).
+    """``(name, decode(png_bytes, reuse=False) -> ndarray)``: the fastest decoder installed (``DECODERS``).
 
     ``name`` (or the environment variable ``SSFLCTL_DECODER``) forces one; a forced decoder that is
     not installed is a UserError. imagecodecs is the optional extra ``ssflctl[fast]``; OpenCV comes
@@ -180,12 +190,16 @@ def _decoder(name: Optional[str] = None):
 _READ = None
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """Pixels of a PNG given as bytes, with the decoder ``_decoder()`` picks (chosen once per process)."""
+def decode_png(data: bytes, reuse: bool = False) -> np.ndarray:
+    """Pixels of a PNG given as bytes, with the decoder ``_decoder()`` picks (chosen once per process).
+
+    ``reuse``: the decoder may return the same array again on the next call with ``reuse`` (the
+    caller keeps no reference to it); saves a fresh allocation per image.
+    """
     global _READ
     if _READ is None:
         _READ = _decoder()[1]
-    return _READ(data)
+    return _READ(data, reuse)
 
 
 def read_png(path: str) -> np.ndarray:
@@ -257,13 +271,19 @@ def instance_runs(inst: np.ndarray, min_id: int = 24):
     if n == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, inst.ravel()[:0]
+    flat_img = inst.reshape(-1)
     flat = _vertical_changes(inst)  # flat (row-major) indices p of pixels that differ from p - w
+    col = np.flatnonzero(inst[0, 1:] != inst[h - 1, :-1]) + 1  # runs starting at the top of a column
     ys, xs = np.divmod(flat, w)
-    pos = xs * h + ys
-    col = np.flatnonzero(inst[0, 1:] != inst[h - 1, :-1]).astype(np.int64) + 1
-    starts = np.concatenate((np.zeros(1, np.int64), pos, col * h))
-    starts.sort()
-    values = inst[starts % h, starts // h]
+    pos = np.concatenate((np.zeros(1, np.int64), xs * h + ys, col * h))  # column-major start indices
+    vals = np.concatenate((inst[0, :1], flat_img[flat], inst[0, col]))  # the value of each run
+    if vals.dtype.kind == "u" and vals.dtype.itemsize <= 4 and n < 2**31:
+        key = (pos << 32) | vals.astype(np.int64)  # one sort of (position, value) pairs
+        key.sort()
+        starts, values = key >> 32, key & 0xFFFFFFFF
+    else:  # signed label maps (Pillow's mode I): sort positions, carry the values
+        order = np.argsort(pos, kind="stable")
+        starts, values = pos[order], vals[order]
     ends = np.empty_like(starts)
     ends[:-1] = starts[1:]
     ends[-1] = n
@@ -412,7 +432,7 @@ def load_image(task: Tuple[str, str, str, str, str]):
             f"{crowd}; use the original gtFine file or regenerate it with cityscapesscripts' json2instanceImg")
         return None, [], problems
     try:
-        inst = decode_png(data)
+        inst = decode_png(data, reuse=True)  # only encoded below, never kept
     except Exception as exc:
         problems.append(f"{inst_file}: unreadable or truncated PNG ({_why(exc)}); {TRUNCATED_HINT}")
         return None, [], problems
@@ -610,7 +630,8 @@ def convert(
             # small chunks: a busy worker must not hold the last images while the others idle
             chunk = max(1, min(4, len(tasks) // (8 * nproc)))
             for info, anns, bad in _map(tasks, pool, chunk):
-                bar.advance(task_id)
+                if progress:
+                    bar.advance(task_id)
                 if bad:
                     problems += bad
                 if info is None or problems:
