@@ -540,6 +540,25 @@ def test_bad_input_that_used_to_convert_silently(synth, tmp_path, cli_env, case)
 
 
 @unit
+def test_many_bad_files_are_counted_and_listed_up_to_a_limit(synth, tmp_path):
+    from ssflctl.convert.cityscapes import MAX_PROBLEM_LINES, convert
+    from ssflctl.errors import UserError
+
+    root = _copy(synth, tmp_path / "cs")
+    gt = root / "gtFine" / "val" / "frankfurt"
+    src = gt / "frankfurt_000000_000019_gtFine_instanceIds.png"
+    for k in range(MAX_PROBLEM_LINES + 10):  # annotations of images that are not there
+        shutil.copy(src, gt / f"frankfurt_{100 + k:06d}_000019_gtFine_instanceIds.png")
+    with pytest.raises(UserError) as err:
+        convert(root, tmp_path / "out", splits=["val"], progress=False)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith(f"{MAX_PROBLEM_LINES + 10} bad input files")
+    assert len(lines) == 1 + MAX_PROBLEM_LINES + 1 and lines[-1].strip() == "... and 10 more"
+    assert all("is missing" in line for line in lines[1:-1])
+    assert not (tmp_path / "out").exists()
+
+
+@unit
 def test_png_with_bytes_after_iend_is_accepted(synth, tmp_path):
     """Bytes after the IEND chunk are legal (some tools append metadata): not mistaken for truncation."""
     from ssflctl.convert.cityscapes import convert
@@ -597,6 +616,11 @@ def test_full_disk_on_second_split_changes_nothing(synth, tmp_path, monkeypatch)
     assert "no JSON file was changed" in msg and "\n" not in msg
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # byte-identical, no temp file left
     # the same run with room to write replaces all three
+    # into a folder that did not exist: not even the folder is left behind
+    calls.clear()
+    with pytest.raises(UserError, match="No space left on device"):
+        cityscapes.convert(synth, tmp_path / "new" / "ann", force=True, progress=False)
+    assert not (tmp_path / "new" / "ann").exists()
     monkeypatch.setattr(cityscapes, "_write_data", real)
     cityscapes.convert(synth, out, force=True, progress=False)
     assert all(json.loads((out / n).read_text())["images"] for n in old if "test" not in n)

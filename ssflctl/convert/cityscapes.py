@@ -734,6 +734,7 @@ def write_all(files: Sequence[Tuple[Path, bytes]]) -> None:
     if not files:
         return
     out_dir = files[0][0].parent
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -742,6 +743,7 @@ def write_all(files: Sequence[Tuple[Path, bytes]]) -> None:
     backups: Dict[Path, Path] = {}
     existed = {target for target, _ in files if target.exists()}
     done: List[Path] = []
+    ok = False
     try:
         for target, data in files:
             try:
@@ -770,11 +772,15 @@ def write_all(files: Sequence[Tuple[Path, bytes]]) -> None:
                     + " — re-run when the folder is writable or choose another --out-dir") from exc
             done.append(target)
         _fsync_dir(out_dir)
+        ok = True
     finally:
         for tmp in temps:
             _unlink(tmp)
         for bak in backups.values():
             _unlink(bak)
+        if created and not ok:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty: the folder this call made, nothing else
 
 
 def _restore(done: List[Path], backups: Dict[Path, Path], existed) -> bool:
