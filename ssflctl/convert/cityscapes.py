@@ -203,6 +203,7 @@ def decode_png(data: bytes, reuse: bool = False) -> np.ndarray:
 
 
 def read_png(path: str) -> np.ndarray:
+    """Pixels of the PNG file ``path`` (a fresh array), with ``decode_png``'s decoder."""
     with open(path, "rb") as fh:
         return decode_png(fh.read())
 
