@@ -615,7 +615,9 @@ def convert(
     """Convert ``splits`` of the Cityscapes ``root``; write ``out_dir/instancesonly_filtered_gtFine_<split>.json``.
 
     Raises UserError (nothing written) when a JSON exists and ``force`` is false, or when any input
-    file is bad; the message names every bad file.
+    file is bad; the message counts the bad files and names the first ``MAX_PROBLEM_LINES``, one line
+    each. Files under leftImg8bit that are not Cityscapes images are skipped and counted in
+    ``Summary.warnings``. All JSON files are written or none (``write_all``).
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -642,8 +644,8 @@ def convert(
     results: Dict[str, bytes] = {}
     summaries: List[SplitSummary] = []
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_no_gc())
         pool = _pool(stack, nproc, sum(len(listing[s].tasks) for s in splits))
+        stack.enter_context(_no_gc())  # after the fork: the workers keep their collector
         bar = stack.enter_context(_progress(progress, console))
         for split in splits:
             tasks = listing[split].tasks
