@@ -7,6 +7,8 @@ mmcv and mmengine).
 """
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import IN_CI, REPO, run_cli
 
 unit = pytest.mark.unit
 training = pytest.mark.training
@@ -272,17 +274,64 @@ def test_nproc_2_gives_identical_files(synth, tmp_path):
     assert not (tmp_path / "a" / "instancesonly_filtered_gtFine_test.json").exists()
 
 
+DECODER_MODULES = {"imagecodecs": "imagecodecs", "opencv": "cv2", "pillow": "PIL"}
+
+
 @unit
-def test_pillow_decoder_gives_identical_files(synth, tmp_path, monkeypatch):
+@pytest.mark.parametrize("decoder", ["imagecodecs", "opencv", "pillow"])
+def test_every_decoder_gives_identical_arrays_and_files(synth, tmp_path, monkeypatch, decoder):
+    """Each decoder against Pillow (the core dependency) and OpenCV (the decoder before imagecodecs):
+    the same uint16 arrays, and byte-identical JSON files."""
+    from PIL import Image
+
     from ssflctl.convert import cityscapes
 
-    cityscapes.convert(synth, tmp_path / "a", splits=["val"], progress=False)
-    monkeypatch.setenv("SSFLCTL_DECODER", "pillow")
+    if importlib.util.find_spec(DECODER_MODULES[decoder]) is None:
+        if IN_CI:  # the test extra brings imagecodecs, the train extra OpenCV (via mmcv)
+            pytest.fail(f"CI must have the {decoder} decoder installed", pytrace=False)
+        pytest.skip(f"{decoder} is not installed")
+    name, decode = cityscapes._decoder(decoder)
+    assert name == decoder
+    files = sorted((synth / "gtFine").glob("*/*/*_gtFine_instanceIds.png"))
+    assert len(files) == 13
+    top = 0
+    for f in files:
+        ref = np.asarray(Image.open(f))
+        for reuse in (False, True):  # True: into the decoder's reused buffer, as the converter does
+            arr = decode(f.read_bytes(), reuse)
+            assert arr.dtype == np.uint16 and arr.shape == (SIZE[1], SIZE[0]), f
+            assert np.array_equal(arr, ref), (f, reuse)
+        top = max(top, int(arr.max()))
+    assert top > 32000  # 16-bit instance ids (bicycle #k = 33000 + k) are in the data
     monkeypatch.setattr(cityscapes, "_READ", None)
-    s = cityscapes.convert(synth, tmp_path / "b", splits=["val"], progress=False)
-    assert s.decoder == "pillow"
-    name = "instancesonly_filtered_gtFine_val.json"
-    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    monkeypatch.setenv("SSFLCTL_DECODER", "pillow")
+    cityscapes.convert(synth, tmp_path / "ref", splits=["train", "val"], progress=False)
+    monkeypatch.setattr(cityscapes, "_READ", None)
+    monkeypatch.setenv("SSFLCTL_DECODER", decoder)
+    s = cityscapes.convert(synth, tmp_path / decoder, splits=["train", "val"], progress=False)
+    assert s.decoder == decoder
+    for split in ("train", "val"):
+        name = f"instancesonly_filtered_gtFine_{split}.json"
+        assert (tmp_path / decoder / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+@unit
+def test_decoder_choice(monkeypatch):
+    from ssflctl.convert import cityscapes
+    from ssflctl.errors import UserError
+
+    monkeypatch.delenv("SSFLCTL_DECODER", raising=False)
+    installed = [d for d in cityscapes.DECODERS if importlib.util.find_spec(DECODER_MODULES[d]) is not None]
+    assert cityscapes._decoder()[0] == installed[0]  # the fastest installed one
+    monkeypatch.setenv("SSFLCTL_DECODER", "libpng")
+    with pytest.raises(UserError, match="SSFLCTL_DECODER=libpng: unknown PNG decoder; use one of imagecodecs"):
+        cityscapes._decoder()
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # as if not installed
+    monkeypatch.setenv("SSFLCTL_DECODER", "imagecodecs")
+    with pytest.raises(UserError, match=r"not installed.*ssflctl\[fast\]"):
+        cityscapes._decoder()
+    monkeypatch.delenv("SSFLCTL_DECODER")
+    assert cityscapes._decoder()[0] != "imagecodecs"
 
 
 @unit
@@ -312,6 +361,15 @@ def test_cli_summary_force_and_no_overwrite(synth, tmp_path, cli_env):
 # bad input: every bad file named, exit 2, nothing written, prior outputs untouched
 
 
+def _to_8bit(inst_png: Path) -> None:
+    """Overwrite a 16-bit instanceIds PNG with an 8-bit one (the labelIds values), as a tool that
+    "normalises" images would."""
+    from PIL import Image
+
+    arr = np.asarray(Image.open(inst_png)).astype(np.int64)
+    Image.fromarray(np.where(arr >= 1000, arr // 1000, arr).astype(np.uint8)).save(inst_png)
+
+
 def _bad_copy(synth, tmp_path):
     root = _copy(synth, tmp_path / "bad")
     tr = root / "gtFine" / "train"
@@ -325,9 +383,15 @@ def _bad_copy(synth, tmp_path):
 
     small = li / "aachen" / "aachen_000004_000019_leftImg8bit.png"
     Image.new("RGB", (SIZE[0] // 2, SIZE[1] // 2)).save(small)  # size mismatch
+    # a Cityscapes image name (MMDetection converts it too) whose gtFine files do not exist
     shutil.copy(li / "bochum" / "bochum_000005_000019_leftImg8bit.png", li / "bochum" / "bochum_5_leftImg8bit.png")
+    # not a Cityscapes image: skipped with a warning, never an error
     shutil.copy(li / "bochum" / "bochum_000005_000019_leftImg8bit.png", li / "bochum" / "picture.png")
     (li / "bochum" / ".DS_Store").write_text("ignored")
+    _to_8bit(tr / "aachen" / "aachen_000006_000019_gtFine_instanceIds.png")  # 8-bit instanceIds
+    img7 = li / "bochum" / "bochum_000007_000019_leftImg8bit.png"
+    img7.write_bytes(img7.read_bytes()[:-100])  # truncated image
+    (root / "leftImg8bit" / "val" / "frankfurt" / "frankfurt_000001_000019_leftImg8bit.png").unlink()  # gtFine orphan
     for p in (root / "leftImg8bit" / "test").glob("*/*.png"):  # empty split
         p.unlink()
     expected = [
@@ -336,9 +400,12 @@ def _bad_copy(synth, tmp_path):
         ("aachen_000002_000019_gtFine_instanceIds.png", "truncated"),
         ("bochum_000003_000019_gtFine_instanceIds.png", "unreadable"),
         ("aachen_000004_000019_gtFine_instanceIds.png", "does not match"),
-        ("bochum_5_leftImg8bit.png", "unexpected file name"),
-        ("picture.png", "unexpected file name"),
-        (str(Path("leftImg8bit") / "test"), "no images"),
+        ("bochum_5_gtFine_instanceIds.png", "missing"),
+        ("bochum_5_gtFine_labelIds.png", "missing"),
+        ("aachen_000006_000019_gtFine_instanceIds.png", "8-bit grey PNG, but instanceIds must be 16-bit"),
+        ("bochum_000007_000019_leftImg8bit.png", "truncated PNG"),
+        ("frankfurt_000001_000019_gtFine_instanceIds.png", "frankfurt_000001_000019_leftImg8bit.png is missing"),
+        (str(Path("leftImg8bit") / "test") + ":", "no images"),
     ]
     return root, expected
 
@@ -366,7 +433,7 @@ def test_bad_input_reports_every_file(synth, tmp_path, monkeypatch, decoder):
     for name, why in expected:
         hit = [l for l in lines if name in l]
         assert hit and why in hit[0], (name, why, msg)
-    assert ".DS_Store" not in msg
+    assert ".DS_Store" not in msg and "picture.png" not in msg
     assert list(out.iterdir()) == []  # no partial JSON, not even for the good val split
 
 
@@ -386,6 +453,207 @@ def test_bad_input_cli_exit_and_prior_outputs_untouched(synth, tmp_path, cli_env
         assert (out / f"instancesonly_filtered_gtFine_{split}.json").read_text() == f"previous {split}"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"instancesonly_filtered_gtFine_{s}.json" for s in ("train", "val", "test"))
+
+
+@unit
+def test_foreign_files_are_skipped_with_one_warning(synth, tmp_path, cli_env):
+    """Foggy Cityscapes images and other files next to the Cityscapes images are left out, counted
+    in one warning line; the JSON is the one of the clean tree. A matching file that is broken still
+    stops the conversion, with its name."""
+    clean = tmp_path / "clean"
+    assert run_cli("convert", "cityscapes", synth, "--out-dir", clean, env=cli_env).returncode == 0
+    root = _copy(synth, tmp_path / "cs")
+    li = root / "leftImg8bit"
+    foreign = []
+    for img in sorted(li.glob("*/*/*_leftImg8bit.png")):
+        for beta in ("0.01", "0.02"):
+            dst = img.with_name(img.name.replace(".png", f"_foggy_beta_{beta}.png"))
+            shutil.copy(img, dst)
+            foreign.append(dst)
+    (li / "train" / "aachen" / "notes.txt").write_text("my notes")
+    (li / "train" / "stray_leftImg8bit.png").write_bytes(b"x")  # outside a city folder
+    (li / "train" / "aachen" / ".hidden.png").write_bytes(b"x")  # hidden: ignored, not counted
+    out = tmp_path / "out"
+    proc = run_cli("convert", "cityscapes", root, "--out-dir", out, env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    warn = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warn) == 1, proc.stderr
+    assert f"skipped {len(foreign) + 2} files" in warn[0] and "_foggy_beta_" in warn[0] and "not in the JSON" in warn[0]
+    for split in ("train", "val", "test"):
+        name = f"instancesonly_filtered_gtFine_{split}.json"
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+    # a file that matches the Cityscapes names and is broken still stops everything, by name
+    bad = root / "gtFine" / "val" / "frankfurt" / "frankfurt_000001_000019_gtFine_instanceIds.png"
+    bad.write_bytes(bad.read_bytes()[:300])
+    proc = run_cli("convert", "cityscapes", root, "--out-dir", tmp_path / "out2", env=cli_env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{bad}: truncated PNG" in proc.stderr and "_foggy_beta_" not in proc.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def _bad_input_case(case: str, root: Path) -> tuple:
+    """Break one thing in a copy of the synthetic tree: (the file the message must name, words in it)."""
+    gt, li = root / "gtFine" / "val" / "frankfurt", root / "leftImg8bit" / "val" / "frankfurt"
+    stem = "frankfurt_000001_000019"
+    if case == "8-bit instanceIds":
+        _to_8bit(gt / f"{stem}_gtFine_instanceIds.png")
+        return gt / f"{stem}_gtFine_instanceIds.png", ["8-bit grey PNG", "crowd region", "json2instanceImg"]
+    if case == "image missing":
+        (li / f"{stem}_leftImg8bit.png").unlink()
+        return gt / f"{stem}_gtFine_instanceIds.png", [f"{li / stem}_leftImg8bit.png is missing",
+                                                       "annotations would be missing", "restore the image"]
+    if case == "city folder missing":
+        shutil.copytree(gt, root / "gtFine" / "val" / "lindau")
+        return root / "gtFine" / "val" / "lindau", ["3 annotated images but no", "move this gtFine folder"]
+    if case == "truncated image":
+        img = li / f"{stem}_leftImg8bit.png"
+        img.write_bytes(img.read_bytes()[:-40])
+        return img, ["truncated PNG", "re-download or re-extract"]
+    if case == "truncated labelIds":
+        seg = gt / f"{stem}_gtFine_labelIds.png"
+        seg.write_bytes(seg.read_bytes()[: len(seg.read_bytes()) // 2])
+        return seg, ["truncated PNG", "re-download or re-extract"]
+    raise AssertionError(case)
+
+
+@unit
+@pytest.mark.parametrize("case", ["8-bit instanceIds", "image missing", "city folder missing", "truncated image",
+                                  "truncated labelIds"])
+def test_bad_input_that_used_to_convert_silently(synth, tmp_path, cli_env, case):
+    """Each of these converted with exit 0 and a different JSON before: now one line names the file
+    and what to do, exit 2, and the previous outputs are untouched."""
+    root = _copy(synth, tmp_path / "cs")
+    named, words = _bad_input_case(case, root)
+    out = tmp_path / "ann"
+    out.mkdir()
+    (out / "instancesonly_filtered_gtFine_val.json").write_text("previous")
+    proc = run_cli("convert", "cityscapes", root, "--out-dir", out, "--splits", "val", "--force", env=cli_env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "1 bad input file under" in lines[0] and "nothing written" in lines[0]
+    assert len(lines) == 2 and lines[1].strip().startswith(f"{named}:"), proc.stderr
+    for w in words:
+        assert w in lines[1], (w, lines[1])
+    assert [p.name for p in out.iterdir()] == ["instancesonly_filtered_gtFine_val.json"]
+    assert (out / "instancesonly_filtered_gtFine_val.json").read_text() == "previous"
+
+
+@unit
+def test_many_bad_files_are_counted_and_listed_up_to_a_limit(synth, tmp_path):
+    from ssflctl.convert.cityscapes import MAX_PROBLEM_LINES, convert
+    from ssflctl.errors import UserError
+
+    root = _copy(synth, tmp_path / "cs")
+    gt = root / "gtFine" / "val" / "frankfurt"
+    src = gt / "frankfurt_000000_000019_gtFine_instanceIds.png"
+    for k in range(MAX_PROBLEM_LINES + 10):  # annotations of images that are not there
+        shutil.copy(src, gt / f"frankfurt_{100 + k:06d}_000019_gtFine_instanceIds.png")
+    with pytest.raises(UserError) as err:
+        convert(root, tmp_path / "out", splits=["val"], progress=False)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith(f"{MAX_PROBLEM_LINES + 10} bad input files")
+    assert len(lines) == 1 + MAX_PROBLEM_LINES + 1 and lines[-1].strip() == "... and 10 more"
+    assert all("is missing" in line for line in lines[1:-1])
+    assert not (tmp_path / "out").exists()
+
+
+@unit
+def test_png_with_bytes_after_iend_is_accepted(synth, tmp_path):
+    """Bytes after the IEND chunk are legal (some tools append metadata): not mistaken for truncation."""
+    from ssflctl.convert.cityscapes import convert
+
+    root = _copy(synth, tmp_path / "cs")
+    ref = convert(synth, tmp_path / "ref", splits=["val"], progress=False)
+    for f in (root / "leftImg8bit" / "val").glob("*/*.png"):
+        f.write_bytes(f.read_bytes() + b"trailing metadata" * 3)
+    for f in (root / "gtFine" / "val").glob("*/*_instanceIds.png"):
+        f.write_bytes(f.read_bytes() + b"\0" * 7)
+    convert(root, tmp_path / "out", splits=["val"], progress=False)
+    name = "instancesonly_filtered_gtFine_val.json"
+    assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert ref.splits[0].images == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# all splits or none: a failure while writing leaves every previous file as it was
+
+
+def _previous_outputs(out: Path) -> dict:
+    out.mkdir()
+    old = {}
+    for split in ("train", "val", "test"):
+        p = out / f"instancesonly_filtered_gtFine_{split}.json"
+        p.write_bytes(f'{{"previous": "{split}"}}'.encode() * 1000)
+        old[p.name] = p.read_bytes()
+    return old
+
+
+@unit
+def test_full_disk_on_second_split_changes_nothing(synth, tmp_path, monkeypatch):
+    from ssflctl.convert import cityscapes
+    from ssflctl.errors import UserError
+
+    out = tmp_path / "ann"
+    old = _previous_outputs(out)
+    calls = []
+    real = cityscapes._write_data
+
+    def full_disk(fh, data):
+        calls.append(len(data))
+        if len(calls) == 2:  # the disk fills up half-way through the second split (val)
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fh, data)
+
+    monkeypatch.setattr(cityscapes, "_write_data", full_disk)
+    with pytest.raises(UserError) as err:
+        cityscapes.convert(synth, out, force=True, progress=False)
+    msg = str(err.value)
+    assert len(calls) == 2
+    assert msg.startswith(f"{out / 'instancesonly_filtered_gtFine_val.json'}: cannot write (No space left on device)")
+    assert "no JSON file was changed" in msg and "\n" not in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # byte-identical, no temp file left
+    # the same run with room to write replaces all three
+    # into a folder that did not exist: not even the folder is left behind
+    calls.clear()
+    with pytest.raises(UserError, match="No space left on device"):
+        cityscapes.convert(synth, tmp_path / "new" / "ann", force=True, progress=False)
+    assert not (tmp_path / "new" / "ann").exists()
+    monkeypatch.setattr(cityscapes, "_write_data", real)
+    cityscapes.convert(synth, out, force=True, progress=False)
+    assert all(json.loads((out / n).read_text())["images"] for n in old if "test" not in n)
+
+
+@unit
+def test_failed_rename_puts_replaced_files_back(synth, tmp_path, monkeypatch):
+    """The last step (renames) failing half-way: the split already replaced is restored, a split
+    that did not exist before is removed again."""
+    from ssflctl.convert import cityscapes
+    from ssflctl.errors import UserError
+
+    out = tmp_path / "ann"
+    old = _previous_outputs(out)
+    (out / "instancesonly_filtered_gtFine_test.json").unlink()
+    del old["instancesonly_filtered_gtFine_test.json"]
+    real = os.replace
+    renames = []
+
+    def failing(src, dst):
+        if str(src).endswith(".tmp"):
+            renames.append(Path(dst).name)
+            if len(renames) == 3:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(UserError) as err:
+        cityscapes.convert(synth, out, splits=["test", "train", "val"], force=True, progress=False)
+    monkeypatch.setattr(os, "replace", real)
+    assert renames == [f"instancesonly_filtered_gtFine_{s}.json" for s in ("test", "train", "val")]
+    assert "cannot replace it" in str(err.value) and "no JSON file was changed" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
 
 
 @unit

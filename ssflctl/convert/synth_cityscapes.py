@@ -147,13 +147,14 @@ def _stuff(rng, W, H) -> List[dict]:
     return objs, horizon
 
 
-def _object(rng, W, H, horizon, label, near: Optional[Tuple[int, int, int, int]] = None, dense: bool = False):
+def _object(rng, W, H, horizon, label, near: Optional[Tuple[int, int, int, int]] = None, dense: bool = False,
+            scale: float = 1.0):
     base = label[: -len("group")] if label.endswith("group") else label
     hmin, hmax, aspect = SHAPES[base]
     if dense:  # many small, distant objects, as in real street scenes
-        h = max(2, int(H * np.exp(rng.uniform(np.log(hmin / 4), np.log(hmax)))))
+        h = max(2, int(H * scale * np.exp(rng.uniform(np.log(hmin / 4), np.log(hmax)))))
     else:
-        h = max(2, int(H * rng.uniform(hmin, hmax)))
+        h = max(2, int(H * scale * rng.uniform(hmin, hmax)))
     w = max(2, int(h * aspect * rng.uniform(0.8, 1.2)))
     if label.endswith("group"):
         w = int(w * rng.uniform(2.0, 3.5))
@@ -170,8 +171,18 @@ def _object(rng, W, H, horizon, label, near: Optional[Tuple[int, int, int, int]]
     return {"label": label, "polygon": _blob(rng, x0, y0, w, bottom - y0, label)}, (x0, y0, w, bottom - y0)
 
 
-def make_scene(rng, W: int, H: int, empty: bool = False, all_cases: bool = False) -> List[dict]:
-    """The objects of one image, back to front (later ones occlude earlier ones)."""
+def make_scene(rng, W: int, H: int, empty: bool = False, all_cases: bool = False,
+               instances: Optional[int] = None) -> List[dict]:
+    """The objects of one image, back to front (later ones occlude earlier ones).
+
+    ``instances``: a density knob for benchmarks: exactly this many objects of the eight evaluated
+    classes, scaled down by (20 / instances) ** 0.75 above 20 so that crowded scenes stay about as
+    occluded as the default ones, and no random extras (crowd regions, occluders, tiny objects;
+    image 0 keeps its special cases). A few objects are still hidden behind later ones, so the
+    annotations per image differ slightly (74 at 80, 21 at 20, 6 at 5 over six 2048×1024 images);
+    benchmarks report the count written. Default (None): 14–35 objects of all ten instance
+    classes at full size, 3–8 below 1024×512, with random extras.
+    """
     objs, horizon = _stuff(rng, W, H)
     if empty:
         return objs
@@ -181,26 +192,33 @@ def make_scene(rng, W: int, H: int, empty: bool = False, all_cases: bool = False
     # (the issue measured 83% of the reference's 106 ms/image in per-instance full-image copies)
     dense = W * H >= 1024 * 512
     n_obj = int(rng.integers(14, 36)) if dense else int(rng.integers(3, 9))
+    scale = 1.0
+    if instances is not None:
+        n_obj = int(instances)
+        names = [n for n in names if n not in ("caravan", "trailer")]  # ignored in evaluation
+        p = np.array([CLASS_WEIGHTS[n] for n in names])
+        scale = min(1.0, (20.0 / max(1, n_obj)) ** 0.75)
     inst: List[Tuple[dict, tuple]] = []
     labels = [str(rng.choice(names, p=p / p.sum())) for _ in range(n_obj)]
     if all_cases:
         labels += ["caravan", "trailer", "car", "person"]
     for lab in labels:
-        inst.append(_object(rng, W, H, horizon, lab, dense=dense))
-    if all_cases or rng.random() < 0.3:  # a crowd region
+        inst.append(_object(rng, W, H, horizon, lab, dense=dense, scale=scale))
+    extras = instances is None  # the density knob asks for an exact count
+    if all_cases or (extras and rng.random() < 0.3):  # a crowd region
         inst.append(_object(rng, W, H, horizon, str(rng.choice(GROUPS)) if not all_cases else "cargroup"))
     if all_cases:
         inst.append(_object(rng, W, H, horizon, "persongroup"))
     # occlusions: draw far (higher bottom edge) first, then add objects that overlap earlier ones
     inst.sort(key=lambda t: t[1][1] + t[1][3])
     extra = []
-    for k in range(2 if all_cases else int(rng.integers(0, 3))):
+    for k in range(2 if all_cases else int(rng.integers(0, 3)) if extras else 0):
         prev = inst[int(rng.integers(0, len(inst)))]
         lab = str(rng.choice(["car", "person", "bicycle"]))
         extra.append(_object(rng, W, H, horizon, lab, near=prev[1]))
     inst += extra
     out = [o for o, _ in inst]
-    if all_cases or rng.random() < 0.3:  # tiny objects: a few pixels
+    if all_cases or (extras and rng.random() < 0.3):  # tiny objects: a few pixels
         for lab in ("person", "car") if all_cases else (str(rng.choice(["person", "car", "bicycle"])),):
             x, y = int(rng.uniform(0, W - 4)), int(rng.uniform(horizon, H - 4))
             out.append({"label": lab, "polygon": [[x, y], [x + 1, y], [x + 1, y + 1], [x, y + 1]]})
@@ -271,12 +289,12 @@ def _write_image(args) -> str:
 
 
 def _write_image_now(args) -> str:
-    (root, split, city, index, W, H, seed, empty, all_cases, fast, color) = args
+    (root, split, city, index, W, H, seed, empty, all_cases, fast, color, instances) = args
     from cityscapesscripts.helpers.annotation import Annotation
     from cityscapesscripts.preparation import json2instanceImg, json2labelImg
 
     rng = np.random.default_rng([seed, list(SPLIT_CITIES).index(split) if split in SPLIT_CITIES else 9, index])
-    objects = make_scene(rng, W, H, empty=empty, all_cases=all_cases)
+    objects = make_scene(rng, W, H, empty=empty, all_cases=all_cases, instances=instances)
     stem = image_stem(city, index)
     img_dir = Path(root) / "leftImg8bit" / split / city
     gt_dir = Path(root) / "gtFine" / split / city
@@ -322,28 +340,33 @@ def generate(
     color: bool = False,
     empty_every: int = 6,
     nproc: int = 1,
+    instances: Optional[int] = None,
 ) -> Path:
     """Write a synthetic Cityscapes dataset under ``root`` and return ``root``.
 
     ``size`` is (width, height) like Cityscapes' 2048×1024; ``(256, 128)`` makes a tiny dataset.
     In every split image 0 holds every special case (caravan, trailer, crowd groups, tiny objects,
     occlusions, a fully hidden object, a licence plate, a deleted object) and every
-    ``empty_every``-th image (index 2, 2 + empty_every, ...) has no instances at all.
+    ``empty_every``-th image (index 2, 2 + empty_every, ...) has no instances at all (none with
+    ``instances``).
     Images are spread over the split's cities. ``fast`` skips the RGB noise and compresses PNGs
-    less (same label drawing code). Deterministic for a given seed.
+    less (same label drawing code). ``instances`` sets the objects drawn per image (density; see
+    ``make_scene``). Deterministic for a given seed.
     """
     _require_cityscapesscripts()
     root = Path(root)
     W, H = int(size[0]), int(size[1])
     if W < 16 or H < 16:
         raise UserError(f"size={size}: images must be at least 16×16 pixels")
+    if instances is not None and not 0 <= int(instances) <= 1000:
+        raise UserError(f"instances={instances}: give 0 to 1000 objects per image")
     jobs = []
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         cities = SPLIT_CITIES[split]
         for i in range(int(n)):
             city = cities[i % len(cities)]
-            empty = empty_every > 0 and i % empty_every == 2
-            jobs.append((str(root), split, city, i, W, H, seed, empty, i == 0, fast, color))
+            empty = empty_every > 0 and i % empty_every == 2 and instances is None
+            jobs.append((str(root), split, city, i, W, H, seed, empty, i == 0, fast, color, instances))
     if nproc > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
@@ -365,9 +388,11 @@ def cached(
     fast: bool = False,
     nproc: int = 1,
     cache_dir: Optional[os.PathLike] = None,
+    instances: Optional[int] = None,
 ) -> Path:
     """``generate`` into a cache folder keyed by the parameters (reused when complete)."""
-    key = json.dumps([n_train, n_val, n_test, list(size), seed, fast, 3])
+    params = [n_train, n_val, n_test, list(size), seed, fast, 3]
+    key = json.dumps(params if instances is None else params + [{"instances": int(instances), "knob": 2}])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     base = Path(cache_dir or os.environ.get("SSFLCTL_CACHE") or Path(tempfile.gettempdir()) / "ssflctl-cache")
     root = base / f"synth-cityscapes-{digest}"
@@ -379,7 +404,7 @@ def cached(
         import shutil
 
         shutil.rmtree(tmp)
-    generate(tmp, n_train, n_val, n_test, size, seed, fast=fast, nproc=nproc)
+    generate(tmp, n_train, n_val, n_test, size, seed, fast=fast, nproc=nproc, instances=instances)
     (tmp / MARKER).write_text(key)
     try:
         os.replace(tmp, root)
