@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ssflctl import backends
 from ssflctl.backends import Task
+from ssflctl.control import testcells
 from ssflctl.errors import UserError
 from ssflctl.plan import spec as spec_mod
 from ssflctl.workdir.layout import RunDir
@@ -44,10 +45,15 @@ class SubmitResult:
     submission_id: Optional[str] = None
     dry_run: bool = False
     warnings: List[str] = field(default_factory=list)
+    tests: List[Any] = field(default_factory=list)   # testcells.TestItem, one per test cell (test_matrix)
 
     @property
     def submitted(self) -> List[PlanItem]:
         return [p for p in self.plan if p.action == "submit"]
+
+    @property
+    def tests_submitted(self) -> List[Any]:
+        return [t for t in self.tests if t.action == "submit"]
 
 
 def _why_skip(row) -> Optional[str]:
@@ -103,6 +109,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
     result = SubmitResult(experiment=exp, kind=kind, plan=[], dry_run=dry_run, warnings=list(exp.warnings))
     if dry_run:
         result.plan = _dry_plan(ws, exp, runs)
+        result.tests = _dry_tests(ws, exp, runs, result.plan)
         return result
 
     from ssflctl.control.reconcile import reconcile
@@ -115,22 +122,33 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         sid = submission_id()
         folder = ws / "submissions" / sid
         claimed = _claim(reg, result, runs, sid, folder, path)
-        if not claimed:
+        if not claimed and not result.tests_submitted:
             return result
         result.submission_id = sid
+        options = dict(exp.executor.get(kind) or {})
+        options["experiment"] = exp.name
+        ids: Dict[str, Dict[str, Any]] = {}
         try:
-            tasks = _render_attempts(ws, claimed, sid, render)
-            options = dict(exp.executor.get(kind) or {})
-            options["experiment"] = exp.name
-            ids = backend.submit(tasks, folder, options, fns=fns)
+            if claimed:
+                tasks = _render_attempts(ws, claimed, sid, render)
+                ids = backend.submit(tasks, folder, options, fns=fns)
         except BaseException as exc:
             _release(reg, ws, claimed, exc)
+            testcells.release(reg, result.tests, exc)
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if isinstance(exc, ImportError):
                 raise UserError(f"rendering the configs needs the training stack ({msg}); install it with "
                                 "scripts/setup.sh (or pip install 'ssflctl[train]') on this machine") from None
             raise
-        _record_submitted(reg, claimed, ids, sid)
+        if claimed:
+            _record_submitted(reg, claimed, ids, sid)
+        if result.tests_submitted:  # the test cells: one more backend call, after their trainings
+            try:
+                tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns)
+            except BaseException as exc:
+                testcells.release(reg, result.tests, exc)
+                raise
+            testcells.record(reg, result.tests, tids)
         return result
     finally:
         reg.close()
@@ -152,6 +170,27 @@ def _dry_plan(ws: Path, exp, runs) -> List[PlanItem]:
     return plan
 
 
+def _dry_tests(ws: Path, exp, runs, plan) -> List[Any]:
+    """The test cells a submit would send (read-only)."""
+    rows = {}
+    if (ws / "registry.sqlite").exists():
+        from ssflctl.registry.store import Registry
+
+        with Registry.for_reading(ws) as reg:
+            try:
+                rows = {r["test_id"]: r for r in reg.test_rows(exp.name)}
+            except Exception:  # noqa: BLE001 - a registry from before test cells
+                rows = {}
+    retrain = {p.run.run_id for p in plan if p.action == "submit"}
+    out = []
+    for run in runs:
+        for t in run.tests:
+            row = rows.get(t.test_id)
+            why = testcells._why_skip(row, run.run_id in retrain) if row is not None else None
+            out.append(testcells.TestItem(t, run, "skip" if why else "submit", why or "new"))
+    return out
+
+
 def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path) -> List[PlanItem]:
     """In one IMMEDIATE transaction: register every run and claim those to submit (``submitting``)."""
     from ssflctl.registry.store import hostname, now
@@ -170,9 +209,10 @@ def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path) -> Lis
                            backend=result.kind)
             result.plan.append(item)
             claimed.append(item)
-        if claimed:
+        result.tests = testcells.claim(reg, exp.name, runs, result.plan, sid, result.kind)
+        if claimed or result.tests_submitted:
             reg.add_submission(sid, exp.name, result.kind, str(folder.resolve()), len(claimed),
-                               {"spec": str(Path(path).resolve())})
+                               {"spec": str(Path(path).resolve()), "tests": len(result.tests_submitted)})
     return claimed
 
 
