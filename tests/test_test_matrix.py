@@ -188,3 +188,56 @@ def test_dry_run_lists_the_test_cells(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = submit_mod.submit(_exp(tmp_path, _tm([0.05, 0.5])), tmp_path / "ws", dry_run=True)
     assert len(res.plan) == 2 and len(res.tests) == 4 and {t.action for t in res.tests} == {"submit"}
+
+
+def _light_test_attempt(adir, checkpoint=None, force=False, overrides=None, into=None):
+    """Stands in for mmdet's test loop: as many detections as 10 x (1 - score_thr)."""
+    n = int(round(10 * (1 - (overrides or {}).get(THR, 0.0))))
+    into.path.mkdir(parents=True, exist_ok=True)
+    into.detections_path.write_text(json.dumps([{"image_id": 1, "score": 0.9}] * n))
+    body = {"bbox": {"AP": n / 100}, "num_detections": n, "test_overrides": overrides}
+    into.write_metrics(body)
+    return body
+
+
+def light_test_cell(cell):
+    """The local backend's test-cell task with the light tester (the real wait and paths)."""
+    from ssflctl.node import job
+
+    job.test_attempt = _light_test_attempt
+    return job.test_cell_run(cell, poll_s=0.2)
+
+
+def test_local_backend_test_cells_wait_for_their_training(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from conftest import REPO
+
+    from ssflctl.commands.status import view
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("LIGHT_JOB_SLEEP", "0.5")
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    fns = dict(light.FNS, test_cell="test_test_matrix:light_test_cell")
+    path = _exp(tmp_path, _tm([0.0, 0.5]))
+    res = submit_mod.submit(path, ws, render=light.light_render, fns=fns)
+    assert len(res.submitted) == 2 and len(res.tests_submitted) == 4
+    assert all(t.after.startswith("local-") for t in res.tests_submitted)
+    end = time.time() + 120
+    while True:
+        with Registry(ws) as reg:
+            items = view(reg, ws, "tmx")
+        states = {t["state"] for i in items for t in i["tests"]}
+        if states <= {"done", "failed"} or time.time() > end:
+            break
+        time.sleep(0.5)
+    assert states == {"done"}, [i["tests"] for i in items]
+    for i in items:
+        run = RunDir.of(ws, i["run"])
+        n = {b["axes"][THR]: len(json.loads(run.tested_cell(t).detections_path.read_text()))
+             for t, b in run.test_cells().items()}
+        # done, so each test waited for its training (started earlier, it finds no finished attempt: failed)
+        assert n == {0.0: 10, 0.5: 5}
