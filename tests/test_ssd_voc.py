@@ -161,8 +161,10 @@ def test_focal_head_takes_the_ssfl_family():
 def test_experiment_dry_run(tmp_path):
     proc = run_cli("submit", REPO / "experiments" / "ssd_voc_focal.yaml", "--dry-run", "--workspace", tmp_path / "ws")
     assert proc.returncode == 0, proc.stderr
-    assert "would submit 2 runs" in proc.stdout
+    assert "would submit 2 runs" in proc.stdout and "6 test jobs of 6 test cells" in proc.stdout
     assert "gamma1" in proc.stdout and "gamma2" in proc.stdout
+    for thr in ("0.45", "0.5", "0.6"):  # the seed's NMS thresholds: test cells of each run
+        assert proc.stdout.count(f"test iou_threshold{thr}") == 2
 
 
 def test_experiment_runs_render_the_focal_head():
@@ -179,6 +181,7 @@ def test_experiment_runs_render_the_focal_head():
         assert cfg.test_evaluator.type == "VOCMetric" and cfg.test_evaluator.metric == "mAP"
         assert cfg.model.test_cfg.nms.iou_threshold == 0.5
         gammas.append(head.loss_cls.gamma)
+        assert [t.overrides for t in r.tests] == [{"model.test_cfg.nms.iou_threshold": v} for v in (0.45, 0.5, 0.6)]
     assert sorted(gammas) == [1.0, 2.0]
 
 

@@ -29,6 +29,8 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 TRAIN_FN = "ssflctl.node.job:train_run"
 TEST_FN = "ssflctl.node.job:test_run"
 TRAIN_AND_TEST_FN = "ssflctl.node.job:train_and_test"
+#: a test cell's job (test_matrix): tests the run's finished attempt under the cell's settings
+TEST_CELL_FN = "ssflctl.node.job:test_cell_run"
 
 
 class JobKind(str, Enum):
@@ -141,6 +143,23 @@ def capacity_problem(n_train: int, n_test: int, limits: Limits) -> Optional[str]
     return None
 
 
+@dataclass
+class TestTask:
+    """One test cell to send out (test_matrix): its definition file ``cell`` (in the run dir), and
+    the train job it waits for (``after``, None when the run is trained; ``after_folder``: the
+    submission folder that job was sent from)."""
+    test_id: str
+    run_id: str
+    run_dir: str
+    cell: str
+    resources: Dict[str, Any]
+    after: Optional[str] = None
+    after_folder: Optional[str] = None
+
+
+TestTask.__test__ = False  # not a pytest class
+
+
 class Backend:
     """One scheduler. Subclasses set :attr:`name` and implement the methods."""
 
@@ -155,6 +174,12 @@ class Backend:
                fns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Optional[str]]]:
         """Send the tasks out; per run id ``{"job_id", "test_job_id"}``. UserError when refused."""
         raise NotImplementedError
+
+    def submit_tests(self, tests: List[TestTask], folder: Path, options: Dict[str, Any],
+                     fns: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        """Send the test cells' jobs out, each after its ``after`` job succeeded; per test id its job
+        id. UserError when refused."""
+        raise UserError(f"executor {self.name}: test_matrix is not supported by this backend")
 
     def query(self, jobs: Iterable[JobRef]) -> Dict[str, JobStatus]:
         """Status of each job id. Never raises for a scheduler failure: UNKNOWN with ``error``."""

@@ -21,6 +21,7 @@ class FakeBackend(Backend):
     def __init__(self):
         self.jobs: Dict[str, JobStatus] = {}
         self.submitted: List[Dict[str, object]] = []   # one entry per submit call
+        self.tests_submitted: List[Dict[str, object]] = []  # one entry per submit_tests call
         self.cancelled: List[str] = []
         self.fail_queries: Optional[str] = None
         self.refuse: Optional[str] = None
@@ -53,6 +54,20 @@ class FakeBackend(Backend):
                 out[t.run_id] = {"job_id": jid, "test_job_id": tid}
         self.submitted.append({"folder": str(folder), "run_ids": [t.run_id for t in tasks], "ids": out,
                                "arrays": arrays})
+        return out
+
+    def submit_tests(self, tests, folder, options, fns=None):
+        """One array for the test cells; ``tests_submitted`` keeps each call's cells and waits."""
+        if self.refuse:
+            raise UserError(f"sbatch refused the submission: {self.refuse}")
+        base = str(next(self._ids))
+        out = {}
+        for i, t in enumerate(tests):
+            jid = f"{base}_{i}"
+            self.jobs[jid] = JobStatus(jid, JobKind.QUEUED, raw="PENDING", reason="Dependency" if t.after else "")
+            out[t.test_id] = jid
+        self.tests_submitted.append({"folder": str(folder), "test_ids": [t.test_id for t in tests],
+                                     "after": {t.test_id: t.after for t in tests}, "ids": out})
         return out
 
     def set(self, job_id: str, kind: JobKind, raw: str = "", **kw) -> None:

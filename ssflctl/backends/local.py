@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ssflctl.atomic import read_json, write_json
-from ssflctl.backends.base import TRAIN_AND_TEST_FN, THREAD_VARS, Backend, JobKind, JobStatus, Task
+from ssflctl.backends.base import (TEST_CELL_FN, TRAIN_AND_TEST_FN, THREAD_VARS, Backend, JobKind, JobStatus, Task,
+                                   TestTask)
+from ssflctl.errors import UserError
 
 RUNNER_MODULE = "ssflctl.backends.local"
 
@@ -281,6 +283,28 @@ class LocalBackend(Backend):
 
     def submit(self, tasks, folder, options, fns=None):
         return launch([t.__dict__ if isinstance(t, Task) else t for t in tasks], folder, options, fns=fns)
+
+    def submit_tests(self, tests, folder, options, fns=None):
+        """The test cells in a runner of their own (``<submission>/tests``). A cell whose training
+        is still to run waits, in its task, for the train task's state file to say done (the
+        file and the states to wait for are written into the cell's definition as ``wait_for``)."""
+        from ssflctl.workdir.layout import RunDir
+
+        tasks = []
+        for t in tests:
+            t = t if isinstance(t, TestTask) else TestTask(**t)
+            parsed = parse_job_id(t.after) if t.after else None
+            if t.after and (parsed is None or not t.after_folder):
+                raise UserError(f"test {t.test_id}: cannot wait for job {t.after} on the local backend")
+            if parsed is not None:
+                run = RunDir(t.run_dir)
+                body = run.test_cell(t.test_id) or {}
+                body["wait_for"] = {"file": str(Path(t.after_folder).resolve() / "tasks" / f"{parsed[1]}.json"),
+                                    "ok": ["done"], "fail": ["failed", "cancelled", "lost", "missing"]}
+                run.write_test_cell(body)
+            tasks.append({"run_id": t.test_id, "run_dir": t.cell, "resources": t.resources})
+        got = launch(tasks, folder, options, fns={"local": (fns or {}).get("test_cell", TEST_CELL_FN)})
+        return {tid: v["job_id"] for tid, v in got.items()}
 
     def query(self, jobs):
         out = {}

@@ -20,8 +20,8 @@ import submitit.helpers
 
 from ssflctl.atomic import read_json, write_json
 from ssflctl.backends import slurm_limits, slurm_query, slurm_states
-from ssflctl.backends.base import (TEST_FN, THREAD_VARS, TRAIN_FN, Backend, JobKind, JobStatus, Task,
-                                   split_tasks)
+from ssflctl.backends.base import (TEST_CELL_FN, TEST_FN, THREAD_VARS, TRAIN_FN, Backend, JobKind, JobStatus, Task,
+                                   TestTask, split_tasks)
 from ssflctl.errors import UserError
 
 
@@ -73,6 +73,11 @@ class TrainTask(submitit.helpers.Checkpointable):
 def run_test(run_dir: str, fn: str = TEST_FN):
     """The test job (imports the heavy job module only on the node)."""
     return _resolve(fn)(run_dir)
+
+
+def run_test_cell(cell: str, fn: str = TEST_CELL_FN):
+    """A test cell's job (test_matrix): ``cell`` is the cell's definition file in the run dir."""
+    return _resolve(fn)(cell)
 
 
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:=+%*|&()\[\]/@-]+")
@@ -223,6 +228,64 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
     return out
 
 
+def _scontrol(*args: str) -> None:
+    proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, ["scontrol", *args], proc.stdout, proc.stderr)
+
+
+def launch_tests(tests: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
+                 fns: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The test cells of a submission: one array per resource group (one sbatch call), each task
+    waiting for its own run's train job.
+
+    One sbatch gives every task of an array the same dependency, and ``aftercorr`` pairs task i
+    with task i only; a run has several test cells. So the array is submitted held, each task
+    that waits for a training gets ``afterok:<its train job>`` (``scontrol update JobId=A_i``:
+    Slurm splits that task's record off the array), and the array is released. A task whose run is
+    trained has no dependency. ``kill_on_invalid_dep``: a failed training cancels its tests.
+    """
+    fn = (fns or {}).get("test_cell", TEST_CELL_FN)
+    exp = options.get("experiment", "ssflctl")
+    sid = Path(folder).parent.name
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for t in tests:
+        groups.setdefault(json.dumps(t["resources"], sort_keys=True), []).append(t)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    out: Dict[str, str] = {}
+    for gi, group in enumerate(groups.values()):
+        res = dict(group[0]["resources"])
+        res["time_min"] = max(10, min(int(res.get("time_min", 60)), 240))
+        sub = Path(folder) / (f"group{gi}" if len(groups) > 1 else "")
+        ex = make_executor(sub, res, options, name=f"testcell-{exp}-{sid}-{gi}")
+        extra = dict(options.get("sbatch") or {})
+        extra["kill_on_invalid_dep"] = "yes"
+        waits = [t for t in group if t.get("after")]
+        if waits:
+            extra["hold"] = True
+        ex.update_parameters(additional_parameters=extra)
+        jobs = []
+        try:
+            with ex.batch():
+                jobs = [ex.submit(run_test_cell, str(t["cell"]), fn) for t in group]
+            for t, j in zip(group, jobs):
+                if t.get("after"):
+                    _scontrol("update", f"JobId={j.job_id}", f"Dependency=afterok:{t['after']}")
+            if waits:
+                _scontrol("release", str(jobs[0].job_id).split("_")[0])
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError,
+                subprocess.TimeoutExpired) as exc:
+            try:
+                cancel([str(j.job_id) for j in jobs] + list(out.values()))
+            except UserError:
+                pass
+            detail = getattr(exc, "stderr", "") or ""
+            raise _sbatch_error(Exception(f"{exc} {detail}".strip()))
+        for t, j in zip(group, jobs):
+            out[t["test_id"]] = str(j.job_id)
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # scheduler state
 # ------------------------------------------------------------------------------------------
@@ -367,6 +430,10 @@ class SlurmBackend(Backend):
         if any(isinstance(t, Task) and t.array is None for t in tasks):
             self.plan_arrays(tasks, options)  # not planned by the caller: read the limits now
         return launch([t.__dict__ if isinstance(t, Task) else t for t in tasks], folder, options, fns=fns)
+
+    def submit_tests(self, tests, folder, options, fns=None):
+        self.check_available()
+        return launch_tests([t.__dict__ if isinstance(t, TestTask) else t for t in tests], folder, options, fns=fns)
 
     def query(self, jobs):
         jobs = [j for j in jobs if j.job_id]

@@ -203,7 +203,21 @@ def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
                                            row.get("test_job_id")] if j}),
             "log_tail": ((last.outcome.log_tail if last is not None and last.outcome is not None else None)
                          or _job_log_tail(reg, row["run_id"])) if state == "failed" else None,
+            "tests": _test_items(d.get("tests") or {}),
         })
+    return out
+
+
+def _test_items(cells: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The run's test cells (test_matrix), each with its own state, job and note."""
+    import json as _json
+
+    out = []
+    for tid, c in cells.items():
+        row, verdict = c["row"], c["verdict"]
+        out.append({"test": tid, "name": row["name"], "axes": _json.loads(row["axes"]), "state": verdict.state.value,
+                    "job": row["job_id"] or "", "after": row["after_job_id"] or "", "note": verdict.reason,
+                    "scheduler": _sched_json(c.get("job"))})
     return out
 
 
@@ -217,7 +231,18 @@ def _rows(items):
                      it["state"], it["job"], it["progress"],
                      f"{lv:.4f}" if isinstance(lv, (int, float)) else ("" if lv is None else str(lv)),
                      it["elapsed"], it["note"]])
+        for t in it.get("tests") or []:  # test cells under their run
+            rows.append([f"  └ test {t['name']}", "", "", "", "", "", t["state"], t["job"], "", "", "",
+                         t["note"] or (f"after {t['after']}" if t["state"] == "queued" and t["after"] else "")])
     return rows
+
+
+def _styles(items) -> List[Optional[str]]:
+    out = []
+    for i in items:
+        out.append(STATE_STYLE.get(i["state"]))
+        out.extend(STATE_STYLE.get(t["state"]) for t in i.get("tests") or [])
+    return out
 
 
 def main(workspace, experiment: Optional[str] = None, as_json: bool = False, watch: bool = False,
@@ -231,7 +256,7 @@ def main(workspace, experiment: Optional[str] = None, as_json: bool = False, wat
             return items
         title = f"ssflctl status ({experiment or 'all experiments'})"
         if not watch:
-            print_table(title, HEADERS, _rows(items), styles=[STATE_STYLE.get(i["state"]) for i in items])
+            print_table(title, HEADERS, _rows(items), styles=_styles(items))
             _failures(items)
             _summary(items)
             return items
@@ -248,13 +273,13 @@ def main(workspace, experiment: Optional[str] = None, as_json: bool = False, wat
                 items = view(reg, workspace, experiment)
             _summary(items)
             return items
-        with Live(rich_table(title, HEADERS, _rows(items), [STATE_STYLE.get(i["state"]) for i in items]),
+        with Live(rich_table(title, HEADERS, _rows(items), _styles(items)),
                   console=console, refresh_per_second=1, auto_refresh=False) as live:
             while any(i["state"] in ("queued", "running", "submitting") for i in items):
                 time.sleep(max(0.5, interval))
                 items = view(reg, workspace, experiment)
                 live.update(rich_table(f"{title} · {time.strftime('%H:%M:%S')}", HEADERS, _rows(items),
-                                        [STATE_STYLE.get(i["state"]) for i in items]), refresh=True)
+                                        _styles(items)), refresh=True)
         _summary(items)
         return items
     finally:
@@ -275,7 +300,9 @@ def _summary(items) -> None:
     from rich.console import Console
 
     c = Counter(i["state"] for i in items)
+    tc = Counter(t["state"] for i in items for t in i.get("tests") or [])
+    tests = (f"; {sum(tc.values())} test cells: " + ", ".join(f"{v} {k}" for k, v in sorted(tc.items()))) if tc else ""
     Console(highlight=False, soft_wrap=True, stderr=True).print(
-        f"{len(items)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())), markup=False)
+        f"{len(items)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())) + tests, markup=False)
 
 

@@ -28,6 +28,9 @@ def plan_rows(result: SubmitResult) -> List[List[str]]:
         rows.append([p.run.run_id, str(ax.get("loss", "")), str(ax.get("dataset", "")), str(ax.get("seed", "")),
                      f"{p.run.params.get('lr', '')}", fmt_resources(p.run.resources), where.strip(),
                      p.action, p.why, p.job_id or ""])
+        for t in (t for t in result.tests if t.run.run_id == p.run.run_id):  # its test cells (test_matrix)
+            rows.append([f"  └ test {t.test.name}", "", "", "", "", "", "", t.action,
+                         t.why + (f"; after {t.after}" if t.action == "submit" and t.after else ""), t.job_id or ""])
     return rows
 
 
@@ -52,7 +55,10 @@ def main(experiment, workspace, dry_run: bool = False, executor: Optional[str] =
     skipped = len(result.plan) - n
     verb = "would submit" if dry_run else "submitted"
     summary = f"{verb} {n} run{'s' if n != 1 else ''}, skipped {skipped} ({result.kind})"
-    if not dry_run and n:
+    if result.tests:
+        nt = len(result.tests_submitted)
+        summary += f"; {nt} test job{'s' if nt != 1 else ''} of {len(result.tests)} test cells"
+    if not dry_run and (n or result.tests_submitted):
         summary += "; follow with: ssflctl status " + result.experiment.name
     if result.arrays and len(result.arrays) > 1:
         summary += f"; {len(result.arrays)} train arrays ({', '.join(map(str, result.arrays))} tasks)"

@@ -216,4 +216,11 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[
         details[r["run_id"]] = {"run": run, "verdict": verdict,
                                 "train": statuses.get((r["backend"], r["job_id"])),
                                 "test": statuses.get((r["backend"], r["test_job_id"]))}
+    # test cells (test_matrix): their own jobs, after the runs' verdicts
+    from ssflctl.control import testcells
+
+    cells = testcells.reconcile_tests(registry, ws, experiment, {k: d["verdict"] for k, d in details.items()})
+    for tid, cell in cells.items():
+        if cell["row"]["run_id"] in details:
+            details[cell["row"]["run_id"]].setdefault("tests", {})[tid] = cell
     return details

@@ -206,3 +206,66 @@ def decide(run: RunDir, view: Optional[JobView]) -> Verdict:
     if sj.kind is JobKind.COMPLETED:
         return Verdict(RunState.FAILED, "test job completed but wrote no metrics.json")
     return Verdict(RunState.FAILED, f"{sj.describe('test job')}; see `ssflctl logs`")
+
+
+# --------------------------------------------------------------------------------------------
+# test cells (test_matrix): the same precedence for one test cell of a run
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TestView:
+    """The scheduler's view of a test cell's current job."""
+    job: Optional[JobStatus] = None
+    job_id: Optional[str] = None
+    submitted_at: Optional[float] = None
+    last_known: Optional[Tuple[str, str]] = None
+    asked: bool = True
+
+
+TestView.__test__ = False  # not a pytest class
+
+
+def decide_test(run: RunDir, test_id: str, run_verdict: Verdict, view: Optional[TestView]) -> Verdict:
+    """A test cell's state: its metrics on the run's finished attempt settle it (done); a run that
+    failed or was cancelled takes its test cells with it; otherwise the test job's scheduler view
+    (a queued test job waits for its training: ``afterok`` on the train job); without a view, what
+    the files show."""
+    if run.tested_cell(test_id) is not None:
+        return Verdict(RunState.DONE, "")
+    rs = run_verdict.state
+    if rs in (RunState.FAILED, RunState.CANCELLED):
+        return Verdict(rs, f"training {rs.value}" + (f": {run_verdict.reason}" if run_verdict.reason else ""))
+    if view is None or (view.job_id is None and view.last_known is None):
+        return Verdict(RunState.PENDING, "not submitted")
+    if view.last_known is not None and view.last_known[0] == RunState.DONE.value:
+        return Verdict(RunState.FAILED, f"results missing: no {layout.METRICS} for test {test_id} on the "
+                                        "run's finished attempt")
+    if not view.asked:
+        if view.last_known is not None:
+            return Verdict(RunState(view.last_known[0]), view.last_known[1] or "")
+        return Verdict(RunState.PENDING, "")
+    j = view.job
+    if j is None or j.kind is JobKind.GONE:
+        if view.submitted_at is not None and time.time() - view.submitted_at < SCHEDULER_GRACE_S:
+            return Verdict(RunState.QUEUED, "")
+        return Verdict(RunState.UNKNOWN, j.reason if j is not None and j.reason else
+                       f"the scheduler has no record of test job {view.job_id}")
+    if j.kind is JobKind.UNKNOWN:
+        note = f"scheduler not answering about test job {j.job_id} ({j.error}); last known state kept"
+        if view.last_known is not None and view.last_known[0] in ALIVE_STATES:
+            return Verdict(RunState(view.last_known[0]), note)
+        return Verdict(RunState.UNKNOWN, note)
+    if j.kind in WAITING_KINDS:
+        waiting = rs in (RunState.QUEUED, RunState.RUNNING, RunState.SUBMITTING) or j.reason == "Dependency"
+        return Verdict(RunState.QUEUED, "waiting for training" if waiting else
+                       j.reason + (f" — {j.hint}" if j.hint else ""))
+    if j.kind is JobKind.RUNNING:
+        return Verdict(RunState.RUNNING, "testing")
+    if j.kind is JobKind.CANCELLED:
+        return Verdict(RunState.CANCELLED, j.describe("test job"))
+    if j.kind is JobKind.COMPLETED:
+        return Verdict(RunState.FAILED, f"test job {j.job_id} completed but wrote no {layout.METRICS}")
+    return Verdict(RunState.FAILED, f"{j.describe('test job')}; see `ssflctl logs`")
+
+
+WAITING_KINDS = (JobKind.QUEUED, JobKind.HELD)

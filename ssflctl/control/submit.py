@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ssflctl import backends
 from ssflctl.backends import Task
+from ssflctl.control import testcells
 from ssflctl.errors import UserError
 from ssflctl.plan import spec as spec_mod
 from ssflctl.workdir import versions
@@ -47,10 +48,15 @@ class SubmitResult:
     warnings: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)  # why submit would refuse this plan (dry run)
     arrays: List[int] = field(default_factory=list)    # tasks of each train array the backend gets
+    tests: List[Any] = field(default_factory=list)   # testcells.TestItem, one per test cell (test_matrix)
 
     @property
     def submitted(self) -> List[PlanItem]:
         return [p for p in self.plan if p.action == "submit"]
+
+    @property
+    def tests_submitted(self) -> List[Any]:
+        return [t for t in self.tests if t.action == "submit"]
 
 
 def _why_skip(row) -> Optional[str]:
@@ -139,6 +145,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
             _plan_arrays(backend, result, _tasks(ws, result.submitted), options, notes=True)
         except UserError as exc:
             result.problems.append(str(exc))
+        result.tests = _dry_tests(ws, exp, runs, result.plan)
         return result
     if problems:
         raise UserError("\n".join(problems))
@@ -154,24 +161,37 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         folder = ws / "submissions" / sid
         claimed = _claim(reg, result, runs, sid, folder, path, details)
         versions.record(ws, exp.name, path, [r.run_id for r in runs])  # the report's current version
-        if not claimed:
+        if not claimed and not result.tests_submitted:
             return result
         result.submission_id = sid
+        options = dict(exp.executor.get(kind) or {})
+        options["experiment"] = exp.name
+        ids: Dict[str, Dict[str, Any]] = {}
         try:
-            arrays = _plan_arrays(backend, result, _tasks(ws, claimed), options)
-            tasks = _render_attempts(ws, claimed, sid, render)
-            where = {t.run_id: i for i, arr in enumerate(arrays) for t in arr}
-            for t in tasks:
-                t.array = where[t.run_id]
-            ids = backend.submit(tasks, folder, options, fns=fns)
+            if claimed:
+                arrays = _plan_arrays(backend, result, _tasks(ws, claimed), options)
+                tasks = _render_attempts(ws, claimed, sid, render)
+                where = {t.run_id: i for i, arr in enumerate(arrays) for t in arr}
+                for t in tasks:
+                    t.array = where[t.run_id]
+                ids = backend.submit(tasks, folder, options, fns=fns)
         except BaseException as exc:
             _release(reg, ws, claimed, exc)
+            testcells.release(reg, result.tests, exc)
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if isinstance(exc, ImportError):
                 raise UserError(f"rendering the configs needs the training stack ({msg}); install it with "
                                 "scripts/setup.sh (or pip install 'ssflctl[train]') on this machine") from None
             raise
-        _record_submitted(reg, claimed, ids, sid)
+        if claimed:
+            _record_submitted(reg, claimed, ids, sid)
+        if result.tests_submitted:  # the test cells: one more backend call, after their trainings
+            try:
+                tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns)
+            except BaseException as exc:
+                testcells.release(reg, result.tests, exc)
+                raise
+            testcells.record(reg, result.tests, tids)
         return result
     finally:
         reg.close()
@@ -227,6 +247,27 @@ def _dry_plan(ws: Path, exp, runs) -> List[PlanItem]:
     return plan
 
 
+def _dry_tests(ws: Path, exp, runs, plan) -> List[Any]:
+    """The test cells a submit would send (read-only)."""
+    rows = {}
+    if (ws / "registry.sqlite").exists():
+        from ssflctl.registry.store import Registry
+
+        with Registry.for_reading(ws) as reg:
+            try:
+                rows = {r["test_id"]: r for r in reg.test_rows(exp.name)}
+            except Exception:  # noqa: BLE001 - a registry from before test cells
+                rows = {}
+    retrain = {p.run.run_id for p in plan if p.action == "submit"}
+    out = []
+    for run in runs:
+        for t in run.tests:
+            row = rows.get(t.test_id)
+            why = testcells._why_skip(row, run.run_id in retrain) if row is not None else None
+            out.append(testcells.TestItem(t, run, "skip" if why else "submit", why or "new"))
+    return out
+
+
 def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path,
            details: Optional[Dict[str, Dict[str, Any]]] = None) -> List[PlanItem]:
     """In one IMMEDIATE transaction: register every run and claim those to submit (``submitting``):
@@ -248,9 +289,10 @@ def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path,
                            backend=result.kind)
             result.plan.append(item)
             claimed.append(item)
-        if claimed:
+        result.tests = testcells.claim(reg, exp.name, runs, result.plan, sid, result.kind)
+        if claimed or result.tests_submitted:
             reg.add_submission(sid, exp.name, result.kind, str(folder.resolve()), len(claimed),
-                               {"spec": str(Path(path).resolve())})
+                               {"spec": str(Path(path).resolve()), "tests": len(result.tests_submitted)})
     return claimed
 
 

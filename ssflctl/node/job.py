@@ -29,7 +29,7 @@ from ssflctl import atomic
 from ssflctl.errors import UserError
 from ssflctl.plan import render
 from ssflctl.workdir.checkpoints import latest_checkpoint
-from ssflctl.workdir.layout import AttemptDir, RunDir
+from ssflctl.workdir.layout import AttemptDir, RunDir, TestDir
 from ssflctl.workdir.records import Outcome, Progress, Recovery
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -350,15 +350,21 @@ def _voc_only(cfg) -> Optional[Dict[str, Any]]:
     return next((e for e in evs if str(e.get("type", "")).split(".")[-1] == "VOCMetric"), None)
 
 
-def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool = False) -> Dict[str, Any]:
-    """Test one attempt's checkpoint; write detections.bbox.json and metrics.json."""
+def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool = False,
+                 overrides: Optional[Dict[str, Any]] = None, into: Optional[TestDir] = None) -> Dict[str, Any]:
+    """Test one attempt's checkpoint; write detections.bbox.json and metrics.json.
+
+    ``overrides`` (a test cell's dotted test-time keys) are set on the attempt's config first, and
+    ``into`` (the cell's :class:`~ssflctl.workdir.layout.TestDir`) receives the results and
+    mmengine's test logs instead of the attempt directory."""
     from mmengine.runner import Runner
 
     from ssflctl.evaluation import coco as coco_eval
 
     a = AttemptDir(adir)
     adir = a.path
-    out = a.metrics_path
+    res = into if into is not None else a
+    out = res.metrics_path
     if out.exists() and not force:
         return atomic.read_json(out)
     if checkpoint is None:
@@ -370,25 +376,30 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
         raise TestFailed(f"{adir}: no checkpoint to test")
     cfg = _load_cfg(adir)
     cfg.resume, cfg.load_from = False, str(checkpoint)
+    for key, value in (overrides or {}).items():
+        render._set_existing(cfg, str(key), value, "test_matrix")
+    if into is not None:
+        into.path.mkdir(parents=True, exist_ok=True)
+        cfg.work_dir = str(into.path)
     voc = _voc_only(cfg)
     if voc is not None:
         # VOC: VOCMetric gives mAP@0.5; a CocoMetric without ann_file dumps the detections and a
         # COCO copy of the ground truth (the template keeps 'instances' in the test metainfo).
         metric: Dict[str, Any] = {"type": "CocoMetric", "metric": "bbox"}
-        ann_file = str(a.gt_path)
+        ann_file = str(res.gt_path)
     else:
         metric = _coco_metric(cfg)
         ann_file = metric.get("ann_file")
         if not ann_file:
             raise UserError(f"{adir / 'config.py'}: test_evaluator.ann_file is not set")
-    prefix = adir / "detections.tmp"
+    prefix = res.path / "detections.tmp"
     metric["format_only"] = True
     metric["outfile_prefix"] = str(prefix)
     cfg.test_evaluator = [voc, metric] if voc is not None else metric
     runner = Runner.from_cfg(cfg)
     results = runner.test() or {}
     tmp = Path(f"{prefix}.bbox.json")
-    dets = a.detections_path
+    dets = res.detections_path
     if _is_main_process():
         if tmp.exists():
             os.replace(tmp, dets)
@@ -407,8 +418,10 @@ def test_attempt(adir: PathLike, checkpoint: Optional[str] = None, force: bool =
     metrics["checkpoint"] = Path(checkpoint).name
     metrics["attempt_dir"] = str(adir)
     metrics["tested_at"] = _now()
+    if overrides:
+        metrics["test_overrides"] = dict(overrides)
     if _is_main_process():
-        a.write_metrics(metrics)
+        res.write_metrics(metrics)
     return metrics
 
 
@@ -420,7 +433,32 @@ def test_run(run_dir: PathLike, force: bool = False) -> Dict[str, Any]:
     return test_attempt(adir, force=force)
 
 
+def test_cell_run(cell: PathLike, force: bool = False, poll_s: float = 5.0) -> Dict[str, Any]:
+    """A test cell's job (test_matrix): ``cell`` is its definition ``<run>/tests/<test_id>.json``.
+    Tests the run's finished attempt with the cell's test-time keys into
+    ``attempt-N/tests/<test_id>/``. A ``wait_for`` in the definition (the local backend: a state
+    file of the train job) is waited for first."""
+    cell = Path(cell)
+    run = RunDir(cell.parent.parent)
+    body = run.test_cell(cell.stem)
+    if body is None:
+        raise TestFailed(f"{cell}: no test cell definition")
+    wait = body.get("wait_for")
+    while isinstance(wait, dict):
+        state = (atomic.read_json(Path(wait["file"]), default=None) or {}).get("state", "missing")
+        if state in wait.get("ok", ()):
+            break
+        if state in wait.get("fail", ()) and state != "missing":
+            raise TestFailed(f"{run.run_id}: its training job ended {state}; nothing to test")
+        time.sleep(poll_s)
+    a = run.refresh().finished()
+    if a is None:
+        raise TestFailed(f"{run.path}: no finished attempt to test (train it first)")
+    return test_attempt(a.path, force=force, overrides=body.get("overrides") or {}, into=a.test(cell.stem))
+
+
 test_run.__test__ = False  # type: ignore[attr-defined]
+test_cell_run.__test__ = False  # type: ignore[attr-defined]
 test_attempt.__test__ = False  # type: ignore[attr-defined]
 
 

@@ -502,6 +502,41 @@ def _rules(mat: Dict[str, Any], rule: str, axes: Dict[str, List[Any]]) -> List[D
     return out
 
 
+#: the config subtrees a test cell may change: read only by the test loop (and validation), never by
+#: training, so a trained checkpoint can be tested under every value (test_matrix:)
+TEST_KEY_PREFIXES = ("model.test_cfg", "test_cfg", "test_evaluator", "test_dataloader")
+
+
+def is_test_key(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in TEST_KEY_PREFIXES)
+
+
+def _test_matrix(mat: Any) -> Optional[Matrix]:
+    """``test_matrix:``: the matrix syntax, restricted to keys that do not affect training."""
+    if mat is None:
+        return None
+    if not isinstance(mat, dict):
+        raise error(f"expected a mapping of test-time config key -> list of values, got {kind(mat)}")
+    for ax in mat:
+        if ax in ("include", "exclude") or not isinstance(ax, str):
+            continue
+        if not is_test_key(ax):
+            raise error("changes training (or is not a test-time config key): move it to matrix:; test_matrix "
+                        f"takes only dotted keys under {', '.join(TEST_KEY_PREFIXES)} (e.g. "
+                        "model.test_cfg.nms.iou_threshold, model.test_cfg.score_thr)", key=ax)
+    axes = _axes(mat)
+    rules = {r: _rules(mat, r, axes) if r in mat else [] for r in ("include", "exclude")}
+    for rule in rules["include"]:
+        for k in rule:
+            if not is_test_key(k):
+                raise error("changes training: move it to matrix:", key=("include", k))
+    count = math.prod(len(v) for v in axes.values()) + sum(
+        math.prod(len(v) for k, v in axes.items() if k not in rule) for rule in rules["include"])
+    if count > MAX_RUNS:
+        raise error(f"{count} test cells per run, more than {MAX_RUNS}; split the study")
+    return Matrix(axes=axes, **rules)
+
+
 def _matrix(mat: Any) -> Matrix:
     if not isinstance(mat, dict):
         raise error(f"expected a mapping of axis -> list of values, got {kind(mat)}")
@@ -574,10 +609,18 @@ class ExperimentModel(_Model):
     executor: Executor = Field(default_factory=Executor)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     test: Annotated[bool, _v(_test)] = True
+    test_matrix: Annotated[Optional[Matrix], _v(_test_matrix)] = None
 
     @model_validator(mode="after")
     def _cross(self) -> "ExperimentModel":
         axes = self.matrix.axes
+        if self.test_matrix is not None:
+            if not self.test:
+                raise error("test: false leaves nothing to test; remove test_matrix or set test: true",
+                            key=("test_matrix",))
+            for ax in self.test_matrix.axes:
+                if ax in axes:
+                    raise error("already an axis of matrix:; list it in one of the two", key=("test_matrix", ax))
         for i, val in enumerate(axes.get("dataset", [])):
             if val not in self.datasets:
                 hint = difflib.get_close_matches(str(val), list(self.datasets), n=1, cutoff=0.6)

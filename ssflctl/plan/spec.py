@@ -86,6 +86,10 @@ class Experiment:
     test: bool
     description: str = ""
     lines: Dict[str, int] = field(default_factory=dict)  # "matrix.loss" -> line
+    # test_matrix: test-time axes whose cells share their train cell's run (no retraining)
+    test_axes: Dict[str, List[Any]] = field(default_factory=dict)
+    test_include: List[Dict[str, Any]] = field(default_factory=list)
+    test_exclude: List[Dict[str, Any]] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
 
     def where(self, key: str) -> str:
@@ -96,6 +100,25 @@ class Experiment:
                     line = self.lines[k]
                     break
         return f"{self.path}:{line or 1}"
+
+
+@dataclass
+class TestSpec:
+    """One test cell of a run: its test-time axes (dotted config keys) applied to the trained
+    checkpoint's config by the test job. ``test_id`` = ``<readable>-<8 hex of (run id, axes)>``: it
+    does not change when other test values are added, and the run id does not change at all."""
+    test_id: str
+    name: str
+    run_id: str
+    axes: Dict[str, Any]
+
+    @property
+    def overrides(self) -> Dict[str, Any]:
+        return dict(self.axes)
+
+    def cell_json(self) -> Dict[str, Any]:
+        return {"test_id": self.test_id, "name": self.name, "run_id": self.run_id, "axes": self.axes,
+                "overrides": self.overrides}
 
 
 @dataclass
@@ -113,13 +136,17 @@ class RunSpec:
     test: bool
     dataset_root: Optional[str] = None
     line: int = 0
+    tests: List[TestSpec] = field(default_factory=list)   # test_matrix cells (then ``test`` is False)
 
     def run_json(self) -> Dict[str, Any]:
-        return {
+        body = {
             "run_id": self.run_id, "name": self.name, "experiment": self.experiment, "axes": self.axes,
             "template": self.template, "params": self.params, "overrides": self.overrides,
             "resources": self.resources, "retry": self.retry, "test": self.test,
         }
+        if self.tests:
+            body["test_cells"] = [t.test_id for t in self.tests]
+        return body
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +168,8 @@ def _record_lines(raw: Any) -> Dict[str, int]:
                 key = f"{prefix}{k}"
                 lines[key] = ln
                 stack.append((key + ".", node[k]))
-        elif isinstance(node, LList) and prefix in ("matrix.include.", "matrix.exclude."):
+        elif isinstance(node, LList) and prefix in ("matrix.include.", "matrix.exclude.", "test_matrix.include.",
+                                                     "test_matrix.exclude."):
             for i, ln in enumerate(node.lines):
                 lines[f"{prefix[:-1]}[{i}]"] = ln
     return lines
@@ -160,6 +188,9 @@ def _build(path: Path, m: schema.ExperimentModel, raw: LDict) -> Experiment:
         include=m.matrix.include, exclude=m.matrix.exclude, params=dict(m.params), overrides=dict(m.overrides),
         resources=m.resources.as_dict(), executor=m.executor.as_dict(), retry=m.retry.to_dict(), test=m.test,
         description=m.description, lines=lines,
+        test_axes=m.test_matrix.axes if m.test_matrix is not None else {},
+        test_include=m.test_matrix.include if m.test_matrix is not None else [],
+        test_exclude=m.test_matrix.exclude if m.test_matrix is not None else [],
     )
 
 
@@ -216,20 +247,49 @@ def _readable(cell: Dict[str, Any], varying: List[str]) -> str:
 
 
 def _cells(exp: Experiment) -> List[Tuple[Dict[str, Any], str]]:
-    names = list(exp.axes)
+    return _grid(exp.axes, exp.include, exp.exclude, "matrix")
+
+
+def _grid(axes: Dict[str, List[Any]], include: List[Dict[str, Any]], exclude: List[Dict[str, Any]],
+          block: str) -> List[Tuple[Dict[str, Any], str]]:
+    names = list(axes)
     out: List[Tuple[Dict[str, Any], str]] = []
-    for combo in itertools.product(*(exp.axes[n] for n in names)):
+    for combo in itertools.product(*(axes[n] for n in names)):
         cell = dict(zip(names, combo))
-        if any(all(_same(cell.get(k, _MISSING), v) for k, v in rule.items()) for rule in exp.exclude):
+        if any(all(_same(cell.get(k, _MISSING), v) for k, v in rule.items()) for rule in exclude):
             continue
-        out.append((cell, "matrix"))
-    for i, rule in enumerate(exp.include):
+        out.append((cell, block))
+    for i, rule in enumerate(include):
         free = [n for n in names if n not in rule]
-        for combo in itertools.product(*(exp.axes[n] for n in free)):
+        for combo in itertools.product(*(axes[n] for n in free)):
             cell = dict(rule)
             cell.update(zip(free, combo))
             cell = {k: cell[k] for k in names + [k for k in rule if k not in names]}
-            out.append((cell, f"matrix.include[{i}]"))
+            out.append((cell, f"{block}.include[{i}]"))
+    return out
+
+
+def _test_cells(exp: Experiment, run_id: str, tpath: str) -> List[TestSpec]:
+    """The run's test cells (test_matrix), each value checked against the template's type."""
+    if not exp.test_axes:
+        return []
+    out: List[TestSpec] = []
+    seen: Dict[str, str] = {}
+    for cell, origin in _grid(exp.test_axes, exp.test_include, exp.test_exclude, "test_matrix"):
+        for key, val in cell.items():
+            for leaf, v in _leaves(key, val):
+                current = templates.template_value(tpath, leaf)
+                if current is not templates.UNKNOWN:
+                    problem = _type_problem(v, current, f"the template has {current!r}")
+                    if problem:
+                        _fail(exp.path, _line(exp, f"test_matrix.{key}"), f"test_matrix.{key}", problem)
+        name = "-".join(f"{k.split('.')[-1]}{_short(v)}" for k, v in cell.items()) or "test"
+        tid = f"{name}-{settings_hash({'run_id': run_id, 'test': cell})}"
+        if tid in seen:
+            _fail(exp.path, exp.lines.get(origin, exp.lines.get("test_matrix", 1)), origin,
+                  f"this test cell {canonical(cell)} repeats an earlier one ({seen[tid]}); remove the duplicate")
+        seen[tid] = origin
+        out.append(TestSpec(test_id=tid, name=name, run_id=run_id, axes=cell))
     return out
 
 
@@ -377,10 +437,13 @@ def expand(exp: Experiment, check_paths: bool = True, dry_run: bool = False) -> 
         seen[rid] = origin
         if root_written is not None:
             params["data_root"] = _data_root(exp, ds, check_paths, dry_run)
+        tests = _test_cells(exp, rid, tpath)
         runs.append(RunSpec(
             run_id=rid, name=name, experiment=exp.name, axes=axes_out, template=tpath, template_name=tname,
-            params=params, overrides=overrides, resources=resources, retry=dict(exp.retry), test=exp.test,
-            dataset_root=params.get("data_root"), line=where,
+            params=params, overrides=overrides, resources=resources, retry=dict(exp.retry),
+            # with test cells the run's own test step is theirs (the settings hash keeps exp.test: the
+            # run id does not change when test axes are added)
+            test=exp.test and not tests, dataset_root=params.get("data_root"), line=where, tests=tests,
         ))
     return runs
 

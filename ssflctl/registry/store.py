@@ -82,6 +82,26 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT
 );
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id);
+CREATE TABLE IF NOT EXISTS tests (
+    test_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    experiment TEXT NOT NULL,
+    name TEXT NOT NULL,
+    axes TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    reason TEXT,
+    backend TEXT,
+    job_id TEXT,
+    after_job_id TEXT,
+    submission_id TEXT,
+    claim_pid INTEGER,
+    claim_host TEXT,
+    claimed_at TEXT,
+    submitted_at TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tests_run ON tests(run_id);
 """
 
 
@@ -269,6 +289,54 @@ class Registry:
         esc = target.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         return list(self.conn.execute("SELECT * FROM runs WHERE run_id LIKE ? ESCAPE '\\' ORDER BY run_id",
                                       (esc + "%",)))
+
+    # ---------------------------------------------------------------- test cells (test_matrix)
+    def ensure_test(self, test_id: str, run_id: str, experiment: str, name: str,
+                    axes: Dict[str, Any]) -> sqlite3.Row:
+        with self.transaction() as c:
+            row = c.execute("SELECT * FROM tests WHERE test_id=?", (test_id,)).fetchone()
+            if row is None:
+                t = now()
+                c.execute("INSERT INTO tests(test_id, run_id, experiment, name, axes, state, created_at, updated_at) "
+                          "VALUES (?,?,?,?,?, 'pending', ?, ?)",
+                          (test_id, run_id, experiment, name, json.dumps(axes, sort_keys=True), t, t))
+                row = c.execute("SELECT * FROM tests WHERE test_id=?", (test_id,)).fetchone()
+            return row
+
+    def test_rows(self, experiment: Optional[str] = None, run_id: Optional[str] = None) -> List[sqlite3.Row]:
+        if run_id:
+            return list(self.conn.execute("SELECT * FROM tests WHERE run_id=? ORDER BY created_at, test_id",
+                                          (run_id,)))
+        if experiment:
+            return list(self.conn.execute("SELECT * FROM tests WHERE experiment=? ORDER BY created_at, test_id",
+                                          (experiment,)))
+        return list(self.conn.execute("SELECT * FROM tests ORDER BY experiment, created_at, test_id"))
+
+    def update_test(self, test_id: str, state: Optional[str] = None, reason: Optional[str] = None,
+                    event: Optional[str] = None, **fields: Any) -> bool:
+        """Update a test cell; a state change is an event of its run (message ``test <id>: ...``)."""
+        if state is not None and state not in RUN_STATES:
+            raise ValueError(f"unknown test state {state!r}")
+        with self.transaction() as c:
+            row = c.execute("SELECT state, run_id, experiment FROM tests WHERE test_id=?", (test_id,)).fetchone()
+            if row is None:
+                raise KeyError(test_id)
+            sets, vals = ["updated_at=?"], [now()]
+            for k, val in (("state", state), ("reason", reason), *fields.items()):
+                if k in ("state", "reason") and val is None:
+                    continue
+                sets.append(f"{k}=?")
+                vals.append(val)
+            c.execute(f"UPDATE tests SET {', '.join(sets)} WHERE test_id=?", (*vals, test_id))
+            changed = state is not None and state != row["state"]
+            if changed or event:
+                self.event(event or "test", run_id=row["run_id"], experiment=row["experiment"],
+                           old_state=row["state"], new_state=state or row["state"],
+                           message=f"test {test_id}" + (f": {reason}" if reason else ""))
+            return changed
+
+    def list_tests(self, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
+        return [dict(r, axes=json.loads(r["axes"])) for r in self.test_rows(experiment)]
 
     # ---------------------------------------------------------------- attempts
     def upsert_attempt(self, run_id: str, attempt: int, **fields: Any) -> None:

@@ -640,9 +640,13 @@ def _per_class_tables(ctx: _Ctx) -> list:
 def _retried_runs(ctx: _Ctx) -> list:
     """One line per run that needed more than one attempt (or went NaN)."""
     records, cfgs = ctx.records, ctx.cfgs
-    retries = []
+    retries, seen = [], set()
     cfg_pos = {c: i for i, c in enumerate(cfgs)}  # not cfgs.index per record (quadratic)
     for r in sorted(records, key=lambda r: (cfg_pos[r["_cfg"]], r["_ds"], _sort_key(r["axes"].get(SEED_AXIS)))):
+        if r.get("test_id"):  # test cells share their training run's attempts: listed once per run
+            if r["run_id"] in seen:
+                continue
+            seen.add(r["run_id"])
         atts = r["attempts"]
         if len(atts) < 2 and not any(a.get("state") == "nan" for a in atts):
             continue
@@ -664,7 +668,8 @@ def _gaps_table(ctx: _Ctx):
         if r["state"] in WITH_RESULTS and r.get("metrics"):
             continue
         seed = r["axes"].get(SEED_AXIS)
-        grow.append(([r["run_id"] or "—"], [Cell(" ".join(x for x in r["_cfg"] if x) or "(all)"),
+        label = (r["run_id"] or "—") + (f" [test {r['test_name']}]" if r.get("test_id") else "")
+        grow.append(([label], [Cell(" ".join(x for x in r["_cfg"] if x) or "(all)"),
                                              Cell(r["_ds"] or "—"), Cell(_fmt_value(seed) or "—"),
                                              Cell(r["state"]), Cell(r["reason"] or "—")]))
     gaps = Table("Runs without results", ["run"], [("", ["configuration", "dataset", "seed", "state", "reason"])], grow,

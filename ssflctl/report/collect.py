@@ -268,7 +268,9 @@ def collect_workspace(ws, experiments: Iterable[str] = ()) -> list:
     experiments = list(experiments)
     wanted = set(experiments)
     reg_rows = {r["run_id"]: r for r in (_registry_runs(ws, experiments) or [])}
+    reg_tests = _registry_tests(ws)
     records = {}
+    present = set()
     for run in run_dirs(ws):
         rj = run.raw_run()
         if not isinstance(rj, dict):
@@ -279,9 +281,15 @@ def collect_workspace(ws, experiments: Iterable[str] = ()) -> list:
         rec = read_run_dir(run.path, rj, row)
         if row is not None:
             _merge_registry_attempts(rec, row)
+        cells = test_cell_records(ws, run, rec, reg_tests)
+        if cells:  # test_matrix: one record per (run, test cell); the run's attempts are shared
+            records.update({(rec["run_id"], c["test_id"]): c for c in cells})
+            present.add(rec["run_id"])
+            if not rec["metrics"]:
+                continue
         records[rec["run_id"]] = rec
     for rid, reg in reg_rows.items():
-        if rid in records or (wanted and reg.get("experiment") not in wanted):
+        if rid in records or rid in present or (wanted and reg.get("experiment") not in wanted):
             continue
         rec = {"run_id": rid, "experiment": reg.get("experiment") or "", "name": reg.get("name") or rid,
                "axes": dict(reg.get("axes") or {}), "source": "ssflctl", "state": reg.get("state") or "pending",
@@ -291,7 +299,49 @@ def collect_workspace(ws, experiments: Iterable[str] = ()) -> list:
             rec["state"], rec["reason"] = "failed", "registry says done but the run directory is gone"
         records[rid] = _merge_registry_attempts(rec, reg)
     _mark_versions(ws, records.values())
-    return [records[k] for k in sorted(records)]
+    return [records[k] for k in sorted(records, key=lambda k: k if isinstance(k, tuple) else (k, ""))]
+
+
+def _registry_tests(ws: Path) -> dict:
+    """The registry's test cells (test_matrix) by test id (read-only; empty without them)."""
+    if not (ws / "registry.sqlite").exists():
+        return {}
+    from ssflctl.registry.store import Registry
+
+    reg = Registry(ws, read_only=True)
+    try:
+        return {r["test_id"]: r for r in reg.test_rows()}
+    except Exception:  # noqa: BLE001 - a registry from before test cells
+        return {}
+    finally:
+        reg.close()
+
+
+def test_cell_records(ws, run, rec: dict, reg_tests: dict) -> list:
+    """One record per test cell of the run (test_matrix): the run's axes plus the cell's, the
+    cell's metrics from the run's finished attempt, and its state by
+    :func:`ssflctl.control.state.decide_test` (the registry's last verdict for the scheduler)."""
+    from ssflctl.control.state import Verdict
+    from ssflctl.control.testcells import cell_verdict
+    from ssflctl.workdir.records import RunState
+
+    cells = run.test_cells()
+    wanted = (run.raw_run() or {}).get("test_cells")
+    if wanted is not None:  # the cells of the experiment as last submitted (in its order)
+        cells = {t: cells[t] for t in wanted if t in cells}
+    out = []
+    rv = Verdict(RunState(rec["state"]) if rec["state"] in RunState._value2member_map_ else RunState.UNKNOWN,
+                 rec["reason"])
+    for tid, body in cells.items():
+        verdict = cell_verdict(ws, run.run_id, tid, rv, reg_tests.get(tid))
+        tested = run.tested_cell(tid)
+        c = dict(rec, axes={**rec["axes"], **(body.get("axes") or {})}, test_id=tid,
+                 test_name=body.get("name") or tid, name=f"{rec['name']} [{body.get('name') or tid}]",
+                 state=verdict.state.value, reason=verdict.reason,
+                 metrics=_metrics_from_file(str(tested.metrics_path)) if tested is not None else None)
+        c["final"] = run.finished().n if tested is not None else None
+        out.append(c)
+    return out
 
 
 def _mark_versions(ws: Path, records) -> None:

@@ -8,6 +8,9 @@
         attempt.json  config.py  provenance.json    (the renderer)
         progress.json outcome.json nan.json recovery.json   (the job; rank 0)
         metrics.json  detections.bbox.json  detections.gt.json   (the test step)
+        tests/<test_id>/                    TestDir: one test cell of the experiment's test_matrix on
+          metrics.json detections.bbox.json detections.gt.json   this attempt (+ mmengine's test logs)
+      tests/<test_id>.json                  TestCellRecord body: the cell's axes and test-time overrides (submit)
         <timestamp>/<timestamp>.log, vis_data/scalars.json, epoch_N.pth, last_checkpoint  (mmengine)
 
 Each file is read at most once per object (properties are cached; make a new object to re-read)
@@ -39,6 +42,7 @@ RECOVERY = "recovery.json"
 METRICS = "metrics.json"
 DETECTIONS = "detections.bbox.json"
 DETECTIONS_GT = "detections.gt.json"
+TESTS = "tests"              # run/tests/<test_id>.json (cell definitions), attempt-N/tests/<test_id>/ (results)
 _PREFIX = "attempt-"
 
 
@@ -200,6 +204,52 @@ class AttemptDir:
         atomic.write_json(self.path / METRICS, body)
         self._refresh("metrics")
 
+    # ------------------------------------------------------------------ test cells (test_matrix)
+    def test(self, test_id: str) -> "TestDir":
+        """``tests/<test_id>/``: where test cell ``test_id`` of this attempt writes its results."""
+        return TestDir(self.path / TESTS / test_id)
+
+
+class TestDir:
+    """``attempt-<n>/tests/<test_id>/``: one test cell (test_matrix) run on attempt n's checkpoint; the
+    mmengine work_dir of that test, with the same result files as the attempt's own test step."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"TestDir({str(self.path)!r})"
+
+    @property
+    def test_id(self) -> str:
+        return self.path.name
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def detections_path(self) -> Path:
+        return self.path / DETECTIONS
+
+    @property
+    def gt_path(self) -> Path:
+        return self.path / DETECTIONS_GT
+
+    @property
+    def has_metrics(self) -> bool:
+        return self.metrics_path.is_file()
+
+    @cached_property
+    def metrics(self) -> Optional[Dict[str, Any]]:
+        m = _read(self.metrics_path)
+        return m if isinstance(m, dict) else None
+
+    def write_metrics(self, body: Dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.metrics_path, body)
+        self.__dict__.pop("metrics", None)
+
 
 class RunDir:
     """``<ws>/runs/<run_id>/``: a run and its attempts."""
@@ -285,6 +335,38 @@ class RunDir:
             if a.has_metrics:
                 return a
         return None
+
+    # ------------------------------------------------------------------ test cells (test_matrix)
+    def test_cell_path(self, test_id: str) -> Path:
+        """``tests/<test_id>.json``: the test cell's definition (its axes and test-time overrides)."""
+        return self.path / TESTS / f"{test_id}.json"
+
+    def write_test_cell(self, body: Dict[str, Any]) -> Path:
+        path = self.test_cell_path(body["test_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(path, body)
+        return path
+
+    def test_cell(self, test_id: str) -> Optional[Dict[str, Any]]:
+        body = _read(self.test_cell_path(test_id))
+        return body if isinstance(body, dict) else None
+
+    def test_cells(self) -> Dict[str, Dict[str, Any]]:
+        """Every test cell written for this run, by test id (sorted)."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for p in sorted((self.path / TESTS).glob("*.json")):
+            body = _read(p)
+            if isinstance(body, dict):
+                out[p.stem] = body
+        return out
+
+    def tested_cell(self, test_id: str) -> Optional["TestDir"]:
+        """The test cell's results on the run's finished attempt (None: not tested on it)."""
+        fin = self.finished()
+        if fin is None:
+            return None
+        t = fin.test(test_id)
+        return t if t.has_metrics else None
 
     def refresh(self) -> "RunDir":
         """A fresh object (files re-read on next access)."""

@@ -1,0 +1,219 @@
+"""Test cells (``test_matrix:``): train once, test under many test-time settings.
+
+Each run of a matrix cell has the test cells of the experiment's ``test_matrix`` (``RunSpec.tests``;
+ids stable, the run id unchanged by them). A test cell is one test job on the run's finished
+attempt with the cell's dotted test-time keys applied (``ssflctl.node.job.test_cell_run``); its
+results are ``attempt-N/tests/<test_id>/`` (``workdir.layout.TestDir``). The registry keeps one row
+per cell (table ``tests``); :func:`ssflctl.control.state.decide_test` is its state rule.
+
+Submit (:func:`claim`, :func:`send`): a cell is sent when it is not done, queued, running or being
+submitted, or when its run is (re)trained by this submission. Its job waits for the training
+(``after``): the train job of this submission, the run's train job still queued/running from an
+earlier one, or nothing when the run is already trained. A finished run is never retrained for a
+test cell. All test jobs of a submission go out in one backend call (on Slurm: one array).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ssflctl.backends import JobKind, JobRef, JobStatus
+from ssflctl.backends.base import TestTask
+from ssflctl.control.state import TestView, Verdict, decide_test
+from ssflctl.workdir.layout import RunDir
+from ssflctl.workdir.records import RunState
+
+#: what ``after`` says when the cell's training is sent in the same submission
+THIS_SUBMISSION = "this submission"
+TEST_FOLDER = "tests"   # a submission's test cells are sent from <folder>/tests
+ASK_STATES = ("queued", "running", "unknown", "failed", "done")
+
+
+@dataclass
+class TestItem:
+    test: Any                     # spec.TestSpec
+    run: Any                      # spec.RunSpec
+    action: str                   # "submit" | "skip"
+    why: str
+    after: Optional[str] = None   # THIS_SUBMISSION, an earlier train job id, or None (trained)
+    after_folder: Optional[str] = None
+    job_id: Optional[str] = None
+
+
+TestItem.__test__ = False  # not a pytest class
+
+
+def _why_skip(row, run_claimed: bool) -> Optional[str]:
+    st = row["state"]
+    if st == "submitting":
+        return f"being submitted by pid {row['claim_pid']} on {row['claim_host']}"
+    if run_claimed:
+        return None
+    if st == "done":
+        return "done"
+    if st in ("queued", "running"):
+        return f"{st} (job {row['job_id']})"
+    return None
+
+
+def claim(reg, exp_name: str, runs, run_items, sid: str, kind: str) -> List[TestItem]:
+    """Inside submit's claim transaction: register every test cell; claim those to send."""
+    from ssflctl.registry.store import hostname, now
+
+    by_run = {i.run.run_id: i for i in run_items}
+    items: List[TestItem] = []
+    for run in runs:
+        if not run.tests:
+            continue
+        ritem = by_run.get(run.run_id)
+        claimed = ritem is not None and ritem.action == "submit"
+        rrow = reg.get_run(run.run_id)
+        for t in run.tests:
+            row = reg.ensure_test(t.test_id, run.run_id, exp_name, t.name, t.axes)
+            why = _why_skip(row, claimed)
+            if why:
+                items.append(TestItem(t, run, "skip", why))
+                continue
+            if claimed:
+                after, folder = THIS_SUBMISSION, None
+            elif rrow is not None and rrow["state"] == "done":
+                after, folder = None, None
+            elif rrow is not None and rrow["state"] in ("queued", "running") and rrow["job_id"]:
+                sub = reg.submission(rrow["submission_id"]) if rrow["submission_id"] else None
+                after, folder = rrow["job_id"], (sub["folder"] if sub else None)
+            else:
+                items.append(TestItem(t, run, "skip", f"waits for its run ({rrow['state'] if rrow else 'unknown'})"))
+                continue
+            why = "new" if row["state"] == "pending" else f"was {row['state']}" + (
+                f": {row['reason']}" if row["reason"] else "")
+            item = TestItem(t, run, "submit", why[:120], after=after, after_folder=folder)
+            reg.update_test(t.test_id, state="submitting", reason=item.why, event="claimed", claim_pid=os.getpid(),
+                            claim_host=hostname(), claimed_at=now(), submission_id=sid, backend=kind)
+            items.append(item)
+    return items
+
+
+def send(backend, ws: Path, items: List[TestItem], run_ids: Dict[str, Dict[str, Any]], folder: Path,
+         options: Dict[str, Any], fns: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Write each claimed cell's definition (``runs/<id>/tests/<test_id>.json``) and send the test
+    jobs in one backend call; ``run_ids`` are the train job ids of this submission."""
+    tasks = []
+    for it in items:
+        if it.action != "submit":
+            continue
+        run = RunDir.of(ws, it.run.run_id)
+        body = run.raw_run()
+        cells = [t.test_id for t in it.run.tests]
+        if body is not None and body.get("test_cells") != cells:  # the cells as last submitted (report)
+            body["test_cells"] = cells
+            run.write_run(body)
+        path = run.write_test_cell(it.test.cell_json())
+        after, after_folder = it.after, it.after_folder
+        if after == THIS_SUBMISSION:
+            after, after_folder = run_ids[it.run.run_id]["job_id"], str(folder)
+        it.after = after
+        tasks.append(TestTask(test_id=it.test.test_id, run_id=it.run.run_id, run_dir=str(run.path.resolve()),
+                              cell=str(path.resolve()), resources=it.run.resources, after=after,
+                              after_folder=after_folder))
+    if not tasks:
+        return {}
+    return backend.submit_tests(tasks, Path(folder) / TEST_FOLDER, options, fns=fns)
+
+
+def record(reg, items: List[TestItem], ids: Dict[str, str]) -> None:
+    from ssflctl.registry.store import now
+
+    with reg.transaction():
+        for it in items:
+            if it.action != "submit":
+                continue
+            it.job_id = ids[it.test.test_id]
+            reg.update_test(it.test.test_id, state="queued", reason="", event="submitted", job_id=it.job_id,
+                            after_job_id=it.after, submitted_at=now(), claim_pid=None)
+
+
+def release(reg, items: List[TestItem], exc: BaseException) -> None:
+    msg = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
+    for it in items:
+        if it.action == "submit":
+            reg.update_test(it.test.test_id, state="pending", reason=f"not submitted: {msg}", event="not submitted",
+                            claim_pid=None)
+
+
+# --------------------------------------------------------------------------------------------
+# reconcile
+# --------------------------------------------------------------------------------------------
+
+def _ts(iso: Optional[str]) -> Optional[float]:
+    from ssflctl.control.reconcile import ts
+
+    return ts(iso)
+
+
+def job_ref(reg, row) -> Optional[JobRef]:
+    if not row["job_id"]:
+        return None
+    sub = reg.submission(row["submission_id"]) if row["submission_id"] else None
+    folder = Path(sub["folder"]) / TEST_FOLDER if sub else None
+    return JobRef(row["job_id"], folder, row["submission_id"] or "")
+
+
+def reconcile_tests(reg, ws, experiment: Optional[str], run_verdicts: Dict[str, Verdict],
+                    ask: bool = True) -> Dict[str, Dict[str, Any]]:
+    """Fold each test cell's files and job into the registry; per test id ``{"row", "verdict",
+    "job"}`` (for status). ``run_verdicts``: the runs' verdicts of the same reconcile."""
+    from ssflctl import backends
+
+    rows = reg.test_rows(experiment)
+    statuses: Dict[Any, JobStatus] = {}
+    if ask:
+        by_backend: Dict[str, List[JobRef]] = {}
+        for r in rows:
+            ref = job_ref(reg, r) if r["state"] in ASK_STATES else None
+            if ref is not None and r["backend"]:
+                by_backend.setdefault(r["backend"], []).append(ref)
+        for name, refs in by_backend.items():
+            try:
+                got = backends.get(name).query(refs)
+            except Exception as exc:  # noqa: BLE001 - an unknown backend name in an old registry
+                got = {j.job_id: JobStatus(j.job_id, JobKind.UNKNOWN, error=str(exc)) for j in refs}
+            statuses.update({(name, k): v for k, v in got.items()})
+    writable = not reg.read_only
+    out: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        run = RunDir.of(ws, r["run_id"])
+        rv = run_verdicts.get(r["run_id"], Verdict(RunState.UNKNOWN, ""))
+        if r["state"] == "submitting":
+            from ssflctl.control.reconcile import _claim_abandoned
+
+            verdict = Verdict(RunState.FAILED, "a submit was interrupted before the test job was launched; "
+                                               "submit again") if writable and _claim_abandoned(r) else \
+                Verdict(RunState.SUBMITTING, r["reason"] or "")
+            if run.tested_cell(r["test_id"]) is not None:
+                verdict = Verdict(RunState.DONE, "")
+        elif r["state"] == "pending":
+            verdict = decide_test(run, r["test_id"], rv, None)
+            if verdict.state is RunState.PENDING:
+                verdict = Verdict(RunState.PENDING, r["reason"] or verdict.reason)
+        else:
+            job = statuses.get((r["backend"], r["job_id"])) if r["job_id"] else None
+            view = TestView(job=job, job_id=r["job_id"], submitted_at=_ts(r["submitted_at"]),
+                            last_known=(r["state"], r["reason"] or ""),
+                            asked=ask and r["state"] in ASK_STATES and bool(r["job_id"]))
+            verdict = decide_test(run, r["test_id"], rv, view)
+        if writable and (verdict.state.value != r["state"] or (verdict.reason and verdict.reason != (r["reason"] or ""))):
+            reg.update_test(r["test_id"], state=verdict.state.value, reason=verdict.reason or "")
+        out[r["test_id"]] = {"row": r, "verdict": verdict, "job": statuses.get((r["backend"], r["job_id"]))}
+    return out
+
+
+def cell_verdict(ws, run_id: str, test_id: str, run_verdict: Verdict, row=None) -> Verdict:
+    """A test cell's state for readers that do not ask the scheduler (report)."""
+    run = RunDir.of(ws, run_id)
+    view = None
+    if row is not None and row["state"] != "pending":
+        view = TestView(job_id=row["job_id"], last_known=(row["state"], row["reason"] or ""), asked=False)
+    return decide_test(run, test_id, run_verdict, view)
+
