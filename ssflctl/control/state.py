@@ -252,7 +252,7 @@ def decide_test(run: RunDir, test_id: str, run_verdict: Verdict, view: Optional[
                        f"the scheduler has no record of test job {view.job_id}")
     if j.kind is JobKind.UNKNOWN:
         note = f"scheduler not answering about test job {j.job_id} ({j.error}); last known state kept"
-        if view.last_known is not None and view.last_known[0] in ALIVE_STATES:
+        if view.last_known is not None:  # as for a run: a failed query keeps whatever state it had
             return Verdict(RunState(view.last_known[0]), note)
         return Verdict(RunState.UNKNOWN, note)
     if j.kind in WAITING_KINDS:
