@@ -116,3 +116,19 @@ def test_a_crash_after_a_logged_nan_is_a_nan(tmp_path):
     (d / "vis_data" / "scalars.json").write_text('{"lr": 0.01, "loss": 1.0, "epoch": 1, "iter": 50}\n')
     d2 = decide(RetryPolicy.from_dict({}), tmp_path, 1, 0.01, out)
     assert d2.action == "stop" and d2.reason == "failed: AssertionError: boxes contain NaN"
+
+
+@pytest.mark.unit
+def test_a_pure_fp16_overflow_is_not_retried_at_a_lower_lr(tmp_path):
+    """Under amp: fp16 an inf loss (float16's range exceeded) stops with what to change; a NaN, or
+    an inf without fp16 AMP, is still retried at lr × factor (issue 19.3)."""
+    from ssflctl.node import retry as r
+
+    base = {"iter": 7, "epoch": 1, "loss_key": "loss_cls", "lr": 0.01}
+    inf16 = dict(base, nonfinite={"loss_cls": "inf"}, amp={"dtype": "float16", "loss_scale": 65536.0})
+    d = r.decide(r.RetryPolicy(), tmp_path, 1, 0.01, {"outcome": "nan", "nan": inf16})
+    assert d.action == "stop" and d.lr == 0.01 and "amp: bf16" in d.reason and "float16 overflow" in d.reason
+    nan16 = dict(inf16, nonfinite={"loss_cls": "nan"})
+    assert r.decide(r.RetryPolicy(), tmp_path, 1, 0.01, {"outcome": "nan", "nan": nan16}).lr == pytest.approx(0.001)
+    inf32 = dict(base, nonfinite={"loss_cls": "inf"})
+    assert r.decide(r.RetryPolicy(), tmp_path, 1, 0.01, {"outcome": "nan", "nan": inf32}).action == "retry"

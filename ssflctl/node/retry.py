@@ -78,6 +78,16 @@ def first_nan_iter(rec: Dict[str, Any]) -> Optional[int]:
     return (NanRecord.from_json(rec) or NanRecord()).first_iter()
 
 
+def fp16_overflow(rec: Dict[str, Any]) -> bool:
+    """True when the guard's record is a pure float16 overflow: the run trains under fp16 AMP
+    (nan.json ``amp.dtype``) and every non-finite loss term is ±inf, none NaN. (An overflow of the
+    *gradients* is the GradScaler's job: it skips the step and the loss stays finite, so the guard
+    never sees it.)"""
+    amp = rec.get("amp") if isinstance(rec.get("amp"), dict) else {}
+    bad = [str(v) for v in (rec.get("nonfinite") or {}).values()]
+    return amp.get("dtype") == "float16" and bool(bad) and all(v in ("inf", "-inf") for v in bad)
+
+
 def clean_checkpoint(attempt_dir, nan_iter: Optional[int]) -> Optional[str]:
     """The last checkpoint saved before the NaN (:meth:`AttemptDir.last_clean_checkpoint`)."""
     return AttemptDir(attempt_dir).last_clean_checkpoint(nan_iter)
@@ -120,6 +130,12 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
         phrase = nan_phrase(rec, lr)
         if policy.on_nan == "fail":
             return Decision("stop", lr, None, f"{phrase}; on_nan is fail", {"nan": rec})
+        if fp16_overflow(rec):
+            # an inf (not a NaN) under fp16 AMP: float16's range (65504) was exceeded in the forward
+            # pass; a lower lr does not widen the range, so it is not retried at one
+            return Decision("stop", lr, None, f"{phrase}: a float16 overflow under amp: fp16 (the loss reached "
+                            "float16's range, 65504); not retried at a lower lr — set amp: bf16 (float32's "
+                            "range) or amp: null (fp32) and submit again", {"nan": rec, "fp16_overflow": True})
         if not left:
             return Decision("stop", lr, None, f"{phrase}; {spent}", {"nan": rec})
         # rounded to 12 significant digits: 0.01 × 0.1 is 0.001, not 0.0010000000000000002
