@@ -265,6 +265,10 @@ class Recovery(_Record):
     _CONVERT = {"iter": _i, "lr": _f, "restart_count": _i, "message": lambda v: str(v or ""),
                 "kind": lambda v: str(v or "")}
 
+    def to_json(self) -> Dict[str, Any]:
+        """Only the facts the entry has (an interruption knows no lr: it keeps the attempt's)."""
+        return {k: v for k, v in super().to_json().items() if v is not None}
+
 
 @dataclass
 class AttemptInfo(_Record):
