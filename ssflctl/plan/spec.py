@@ -48,7 +48,7 @@ SPECIAL_AXES = ("loss", "dataset", "seed", "lr")
 TOP_KEYS = ("name", "description", "template", "datasets", "matrix", "params", "overrides", "resources",
             "executor", "retry", "test")
 DATASET_KEYS = ("root", "template", "params", "overrides", "resources")
-RESOURCE_KEYS = ("gpus", "cpus", "mem", "time")
+RESOURCE_KEYS = ("gpus", "cpus", "mem", "time", "nodes")
 EXECUTOR_KEYS = ("type", "slurm", "local")
 SLURM_KEYS = ("partition", "qos", "account", "gres", "constraint", "array_parallelism", "max_num_timeout",
               "signal_delay_s", "sbatch", "setup")
@@ -315,7 +315,7 @@ def _resources(v: _V, value: Any, line: int, key: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for k, val in m.items():
         ln = _line(m, k, line)
-        if k in ("gpus", "cpus"):
+        if k in ("gpus", "cpus", "nodes"):
             lo = 0 if k == "gpus" else 1
             if not _is_int(val) or val < lo:
                 v.fail(ln, f"{key}.{k}", f"expected a whole number >= {lo}, got {_kind(val)}")
