@@ -49,6 +49,7 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
         "fn": fn,
         "tasks": [{"index": i, "run_id": t["run_id"], "run_dir": str(Path(t["run_dir"]).resolve()),
                    "gpus": int((t.get("resources") or {}).get("gpus", 0)),
+                   "nodes": int((t.get("resources") or {}).get("nodes", 1) or 1),
                    "cpus": int((t.get("resources") or {}).get("cpus", 0) or 0)}
                   for i, t in enumerate(tasks)],
         "created_at": _now(),
@@ -187,7 +188,9 @@ def run_queue(folder: Path, poll_s: float = 0.5) -> int:
             t = pending[0]
             need = int(t.get("gpus", 0))
             env = dict(os.environ)
-            too_many = _too_many(need, gpus)
+            too_many = _too_many(need, gpus) or (
+                f"resources.nodes is {t['nodes']}: the local executor runs on this machine only; use the "
+                "Slurm executor for several nodes" if int(t.get("nodes", 1)) > 1 else "")
             if too_many:
                 pending.pop(0)
                 _write_task(folder, t["index"], state="failed", returncode=2, reason=too_many, ended_at=_now())

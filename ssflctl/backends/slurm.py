@@ -60,7 +60,13 @@ class TrainTask(submitit.helpers.Checkpointable):
         return f"SIGUSR2, a preemption by submitit's rule (ran {ran:.1f} of {limit:g} min)"
 
     def checkpoint(self, run_dir: str, *args, **kwargs):
-        """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call."""
+        """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call.
+
+        With several tasks Slurm signals every task, but submitit 1.5's handler
+        (``SignalHandler.checkpoint_and_try_requeue``) returns at once on a task whose
+        ``SLURM_PROCID`` is not 0: only rank 0 gets here, notes the interruption and requeues
+        (one ``scontrol requeue``); nothing is saved (every rank resumes mmengine's last
+        checkpoint, which rank 0 wrote, at the attempt's lr)."""
         try:
             _resolve(NOTE_FN)(run_dir, self.cause())  # node code, by name: not imported on the login node
         except Exception:  # noqa: BLE001 - the requeue matters more than the note
