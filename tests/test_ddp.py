@@ -5,6 +5,8 @@ Fast (no training): the Slurm parameters and the sbatch script of a 2-node × 2-
 environment each of its tasks gets; the local runner's limits; the plan's batch column and lr
 warning; ``auto_scale_lr: true`` read back from a built mmengine Runner.
 
+``training``: the NaN guard and rank 0's decisions in a real 2-process gloo group (no model).
+
 Slow (``training``): a 2-process DDP run with the local executor (torchrun-style variables, gloo).
 The Slurm scenarios are in tests/test_ddp_slurm.py.
 """
@@ -245,3 +247,70 @@ def test_local_two_processes_train_one_model(tmp_path, monkeypatch):
     assert "ssflctl: rank 1 of world size 2" in rank1.read_text()
     assert (folder / "0.rank1.log").is_file()
     print(f"\nlocal 2-process DDP run: {time.time() - t0:.0f}s")
+
+
+# ------------------------------------------------------------------------------------------
+# the guard and rank 0's decisions in a real 2-process gloo group (no model: seconds)
+# ------------------------------------------------------------------------------------------
+def _two_ranks(rank: int, port: int, tmp: str, q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    from types import SimpleNamespace
+
+    import torch
+    from mmengine.logging import MessageHub
+
+    from ssflctl.node import dist
+    from ssflctl.node.guard import NanGuardHook, NonFiniteLossError
+
+    assert dist.setup().launcher == "pytorch" and dist.initialized()
+    out = {"rank": rank}
+    try:  # an exception raised by rank 0's decision is raised on every rank
+        dist.on_main(lambda: (_ for _ in ()).throw(ValueError("rank 0 says no")))
+    except ValueError as exc:
+        out["on_main_error"] = str(exc)
+    out["decided"] = dist.on_main(lambda: f"decided by {dist.rank()}")
+    hub = MessageHub.get_instance(f"ddp_guard_{rank}_{time.time_ns()}")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    wrapper = SimpleNamespace(optimizer=opt, get_lr=lambda: {"lr": [0.01]})
+    runner = SimpleNamespace(message_hub=hub, iter=0, epoch=0, work_dir=tmp, optim_wrapper=wrapper,
+                             logger=None, train_loop=SimpleNamespace())
+    hook = NanGuardHook()
+    hook.before_train(runner)
+    for i in range(10):
+        runner.iter = i
+        bad = rank == 1 and i == 4   # iteration 5 (1-based) goes NaN on rank 1 only
+        outputs = {"loss": torch.tensor(float("nan") if bad else 1.0), "loss_cls": torch.tensor(0.5)}
+        for k, v in outputs.items():
+            hub.update_scalar(f"train/{k}", v)
+        try:
+            hook.after_train_iter(runner, i, None, outputs)
+        except NonFiniteLossError as exc:
+            out["stopped_at"] = exc.record["iter"]
+            out["record"] = exc.record
+            break
+    dist.teardown()
+    q.put(out)
+
+
+@pytest.mark.training
+def test_guard_stops_every_rank_at_the_same_iteration(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    t0 = time.time()
+    mp.start_processes(_two_ranks, args=(port, str(tmp_path), q), nprocs=2, join=True, start_method="spawn")
+    outs = sorted((q.get() for _ in range(2)), key=lambda o: o["rank"])
+    assert time.time() - t0 < 120
+    assert [o["on_main_error"] for o in outs] == ["rank 0 says no"] * 2
+    assert [o["decided"] for o in outs] == ["decided by 0"] * 2
+    assert [o["stopped_at"] for o in outs] == [5, 5]
+    rec = json.loads((tmp_path / "nan.json").read_text())  # written once, by rank 0, with rank 1's record
+    assert (rec["iter"], rec["rank"], rec["ranks"], rec["world_size"]) == (5, 1, [1], 2)
+    assert rec["nonfinite"] == {"loss": "nan"} and rec["reason"].endswith("on rank 1 of 2")
