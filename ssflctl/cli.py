@@ -154,14 +154,15 @@ def logs(
     workspace: Optional[Path] = WorkspaceOpt,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the log grows."),
     attempt: Optional[int] = typer.Option(None, "--attempt", help="Attempt number (default: latest)."),
+    rank: int = typer.Option(0, "--rank", min=0, help="Rank of a multi-GPU run (default 0: mmengine's log)."),
 ):
     """Print the training log of a run's attempt.
 
-    Example: ssflctl logs ssfl-cityscapes-s3407 -f
+    Example: ssflctl logs ssfl-cityscapes-s3407 -f;  ssflctl logs RUN --rank 1
     """
     from ssflctl.commands import logs as logs_mod
 
-    logs_mod.main(workspace_path(workspace), run, follow=follow, attempt=attempt)
+    logs_mod.main(workspace_path(workspace), run, follow=follow, attempt=attempt, rank=rank)
 
 
 @app.command()

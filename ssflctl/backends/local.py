@@ -7,6 +7,14 @@ session (setsid, stdin from /dev/null, output to a file) and returns at once. Th
 SIGHUP, starts each run as ``python -m ssflctl.backends.local --task FN RUN_DIR`` in its own session,
 and records every task's state in ``<folder>/tasks/<i>.json`` (atomically). Cancel: a
 ``<i>.cancel`` marker (pending tasks) and SIGTERM to the task's process group (running tasks).
+
+``resources.gpus: N`` (N > 1) is N processes, one per GPU, as torchrun starts them: the task process
+is rank 0 and starts ranks 1..N-1 in its own session (one cancel stops all), each with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` (a free port) and
+``CUDA_VISIBLE_DEVICES`` = the run's N GPUs (mmengine's ``pytorch`` launcher takes device
+LOCAL_RANK); rank K's output goes to ``<i>.rank<K>.log``. Never more GPUs than the machine has: a
+run that asks for more than it shows fails with the reason. On a machine without GPUs the N
+processes train on the CPU with gloo (at most one per core).
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
         "fn": fn,
         "tasks": [{"index": i, "run_id": t["run_id"], "run_dir": str(Path(t["run_dir"]).resolve()),
                    "gpus": int((t.get("resources") or {}).get("gpus", 0)),
+                   "nodes": int((t.get("resources") or {}).get("nodes", 1) or 1),
                    "cpus": int((t.get("resources") or {}).get("cpus", 0) or 0)}
                   for i, t in enumerate(tasks)],
         "created_at": _now(),
@@ -181,6 +190,16 @@ def run_queue(folder: Path, poll_s: float = 0.5) -> int:
             t = pending[0]
             need = int(t.get("gpus", 0))
             env = dict(os.environ)
+            too_many = _too_many(need, gpus) or (
+                f"resources.nodes is {t['nodes']}: the local executor runs on this machine only; use the "
+                "Slurm executor for several nodes" if int(t.get("nodes", 1)) > 1 else "")
+            if too_many:
+                pending.pop(0)
+                _write_task(folder, t["index"], state="failed", returncode=2, reason=too_many, ended_at=_now())
+                (folder / f"{t['index']}.log").write_text(f"ssflctl local runner: {too_many}\n")
+                continue
+            if need > 1:
+                env[NPROC_VAR] = str(need)
             if need and gpus:  # GPU slots: each task gets its own devices
                 if len(free) < need:
                     break  # wait for a running task to give its GPUs back
@@ -188,8 +207,9 @@ def run_queue(folder: Path, poll_s: float = 0.5) -> int:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(held[t["index"]])
             if t.get("cpus"):  # a run's cpus are its threads, as a Slurm cpus-per-task allocation would be
                 for var in THREAD_VARS:
-                    env.setdefault(var, str(t["cpus"]))
+                    env.setdefault(var, str(max(1, int(t["cpus"]) // max(1, need))))
             pending.pop(0)
+            env["SSFLCTL_LOCAL_LOGDIR"], env["SSFLCTL_LOCAL_INDEX"] = str(folder), str(t["index"])
             logf = open(folder / f"{t['index']}.log", "ab")
             try:
                 p = subprocess.Popen(
@@ -221,6 +241,49 @@ def run_queue(folder: Path, poll_s: float = 0.5) -> int:
     return 0
 
 
+#: set by the runner for a run of N > 1 processes (the task process starts the other ranks)
+NPROC_VAR = "SSFLCTL_LOCAL_NPROC"
+
+
+def _too_many(need: int, gpus: List[str]) -> str:
+    """Why a run of ``need`` GPUs cannot run here ("" when it can)."""
+    if need > 1 and gpus and need > len(gpus):
+        return (f"resources.gpus is {need} but this machine has {len(gpus)} GPU(s) "
+                f"({', '.join(gpus)}); lower resources.gpus or use the Slurm executor")
+    if need > 1 and not gpus and need > (os.cpu_count() or 1):
+        return (f"resources.gpus is {need}: no GPU here, and {need} CPU processes are more than the "
+                f"{os.cpu_count()} cores")
+    return ""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ranks(n: int, fn: str, run_dir: str) -> List[subprocess.Popen]:
+    """Rank 0 (this process) starts ranks 1..n-1 with torchrun's variables; sets its own."""
+    port = str(_free_port())
+    os.environ.update({"WORLD_SIZE": str(n), "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": port})
+    out_dir = Path(os.environ.get("SSFLCTL_LOCAL_LOGDIR", "."))
+    procs = []
+    for k in range(1, n):
+        env = dict(os.environ, RANK=str(k), LOCAL_RANK=str(k))
+        env.pop(NPROC_VAR, None)
+        log = open(out_dir / f"{os.environ.get('SSFLCTL_LOCAL_INDEX', 'task')}.rank{k}.log", "ab")
+        try:
+            procs.append(subprocess.Popen([sys.executable, "-m", RUNNER_MODULE, "--task", fn, run_dir],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          env=env))
+        finally:
+            log.close()
+    return procs
+
+
 def visible_gpus() -> List[str]:
     """GPU ids this machine offers: $CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`, else none."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -242,15 +305,25 @@ def _signal_group(pid: int, sig: int) -> None:
 
 def run_task(fn: str, run_dir: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    n = int(os.environ.pop(NPROC_VAR, "1") or 1)
+    others = _start_ranks(n, fn, run_dir) if n > 1 else []
     mod, _, name = fn.partition(":")
+    rc = 0
     try:
         getattr(importlib.import_module(mod), name)(run_dir)
     except SystemExit as exc:
-        return int(exc.code or 0)
+        rc = int(exc.code or 0)
     except BaseException:
         traceback.print_exc()
-        return 1
-    return 0
+        rc = 1
+    for p in others:  # the run ends when every rank has; after a failure of rank 0 none waits on it
+        try:
+            code = p.wait(timeout=None if rc == 0 else 30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = p.wait()
+        rc = rc or (1 if code else 0)
+    return rc
 
 
 def main(argv: List[str]) -> int:

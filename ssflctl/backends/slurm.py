@@ -62,7 +62,13 @@ class TrainTask(submitit.helpers.Checkpointable):
         return f"SIGUSR2, a preemption by submitit's rule (ran {ran:.1f} of {limit:g} min)"
 
     def checkpoint(self, run_dir: str, *args, **kwargs):
-        """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call."""
+        """SIGUSR2 (time limit or preemption): note it in the attempt dir, then requeue the same call.
+
+        With several tasks Slurm signals every task, but submitit 1.5's handler
+        (``SignalHandler.checkpoint_and_try_requeue``) returns at once on a task whose
+        ``SLURM_PROCID`` is not 0: only rank 0 gets here, notes the interruption and requeues
+        (one ``scontrol requeue``); nothing is saved (every rank resumes mmengine's last
+        checkpoint, which rank 0 wrote, at the attempt's lr)."""
         try:
             _resolve(NOTE_FN)(run_dir, self.cause())  # node code, by name: not imported on the login node
         except Exception:  # noqa: BLE001 - the requeue matters more than the note
@@ -104,14 +110,30 @@ def check_options(opts: Dict[str, Any], name: str) -> None:
         raise UserError(f"job name {name!r}: letters, digits and _.- only; rename the experiment")
 
 
+def tasks_per_node(res: Dict[str, Any]) -> int:
+    """One task per GPU (at least one task)."""
+    return max(1, int(res.get("gpus", 0) or 0))
+
+
 def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """submitit's parameters for one job of ``res`` (``gpus`` and ``cpus`` per node, ``nodes``).
+
+    ``nodes × gpus`` tasks, one per GPU, started by submitit's ``srun`` (``--ntasks-per-node=gpus``,
+    ``--nodes``). GPUs: ``--gres=gpu:<gpus>`` per node, every task of a node sees all of them and
+    takes the one of its ``SLURM_LOCALID`` (mmengine's slurm launcher: ``set_device(local rank)``);
+    not ``--gpus-per-task=1``, under which each task sees one device as cuda:0 and mmengine's
+    ``set_device(SLURM_LOCALID)`` fails on every rank but the first. CPUs: ``cpus`` is the node's
+    share, so ``--cpus-per-task = cpus // gpus`` (at least 1); ``--mem`` is per node.
+    """
+    ntasks = tasks_per_node(res)
+    cpus_per_task = max(1, int(res.get("cpus", 1)) // ntasks)
     p: Dict[str, Any] = {
         "job_name": name,
         "time": int(res.get("time_min", 60)),
-        "cpus_per_task": int(res.get("cpus", 1)),
+        "cpus_per_task": cpus_per_task,
         "mem": f"{max(1, int(round(float(res.get('mem_gb', 8)) * 1024)))}M",
-        "ntasks_per_node": 1,
-        "nodes": 1,
+        "ntasks_per_node": ntasks,
+        "nodes": max(1, int(res.get("nodes", 1) or 1)),
         "signal_delay_s": int(opts.get("signal_delay_s") or (60 if int(res.get("time_min", 60)) > 5 else 10)),
     }
     for k in ("partition", "qos", "account", "constraint"):
@@ -127,7 +149,7 @@ def _params(res: Dict[str, Any], opts: Dict[str, Any], name: str) -> Dict[str, A
     # a run's threads are its cpus-per-task, whatever the submitting shell had (torch would otherwise
     # start one thread per core of the node: measured here, two 1-CPU jobs on a 2-core node without
     # CPU binding ran 10x slower); the user's own setup lines come after and may change it
-    p["setup"] = [f"export {var}=${{SLURM_CPUS_PER_TASK:-{int(res.get('cpus', 1))}}}"
+    p["setup"] = [f"export {var}=${{SLURM_CPUS_PER_TASK:-{cpus_per_task}}}"
                   for var in THREAD_VARS] + list(opts.get("setup") or [])
     extra = dict(opts.get("sbatch") or {})
     if extra:
@@ -204,7 +226,8 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
             dependency = f"aftercorr:{ids[0].split('_')[0]}"
         else:
             dependency = ",".join(f"afterok:{i}" for i in ids) if len(testing) == 1 else None
-        test_res = dict(res)
+        # the test step runs on one task (one GPU) of one node
+        test_res = dict(res, gpus=min(1, int(res.get("gpus", 0) or 0)), nodes=1)
         test_res["time_min"] = max(10, min(int(res.get("time_min", 60)), 240))
         tex = make_executor(sub / "test", test_res, options, name=manifest["groups"][gi]["test_name"])
         extra = dict(options.get("sbatch") or {})

@@ -1,6 +1,7 @@
 """`ssflctl logs RUN`: the attempt's mmengine log (or the job's output before it exists)."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -12,9 +13,10 @@ from ssflctl.workdir.layout import RunDir
 
 
 
-def find_logs(ws, run_id: str, attempt: Optional[int] = None) -> List[Path]:
+def find_logs(ws, run_id: str, attempt: Optional[int] = None, rank: int = 0) -> List[Path]:
     """The mmengine text logs of the run's attempt (latest by default), oldest first: the training
-    log, then the test step's. Raises UserError if the run has no attempt (or not that one)."""
+    log, then the test step's; ``rank`` K > 0: rank K's logs of a multi-GPU run. Raises UserError
+    if the run has no attempt (or not that one)."""
     run = RunDir.of(ws, run_id)
     dirs = run.attempts()
     if not dirs:
@@ -23,7 +25,12 @@ def find_logs(ws, run_id: str, attempt: Optional[int] = None) -> List[Path]:
         dirs = [d for d in dirs if d.n == attempt]
         if not dirs:
             raise UserError(f"logs: run {run_id} has no attempt {attempt}")
-    return dirs[-1].text_logs()
+    return dirs[-1].rank_logs(rank) if rank else dirs[-1].text_logs()
+
+
+def _processes(res) -> int:
+    """The run's processes: nodes × gpus (one on a CPU)."""
+    return int(res.get("nodes", 1) or 1) * max(1, int(res.get("gpus", 0) or 0))
 
 
 def _job_output(reg, row) -> Optional[Path]:
@@ -37,7 +44,7 @@ def _job_output(reg, row) -> Optional[Path]:
     return backends.get(row["backend"]).job_output(refs[0]) if refs else None
 
 
-def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = None) -> List[Path]:
+def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = None, rank: int = 0) -> List[Path]:
     from ssflctl.commands.status import open_registry
 
     reg = open_registry(workspace)
@@ -46,16 +53,20 @@ def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = Non
         row = reg.get_run(run_id)
         if row is None:
             raise UserError(f"logs: run {run_id} is not in this workspace's registry; see `ssflctl status`")
-        paths = find_logs(workspace, row["run_id"], attempt)
-        if not paths:
+        paths = find_logs(workspace, row["run_id"], attempt, rank)
+        procs = _processes(json.loads(row["resources"] or "{}"))
+        if rank >= procs:
+            raise UserError(f"logs: run {row['run_id']} runs {procs} process{'es' if procs > 1 else ''} "
+                            f"(ranks 0-{procs - 1}); there is no rank {rank}")
+        if not paths and rank == 0:
             alt = _job_output(reg, row)
             if alt is not None and alt.exists():
                 paths = [alt]
     finally:
         reg.close()
     if not paths and not follow:
-        raise UserError(f"logs: no training log yet for {row['run_id']}; the job may still be queued — "
-                        "try `ssflctl logs -f`")
+        raise UserError(f"logs: no training log yet for {row['run_id']}"
+                        + (f" rank {rank}" if rank else "") + "; the job may still be queued — try `ssflctl logs -f`")
     out = sys.stdout
     pos: Dict[Path, int] = {}
     current: Optional[Path] = None
@@ -78,7 +89,7 @@ def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = Non
             return paths
         time.sleep(1.0)
         try:  # new logs appear: the test step's, or a retry's new attempt
-            fresh = find_logs(workspace, row["run_id"], attempt)
+            fresh = find_logs(workspace, row["run_id"], attempt, rank)
         except UserError:
             fresh = []
         paths = fresh or paths

@@ -10,9 +10,10 @@ from typing import Any, Dict, List, Optional
 from ssflctl.commands.table import print_table, rich_table
 from ssflctl.errors import UserError
 
-COLUMNS = ["run", "loss", "dataset", "seed", "lr", "attempt", "state", "job", "progress", "loss_val", "elapsed", "note"]
-HEADERS = ["run", "loss", "dataset", "seed", "lr", "attempt", "state", "job id", "progress", "last loss", "elapsed",
-           "note"]
+COLUMNS = ["run", "loss", "dataset", "seed", "lr", "attempt", "state", "job", "gpus", "progress", "loss_val",
+           "elapsed", "note"]
+HEADERS = ["run", "loss", "dataset", "seed", "lr", "attempt", "state", "job id", "gpus", "progress", "last loss",
+           "elapsed", "note"]
 STATE_STYLE = {"done": "green", "running": "cyan", "queued": "blue", "failed": "red", "cancelled": "yellow",
                "unknown": "magenta", "submitting": "blue", "pending": "dim"}
 
@@ -97,6 +98,12 @@ def _elapsed(run, train, state: str) -> Optional[float]:
     if t1 is None and state in ("running", "queued"):
         t1 = time.time()
     return (t1 - t0) if t1 else None
+
+
+def gpus_text(res: Dict[str, Any]) -> str:
+    """``2 GPU × 1 node`` (``CPU × 1 node`` without GPUs)."""
+    gpus, nodes = int(res.get("gpus", 0) or 0), int(res.get("nodes", 1) or 1)
+    return f"{gpus} GPU × {nodes} node" if gpus else f"CPU × {nodes} node"
 
 
 def _sched_json(st) -> Optional[Dict[str, Any]]:
@@ -195,6 +202,7 @@ def view(reg, ws, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
             "run": row["run_id"], "experiment": row["experiment"], "loss": ax.get("loss", ""),
             "dataset": ax.get("dataset", ""), "seed": ax.get("seed", ""), "lr": lr,
             "attempt": last.n if last is not None else 0, "state": state, "job": row["job_id"] or "",
+            "gpus": gpus_text(row.get("resources") or {}),
             "test_job": row.get("test_job_id") or "", "progress": prog.describe() if prog is not None else "",
             "loss_val": prog.loss if prog is not None else None, "elapsed": _fmt_elapsed(elapsed),
             "elapsed_s": elapsed, "note": note, "axes": ax, "attempts": row["attempts"],
@@ -228,7 +236,7 @@ def _rows(items):
         lr = it["lr"]
         rows.append([it["run"], str(it["loss"]), str(it["dataset"]), str(it["seed"]),
                      f"{lr:g}" if isinstance(lr, (int, float)) else str(lr or ""), str(it["attempt"] or ""),
-                     it["state"], it["job"], it["progress"],
+                     it["state"], it["job"], it["gpus"], it["progress"],
                      f"{lv:.4f}" if isinstance(lv, (int, float)) else ("" if lv is None else str(lv)),
                      it["elapsed"], it["note"]])
         for t in it.get("tests") or []:  # test cells under their run

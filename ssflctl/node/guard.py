@@ -25,6 +25,14 @@ log (``NanGuard: ... loss_cls: nan ...``, which ``ssflctl.workdir.mmlogs`` recog
 ``iter`` counts iterations from 1, as mmengine's log and checkpoint names do (``iter_1234.pth``
 holds the weights after 1234 iterations); ``epoch`` likewise (None for iteration-based loops).
 
+Several ranks (DDP): a rank's loss is its own (mmengine 0.10.7 reduces no loss across ranks), so
+the ranks agree every iteration through one all-reduce of a ``world_size``-long flag vector (rank k
+sets slot k when its loss is non-finite; ``benchmarks/bench_guard_dist.py`` measures it against an
+iteration). When a slot is set, every rank stops at that same iteration: the records are gathered
+(only then), the first rank that saw the non-finite loss gives the record (``rank``, ``ranks``,
+``world_size`` added), rank 0 writes nan.json, every rank logs the stop line and raises, so no rank is
+ever left waiting in a collective and all of them take part in the retry.
+
 Priority 65: after ``LoggerHook`` (BELOW_NORMAL = 60), so the NaN iteration still reaches the
 text log and ``scalars.json`` when it is a logging iteration; before ``ParamSchedulerHook``
 (LOW = 70) and ``CheckpointHook`` (VERY_LOW = 90), so no checkpoint is ever written after the
@@ -37,7 +45,7 @@ import math
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ssflctl import atomic
 
@@ -126,6 +134,7 @@ class NanGuardHook(_HookBase):  # type: ignore[misc,valid-type]
         self.last_finite_iter: Optional[int] = None
         self.tripped: Optional[Dict[str, Any]] = None
         self._t0 = float("inf")
+        self._flags = None  # the agreement vector, allocated once per training (several ranks)
 
     # -- reading the values ---------------------------------------------------------------
     def _values(self, runner, outputs) -> Dict[str, float]:
@@ -161,34 +170,73 @@ class NanGuardHook(_HookBase):  # type: ignore[misc,valid-type]
         self.history = {}
         self.tripped = None
         self._t0 = time.time()
+        self._flags = None
+        from ssflctl.node import dist
+
+        if dist.initialized():
+            import torch
+            import torch.distributed as td
+
+            self._flags = torch.zeros(td.get_world_size(), device=dist.device())
+            self._rank = td.get_rank()
+
+    def _agree(self, bad: bool) -> List[int]:
+        """The ranks whose loss was non-finite at this iteration (one all-reduce of a flag per rank)."""
+        import torch.distributed as td
+
+        flags = self._flags
+        flags.zero_()
+        if bad:
+            flags[self._rank] = 1.0
+        td.all_reduce(flags)
+        return [i for i, v in enumerate(flags.tolist()) if v]
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         vals = self._values(runner, outputs)
         bad = {k: n for k, v in vals.items() if (n := _nonfinite_name(v)) is not None}
         it = int(getattr(runner, "iter", 0)) + 1
-        if not bad:
+        ranks = self._agree(bool(bad)) if self._flags is not None else None
+        if not bad and not ranks:
             for k, v in vals.items():
                 self.history.setdefault(k, deque(maxlen=self.keep)).append(v)
             self.last_finite_iter = it
             return
-        self.trip(runner, batch_idx, vals, bad)
+        self.trip(runner, batch_idx, vals, bad, ranks)
 
     # -- the trip ----------------------------------------------------------------------------
-    def trip(self, runner, batch_idx: int, vals: Dict[str, float], bad: Dict[str, str]) -> None:
+    def trip(self, runner, batch_idx: int, vals: Dict[str, float], bad: Dict[str, str],
+             ranks: Optional[List[int]] = None) -> None:
+        """Record and stop. ``ranks`` (several ranks): who saw a non-finite loss at this iteration;
+        every rank is here at the same iteration, so gathering the records cannot wait."""
         record = build_record(runner, batch_idx, vals, bad,
                               {k: list(d) for k, d in self.history.items()},
-                              self.last_finite_iter)
-        self.tripped = record
+                              self.last_finite_iter) if bad else None
         path = Path(self.out_file) if self.out_file else Path(runner.work_dir) / NAN_FILE
+        main = True
+        if ranks:
+            import torch.distributed as td
+
+            gathered: List[Any] = [None] * td.get_world_size()
+            td.all_gather_object(gathered, record)
+            first = ranks[0]
+            record = dict(gathered[first], rank=first, ranks=list(ranks), world_size=len(gathered))
+            where = f"rank {first}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+            record["reason"] = f"{record['reason']} on {where} of {len(gathered)}"
+            vals = dict(record["values"])
+            main = self._rank == 0
+        self.tripped = record
         record["file"] = str(path)
-        # In a distributed run every rank has a guard; the first rank to trip (the earliest
-        # iteration) keeps its record, a nan.json left by an earlier start is replaced.
-        try:
-            fresh = path.stat().st_mtime >= getattr(self, "_t0", float("inf"))
-        except FileNotFoundError:
-            fresh = False
-        if not fresh:
-            atomic.write_json(path, record)
+        if ranks:
+            if main:  # one writer: rank 0, with the record of the rank that saw it
+                atomic.write_json(path, record)
+        else:
+            # a nan.json left by an earlier start of the same work_dir is replaced
+            try:
+                fresh = path.stat().st_mtime >= getattr(self, "_t0", float("inf"))
+            except FileNotFoundError:
+                fresh = False
+            if not fresh:
+                atomic.write_json(path, record)
         logger = getattr(runner, "logger", None)
         if logger is not None:
             parts = "  ".join(f"{k}: {vals[k]}" for k in vals)

@@ -16,6 +16,14 @@ attempt directories through :mod:`ssflctl.workdir` (the one owner of that layout
 * :func:`test_run` runs mmdet's test loop on the finished attempt's checkpoint, dumps the
   detections (``detections.bbox.json``) and evaluates them with the standard COCO parameters
   (``ssflctl.evaluation.coco``) into ``metrics.json``.
+
+Several GPUs (``resources.gpus`` × ``resources.nodes`` tasks, :mod:`ssflctl.node.dist`): every rank
+runs :func:`train_run`; rank 0 alone takes the decisions that read and write the run directory
+(which attempt, which checkpoint to resume, the retry) and hands them to the others
+(:func:`ssflctl.node.dist.on_main`), and rank 0 alone writes progress/outcome/recovery/nan/metrics.
+Every rank keeps its own log (rank 0: mmengine's ``<ts>/<ts>.log``; rank K: ``ranks/<ts>.rankK.log``).
+The NaN guard stops all ranks at the same iteration; the retry runs on all of them. The test step
+runs on one process (rank 0 after leaving the process group; the Slurm test job is one task).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from typing import Any, Dict, Optional, Union
 
 from ssflctl import atomic
 from ssflctl.errors import UserError
+from ssflctl.node import dist
 from ssflctl.plan import render
 from ssflctl.workdir.checkpoints import latest_checkpoint
 from ssflctl.workdir.layout import AttemptDir, RunDir, TestDir
@@ -59,12 +68,8 @@ def _now() -> str:
 
 
 def _is_main_process() -> bool:
-    try:
-        from mmengine.dist import is_main_process
-
-        return is_main_process()
-    except Exception:  # pragma: no cover
-        return True
+    """Rank 0 (the process group's rank, else the environment's: SLURM_PROCID / RANK)."""
+    return dist.is_main()
 
 
 def _write_outcome(adir: Path, body: Dict[str, Any]) -> Dict[str, Any]:
@@ -128,11 +133,9 @@ def _progress_hook(attempt_dir: Path, interval: int):
 # training
 # --------------------------------------------------------------------------------------------
 def _launcher() -> str:
-    try:
-        ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    except ValueError:
-        ntasks = 1
-    return "slurm" if ntasks > 1 else "none"
+    """mmengine's launcher: ``slurm`` (srun tasks) or ``pytorch`` (torchrun-style variables, the
+    local executor) in a process group made by :func:`ssflctl.node.dist.setup`, else ``none``."""
+    return dist.world().launcher if dist.initialized() else "none"
 
 
 def _load_cfg(adir: Path):
@@ -147,6 +150,12 @@ def _load_cfg(adir: Path):
     cfg = Config(cfg.to_dict(), cfg_text=cfg.text)
     cfg.work_dir = str(adir)
     cfg.launcher = _launcher()
+    if cfg.launcher != "none" and not dist.cuda():
+        # mmengine's wrap_model passes device_ids=[LOCAL_RANK], which DDP refuses for a CPU module
+        wrapper = dict(cfg.get("model_wrapper_cfg") or {"type": "MMDistributedDataParallel",
+                                                        "broadcast_buffers": False})
+        wrapper["device_ids"] = None
+        cfg.model_wrapper_cfg = wrapper
     # mmengine keeps loggers and visualizers as process-wide named instances: a second Runner in
     # the same process (test after train, several runs in one local worker) with mmdet's fixed
     # name 'visualizer' would write its scalars into the first runner's log dir. Unique names:
@@ -208,6 +217,51 @@ def _resume_cause(adir: Path) -> str:
     return f"requeue (SLURM_RESTART_COUNT={n})" if n else "an interrupted job"
 
 
+def _resume_point(adir: Path) -> Optional[str]:
+    """The attempt's own latest checkpoint, and the recovery entry saying what happens (rank 0)."""
+    a = AttemptDir(adir)
+    lr = a.info.lr
+    own = latest_checkpoint(adir)
+    if own:
+        cause = _resume_cause(adir)
+        reached = a.progress.iter if a.progress is not None else None
+        record_recovery(adir, "resumed", f"resumed from {_name(own)} at lr {lr} after {cause} "
+                        f"(iter {reached} reached before)", cause=cause, iter=reached,
+                        checkpoint=_name(own), lr=lr, restart_count=_restart_count())
+    elif a.progress is not None:  # interrupted before its first checkpoint
+        cause = _resume_cause(adir)
+        record_recovery(adir, "restarted", f"no checkpoint yet: restarted at lr {lr} after {cause}",
+                        cause=cause, lr=lr, restart_count=_restart_count())
+    return own
+
+
+def _rank_log(runner, adir: Path, own: Optional[str], lr) -> Optional[Any]:
+    """Ranks > 0: a file handler writing the runner's log to ``ranks/<ts>.rank<K>.log`` (mmengine
+    writes rank 0's only); every rank: one line saying who it is and where it starts from."""
+    w = dist.world()
+    if not dist.initialized():
+        return None
+    handler = None
+    r = dist.rank()
+    if r > 0:
+        import logging
+
+        from mmengine.logging.logger import MMFormatter
+
+        path = AttemptDir(adir).rank_log_path(runner.timestamp, r)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handler.setFormatter(MMFormatter(color=False, datefmt="%Y/%m/%d %H:%M:%S"))
+        handler.setLevel(logging.INFO)
+        runner.logger.addHandler(handler)
+    import torch.distributed as td
+
+    runner.logger.info(f"ssflctl: rank {r} of world size {td.get_world_size()} (launcher {w.launcher}, "
+                       f"backend {td.get_backend()}, local rank {w.local_rank}); "
+                       + (f"resumes {_name(own)} at lr {lr}" if own else f"starts at lr {lr}"))
+    return handler
+
+
 def train_attempt(adir: PathLike) -> Dict[str, Any]:
     """Train one attempt directory to its end; return (and write) its outcome.json body.
 
@@ -220,22 +274,13 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
     a = AttemptDir(adir)
     lr = a.info.lr
     cfg = _load_cfg(adir)
-    own = latest_checkpoint(adir)
+    own = dist.on_main(lambda: _resume_point(adir))  # one checkpoint for every rank
     if own:
         cfg.resume, cfg.load_from = True, own  # named: mmengine's own lookup trusts the pointer file
-        cause = _resume_cause(adir)
-        reached = a.progress.iter if a.progress is not None else None
-        record_recovery(adir, "resumed", f"resumed from {_name(own)} at lr {lr} after {cause} "
-                        f"(iter {reached} reached before)", cause=cause, iter=reached,
-                        checkpoint=_name(own), lr=lr, restart_count=_restart_count())
     elif a.info.resume_from:
         cfg.resume, cfg.load_from = True, a.info.resume_from
     else:
         cfg.resume = False
-    if not own and a.progress is not None:  # interrupted before its first checkpoint
-        cause = _resume_cause(adir)
-        record_recovery(adir, "restarted", f"no checkpoint yet: restarted at lr {lr} after {cause}",
-                        cause=cause, lr=lr, restart_count=_restart_count())
     try:
         from ssflctl.node.guard import NonFiniteLossError
     except ImportError:  # pragma: no cover - the guard is part of the package
@@ -243,8 +288,10 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
             pass
 
     interval = int(((cfg.get("default_hooks") or {}).get("logger") or {}).get("interval", 50) or 50)
+    handler = None
     try:
         runner = Runner.from_cfg(cfg)
+        handler = _rank_log(runner, adir, own, lr)
         runner.register_hook(_progress_hook(adir, interval), priority="LOW")
         runner.train()
     except NonFiniteLossError as err:
@@ -261,6 +308,9 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         return _write_outcome(adir, {"outcome": "failed", "reason": reason,
                                      "checkpoint": _name(latest_checkpoint(adir))})
+    finally:
+        if handler is not None:
+            handler.close()
     return _write_outcome(adir, {"outcome": "done", "reason": "finished",
                                  "checkpoint": _name(latest_checkpoint(adir))})
 
@@ -289,33 +339,49 @@ def _on_preempt(run: Dict[str, Any], run_dir: Path) -> str:
     return retry.RetryPolicy.from_dict(run.get("retry"), where=f"{RunDir(run_dir).run_json_path}: retry").on_preempt
 
 
+def _first_attempt(run_dir: Path) -> int:
+    """The attempt to train: the last rendered one; attempt 1 is rendered if there is none."""
+    rendered = RunDir(run_dir).attempts(rendered_only=True)
+    if rendered:
+        return rendered[-1].n
+    render.render_attempt(run_dir, 1, reason="first attempt")
+    return 1
+
+
+def _known_outcome(run: Dict[str, Any], run_dir: Path, adir: Path) -> Optional[Dict[str, Any]]:
+    """The attempt's outcome when it needs no training (finished, or interrupted with
+    retry.on_preempt restart|fail: written here as preempted, the policy decides)."""
+    a = AttemptDir(adir)
+    if a.outcome is not None:
+        return a.outcome.to_json()
+    if a.interrupted and _on_preempt(run, run_dir) != "resume":
+        return _write_outcome(adir, {"outcome": "preempted", "reason": f"interrupted by {_resume_cause(adir)}",
+                                     "checkpoint": _name(latest_checkpoint(adir))})
+    return None
+
+
 def train_run(run_dir: PathLike) -> Dict[str, Any]:
     """Train the run in ``run_dir`` until an attempt finishes; return that attempt's outcome.
 
     Renders attempt 1 if none exists. Raises :class:`TrainingFailed` if the retry policy stops
     before an attempt finishes.
     """
+    dist.setup()  # several tasks: the process group, before anything is decided
     run_dir = Path(run_dir)
     run = render.read_run(run_dir)
-    rendered = RunDir(run_dir).attempts(rendered_only=True)
-    n = rendered[-1].n if rendered else None
-    if n is None:
-        render.render_attempt(run_dir, 1, reason="first attempt")
-        n = 1
+    n = dist.on_main(lambda: _first_attempt(run_dir))
     while True:
-        a = RunDir(run_dir).attempt(n)
-        adir = a.path
-        outcome = a.outcome.to_json() if a.outcome is not None else None
-        if outcome is None and a.interrupted and _on_preempt(run, run_dir) != "resume":
-            # requeued/timed out with retry.on_preempt restart|fail: the policy decides below
-            outcome = _write_outcome(adir, {"outcome": "preempted", "reason": f"interrupted by {_resume_cause(adir)}",
-                                            "checkpoint": _name(latest_checkpoint(adir))})
+        adir = RunDir(run_dir).attempt(n).path
+        outcome = dist.on_main(lambda: _known_outcome(run, run_dir, adir))
         if outcome is None:
             outcome = train_attempt(adir)
+            outcome = dist.broadcast(outcome)  # rank 0's, the one it wrote
         if outcome.get("outcome") == "done":
+            dist.teardown()
             return dict(outcome, attempt=n, attempt_dir=str(adir))
-        nxt = _next_attempt(run, run_dir, n, outcome)
+        nxt = dist.on_main(lambda: _next_attempt(run, run_dir, n, outcome))
         if nxt is None:
+            dist.teardown()
             raise TrainingFailed(f"{run.get('run_id') or run_dir.name}: attempt {n} ended "
                                  f"{outcome.get('outcome')} ({outcome.get('reason')}); no attempt left",
                                  outcome)
@@ -463,10 +529,12 @@ test_attempt.__test__ = False  # type: ignore[attr-defined]
 
 
 def train_and_test(run_dir: PathLike) -> Dict[str, Any]:
-    """Train, then test if run.json says so (``test`` defaults to true); both in this process."""
+    """Train, then test if run.json says so (``test`` defaults to true); both in this process.
+    Several ranks: all train; then they leave the process group and rank 0 tests alone."""
     outcome = train_run(run_dir)
+    dist.teardown()
     run = render.read_run(run_dir)
     result: Dict[str, Any] = {"outcome": outcome}
-    if run.get("test", True):
+    if run.get("test", True) and _is_main_process():
         result["metrics"] = test_run(run_dir)
     return result

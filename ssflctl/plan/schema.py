@@ -320,6 +320,7 @@ def _time(v: Any) -> int:
 class Resources(_Model):
     gpus: Annotated[int, _v(_gpus)] = 0
     cpus: Annotated[int, _v(_cpus)] = 1
+    nodes: Annotated[int, _v(_cpus)] = 1   # gpus is per node: nodes × gpus tasks, one per GPU
     mem: Annotated[float, _v(_mem)] = 8.0
     time: Annotated[int, _v(_time)] = 60
 

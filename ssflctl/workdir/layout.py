@@ -12,6 +12,7 @@
           metrics.json detections.bbox.json detections.gt.json   this attempt (+ mmengine's test logs)
       tests/<test_id>.json                  TestCellRecord body: the cell's axes and test-time overrides (submit)
         <timestamp>/<timestamp>.log, vis_data/scalars.json, epoch_N.pth, last_checkpoint  (mmengine)
+        ranks/<timestamp>.rank<K>.log       (ranks K > 0 of a multi-GPU job: their own logs)
 
 Each file is read at most once per object (properties are cached; make a new object to re-read)
 and every write is atomic (``ssflctl.atomic``). Used on both sides: the login node reads, the
@@ -43,6 +44,7 @@ METRICS = "metrics.json"
 DETECTIONS = "detections.bbox.json"
 DETECTIONS_GT = "detections.gt.json"
 TESTS = "tests"              # run/tests/<test_id>.json (cell definitions), attempt-N/tests/<test_id>/ (results)
+RANKS = "ranks"
 _PREFIX = "attempt-"
 
 
@@ -162,8 +164,19 @@ class AttemptDir:
         return sorted((p for p in self.path.glob("*/*.log") if p.stem == p.parent.name),
                       key=lambda p: p.parent.name)
 
+    def rank_log_path(self, stamp: str, rank: int) -> Path:
+        """Where rank ``rank`` (> 0) of a multi-GPU job logs the mmengine start ``stamp``."""
+        return self.path / RANKS / f"{stamp}.rank{int(rank)}.log"
+
+    def rank_logs(self, rank: int) -> List[Path]:
+        """Rank ``rank``'s text logs, oldest first (rank 0's are :meth:`text_logs`)."""
+        if int(rank) == 0:
+            return self.text_logs()
+        return sorted((self.path / RANKS).glob(f"*.rank{int(rank)}.log"))
+
     def log_tail(self, lines: int = 40) -> str:
-        logs = sorted(self.path.glob("*/*.log"), key=lambda p: p.stat().st_mtime)
+        logs = sorted((p for p in self.path.glob("*/*.log") if p.parent.name != RANKS),
+                      key=lambda p: p.stat().st_mtime)
         if not logs:
             return ""
         with open(logs[-1], encoding="utf-8", errors="replace") as fh:
