@@ -103,7 +103,8 @@ def _progress_hook(attempt_dir: Path, interval: int):
             loss = None
             if isinstance(outputs, dict) and "loss" in outputs:
                 try:
-                    loss = float(outputs["loss"])
+                    v = outputs["loss"]
+                    loss = float(v.detach() if hasattr(v, "detach") else v)
                 except Exception:
                     loss = None
             try:
