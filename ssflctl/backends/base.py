@@ -189,8 +189,10 @@ class Backend:
         """Cancel the jobs (already ended ones are fine). UserError when the scheduler refuses."""
         raise NotImplementedError
 
-    def recover(self, folder: Path) -> Dict[str, Dict[str, Optional[str]]]:
-        """Job ids of a submission whose submit process died between sending and recording them."""
+    def recover(self, folder: Path) -> Dict[str, Dict[str, Any]]:
+        """Job ids of a submission whose submit process died between sending and recording them:
+        per run id ``{"job_id", "test_job_id", "problems"}``, ``problems`` (optional) saying why a job
+        found cannot run (e.g. the files the scheduler's job reads were never written)."""
         return {}
 
     def job_output(self, job: JobRef) -> Optional[Path]:

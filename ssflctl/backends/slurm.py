@@ -334,7 +334,8 @@ def cancel(job_ids: Iterable[str]) -> None:
 
 def recover(folder: Path) -> Dict[str, Dict[str, Any]]:
     """Job ids of a submission whose submit process died between sbatch and recording them: the
-    job names in manifest.json (written before sbatch) are looked up in sacct/squeue."""
+    job names in manifest.json (written before sbatch) are looked up in sacct/squeue. Each run's
+    ``problems`` says why a job found cannot run (its submitit pickle is missing)."""
     manifest = read_json(Path(folder) / "manifest.json", default=None)
     if not manifest:
         return {}
@@ -355,11 +356,21 @@ def recover(folder: Path) -> Dict[str, Dict[str, Any]]:
             if len(parts) >= 2 and parts[1] in names:
                 found.setdefault(parts[1], parts[0].split("_")[0])
     out: Dict[str, Dict[str, Any]] = {}
+    groups = manifest["groups"]
     for name, base in found.items():
         g, key = names[name]
         single = len(g["run_ids"]) == 1
+        sub = Path(folder) / (f"group{groups.index(g)}" if len(groups) > 1 else "")
         for i, rid in enumerate(g["run_ids"]):
-            out.setdefault(rid, {"job_id": None, "test_job_id": None})[key] = base if single else f"{base}_{i}"
+            jid = base if single else f"{base}_{i}"
+            got = out.setdefault(rid, {"job_id": None, "test_job_id": None, "problems": []})
+            got[key] = jid
+            # submitit renames each task's pickle to <job id>_submitted.pkl after sbatch returned; a
+            # submit killed in between leaves a job that waits 60 s for it and fails
+            pickle = sub / ("train" if key == "job_id" else "test") / f"{jid}_submitted.pkl"
+            if not pickle.exists():
+                got["problems"].append(f"{'train' if key == 'job_id' else 'test'} job {jid} has no submission "
+                                       f"file ({pickle.name}: the submit was killed before submitit wrote it)")
     return {rid: v for rid, v in out.items() if v["job_id"]}
 
 

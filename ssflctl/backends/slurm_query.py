@@ -25,6 +25,7 @@ real cluster of scripts/slurm-cluster.sh):
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal as _signal
 import subprocess
@@ -279,6 +280,17 @@ def query_sacct(job_ids: Iterable[str], timeout: float = DEFAULT_TIMEOUT_S
         return QueryFailed(" ".join(cmd), str(exc))
 
 
+def _task_record(records: Dict[str, JobRecord], job_id: str) -> Optional[JobRecord]:
+    """The record of ``job_id``; for an array task without one of its own, the whole array's: a
+    pending array cancelled before any task was split off is one record, ``5`` (squeue and sacct)."""
+    rec = records.get(job_id)
+    if rec is None and "_" in job_id:
+        whole = records.get(job_id.split("_")[0])
+        if whole is not None:
+            rec = dataclasses.replace(whole, job_id=job_id, from_range=True)
+    return rec
+
+
 def merge(squeue: Union[Dict[str, JobRecord], QueryFailed], sacct: Union[Dict[str, JobRecord], QueryFailed],
           job_ids: Iterable[str]) -> Dict[str, Union[JobRecord, QueryFailed]]:
     """One answer per requested id: the controller's record (with sacct's exit code and MaxRSS when
@@ -295,7 +307,7 @@ def merge(squeue: Union[Dict[str, JobRecord], QueryFailed], sacct: Union[Dict[st
     fails = [f for f in (squeue, sacct) if isinstance(f, QueryFailed)]
     out: Dict[str, Union[JobRecord, QueryFailed]] = {}
     for j in ids:
-        a, b = sq.get(j), sa.get(j)
+        a, b = _task_record(sq, j), _task_record(sa, j)
         if a is not None:
             if b is not None:
                 if b.state == a.state:

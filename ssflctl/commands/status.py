@@ -35,8 +35,11 @@ def open_registry(ws, read: bool = True):
     """The workspace's registry (read-only when this user cannot write it: said once on stderr)."""
     from ssflctl.registry.store import Registry
 
+    from ssflctl.workdir.layout import run_dirs
+
     ws = Path(ws)
-    if not (ws / "registry.sqlite").exists():
+    if not (ws / "registry.sqlite").exists() and not (run_dirs(ws) and Registry.writable(ws)):
+        # (a workspace whose registry was lost but whose run directories are there is rebuilt)
         raise UserError(f"{ws}: no ssflctl workspace here (no registry.sqlite); submit an experiment first or "
                         "pass --workspace / set SSFLCTL_WORKSPACE")
     reg = Registry.for_reading(ws) if read else Registry(ws)

@@ -21,6 +21,9 @@ from ssflctl.registry.store import Registry, hostname
 from ssflctl.workdir.layout import AttemptDir, RunDir
 from ssflctl.workdir.records import OutcomeKind, RunState
 
+#: attempt rows still open (closed by close_open_attempts when their run is not active)
+OPEN_ATTEMPT = ("pending", "submitting", "queued", "running")
+ACTIVE = ("submitting", "queued", "running")
 STALE_CLAIM_S = 600          # a claim from another host older than this is treated as abandoned
 #: registry states whose jobs are asked about (done too: its results may have gone)
 ASK_STATES = ("queued", "running", "unknown", "failed", "done")
@@ -144,10 +147,13 @@ def _fold_attempts(registry: Registry, r, run: RunDir) -> None:
             fields["ended_at"] = a.outcome.finished_at
         elif a.progress is not None and a.progress.updated_at and fields["state"] in ("done", "failed", "nan"):
             fields["ended_at"] = a.progress.updated_at
+        before = known.get(a.n)
         if r["state"] == "cancelled" and fields["state"] in ("queued", "running"):
             fields["state"] = "cancelled"
+        if fields["state"] in ("queued", "running") and r["state"] not in ACTIVE and before is not None \
+                and before["state"] not in OPEN_ATTEMPT:  # closed when its run ended: not reopened
+            fields["state"], fields["reason"] = before["state"], before["reason"]
         registry.upsert_attempt(r["run_id"], a.n, **fields)
-        before = known.get(a.n)
         if before is None or before["state"] != fields["state"]:
             lr = fields["lr"]
             registry.event("attempt", run_id=r["run_id"], experiment=r["experiment"],
@@ -162,23 +168,98 @@ def _fold_attempts(registry: Registry, r, run: RunDir) -> None:
 
 
 def _adopt_or_fail(registry: Registry, r, run: RunDir) -> Verdict:
-    """A claim whose submit died: adopt the jobs it did send out, else the run is resubmittable."""
+    """A claim whose submit died: adopt the jobs it did send out when they can run (their submission
+    files exist, and a tested run has its test job), else cancel them: the run is resubmittable."""
     sub = registry.submission(r["submission_id"]) if r["submission_id"] else None
-    got = None
+    got, backend = None, None
     if sub is not None:
         try:
-            got = backends.get(sub["backend"]).recover(Path(sub["folder"])).get(r["run_id"])
-        except (OSError, ValueError):
+            backend = backends.get(sub["backend"])
+            got = backend.recover(Path(sub["folder"])).get(r["run_id"])
+        except (OSError, ValueError, KeyError):
             got = None
     if not got:
+        registry.update_run(r["run_id"], claim_pid=None)
         return Verdict(RunState.FAILED, "a submit was interrupted before the job was launched; submit again")
+    problems = list(got.get("problems") or [])
+    if run.run.test and not backend.test_in_train_job and not got.get("test_job_id"):
+        problems.append(f"no test job was sent for train job {got['job_id']}")
+    ids = [j for j in (got["job_id"], got.get("test_job_id")) if j]
+    registry.update_submission(r["submission_id"], {"jobs": dict(
+        (registry.submission(r["submission_id"])["info"].get("jobs") or {}), **{r["run_id"]: ids})})
+    if problems:
+        from ssflctl.errors import UserError
+
+        try:
+            backend.cancel([JobRef(j, Path(sub["folder"]), r["submission_id"]) for j in ids])
+        except UserError as exc:  # keep them on the run: a later cancel or submit sees them
+            registry.update_run(r["run_id"], event="not adopted", job_id=got["job_id"],
+                                test_job_id=got.get("test_job_id"), submitted_at=r["claimed_at"], claim_pid=None)
+            return Verdict(RunState.UNKNOWN, f"a submit was interrupted after sending job {got['job_id']}, which "
+                           f"cannot run ({'; '.join(problems)}); cancelling it failed ({exc})")
+        registry.update_run(r["run_id"], event="not adopted", claim_pid=None,
+                            reason=f"cancelled {' '.join(ids)}: {'; '.join(problems)}")
+        return Verdict(RunState.FAILED, f"a submit was interrupted after sending job {got['job_id']}, which cannot "
+                       f"run ({'; '.join(problems)}); cancelled it: submit again")
     last = run.latest()
     n = last.n if last is not None else 1
+    run.record_jobs({"submission_id": r["submission_id"], "backend": backend.name, "job_id": got["job_id"],
+                     "test_job_id": got.get("test_job_id"), "attempt": n, "submitted_at": r["claimed_at"]})
     registry.update_run(r["run_id"], event="recovered", job_id=got["job_id"], test_job_id=got.get("test_job_id"),
                         submitted_at=r["claimed_at"], attempt=n, claim_pid=None)
     registry.upsert_attempt(r["run_id"], n, state="queued", job_id=got["job_id"],
                             lr=last.info.lr if last is not None else None, submission_id=r["submission_id"])
     return Verdict(RunState.QUEUED, "recovered the jobs of an interrupted submit")
+
+
+def _finish_cancel(registry: Registry, r) -> None:
+    """A cancelled run whose claim is still on the row: a cancel killed before it cancelled the jobs,
+    or a submit in flight it took the run from that died before cancelling the jobs it had sent.
+    Cancel every job the run ever had and those the submission's folder shows (the backend's
+    recover), then release the claim."""
+    from ssflctl.errors import UserError
+
+    sub = registry.submission(r["submission_id"]) if r["submission_id"] else None
+    refs = refs_ever(registry, r["run_id"])
+    if sub is not None:
+        try:
+            got = backends.get(sub["backend"]).recover(Path(sub["folder"])).get(r["run_id"]) or {}
+        except (OSError, ValueError, KeyError):
+            got = {}
+        known = {j.job_id for j in refs.get(sub["backend"], [])}
+        refs[sub["backend"]] = refs.get(sub["backend"], []) + [
+            JobRef(j, Path(sub["folder"]), r["submission_id"]) for j in (got.get("job_id"), got.get("test_job_id"))
+            if j and j not in known]
+    for name, jobs in refs.items():
+        backend = backends.get(name)
+        st = backend.query(jobs)
+        alive = [j for j in jobs if st.get(j.job_id) is None or st[j.job_id].kind in backends.ALIVE]
+        try:
+            backend.cancel(alive)
+        except UserError:
+            return  # the claim stays: the next reconcile tries again
+    registry.update_run(r["run_id"], claim_pid=None, event="cancel finished",
+                        reason="cancelled by user while being submitted")
+
+
+def close_open_attempts(registry: Registry, r, run: RunDir, verdict: Verdict) -> None:
+    """A run that is not active has no open attempt: every attempt row still pending/queued/running
+    (rendered by a submit that was killed, refused or cancelled; a job cancelled or gone before it
+    ran) is closed with its reason. One that no job ever touched never ran (and the next submit
+    reuses its number: it is no attempt of the retry budget)."""
+    if verdict.state.value in ACTIVE:
+        return
+    for a in registry.attempts(r["run_id"]):
+        if a["state"] not in OPEN_ATTEMPT:
+            continue
+        adir = run.attempt(a["attempt"])
+        if not adir.started:
+            state = "cancelled"
+            reason = "never ran" + (f": {verdict.reason}" if verdict.reason else "")
+        else:
+            state = verdict.state.value if verdict.state.value in ("failed", "cancelled", "unknown") else "failed"
+            reason = verdict.reason or "ended without an outcome"
+        registry.close_attempt(r["run_id"], a["attempt"], state, reason[:300])
 
 
 def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
@@ -196,6 +277,8 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[
         run = RunDir.of(ws, r["run_id"])
         if writable:
             _fold_attempts(registry, r, run)
+        if writable and r["state"] == "cancelled" and r["claim_pid"] is not None and _claim_abandoned(r):
+            _finish_cancel(registry, r)
         if r["state"] == "submitting":
             verdict = _adopt_or_fail(registry, r, run) if (writable and _claim_abandoned(r)) else \
                 Verdict(RunState.SUBMITTING, r["reason"] or "")
@@ -208,11 +291,9 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[
         if writable and (verdict.state.value != r["state"] or (verdict.reason != (r["reason"] or "")
                                                                 and verdict.reason)):
             registry.update_run(r["run_id"], state=verdict.state.value, reason=verdict.reason or "")
-        # a run killed before its attempt ran: the registry's attempt row follows the run
-        if writable and verdict.state in (RunState.FAILED, RunState.CANCELLED, RunState.UNKNOWN) and r["attempt"]:
-            row = [a for a in registry.attempts(r["run_id"]) if a["attempt"] == r["attempt"]]
-            if row and row[0]["state"] in ("queued", "pending", "running"):
-                registry.upsert_attempt(r["run_id"], r["attempt"], state=verdict.state.value, reason=verdict.reason)
+        # a run that is not active has no open attempt: the registry's attempt rows follow the run
+        if writable:
+            close_open_attempts(registry, r, run, verdict)
         details[r["run_id"]] = {"run": run, "verdict": verdict,
                                 "train": statuses.get((r["backend"], r["job_id"])),
                                 "test": statuses.get((r["backend"], r["test_job_id"]))}

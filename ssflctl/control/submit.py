@@ -20,7 +20,7 @@ from ssflctl.control import testcells
 from ssflctl.errors import UserError
 from ssflctl.plan import spec as spec_mod
 from ssflctl.workdir import versions
-from ssflctl.workdir.layout import RunDir
+from ssflctl.workdir.layout import RunDir, write_submission_record
 from ssflctl.workdir.records import RESUBMIT
 
 RESUBMIT_STATES = tuple(s.value for s in RESUBMIT)
@@ -151,7 +151,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         raise UserError("\n".join(problems))
 
     from ssflctl.control.reconcile import reconcile
-    from ssflctl.registry.store import Registry
+    from ssflctl.registry.store import Registry, now
 
     reg = Registry(ws)
     try:
@@ -167,14 +167,21 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         options = dict(exp.executor.get(kind) or {})
         options["experiment"] = exp.name
         ids: Dict[str, Dict[str, Any]] = {}
+        write_submission_record(folder, {"id": sid, "experiment": exp.name, "backend": backend.name,
+                                         "spec": str(Path(path).resolve()),
+                                         "run_ids": [i.run.run_id for i in claimed], "created_at": now()})
         try:
             if claimed:
                 arrays = _plan_arrays(backend, result, _tasks(ws, claimed), options)
-                tasks = _render_attempts(ws, claimed, sid, render)
+                tasks = _render_attempts(reg, ws, claimed, sid, render)
+                claimed, tasks = _drop_cancelled(reg, ws, claimed, tasks, sid)
+                if not claimed and not result.tests_submitted:
+                    return result
                 where = {t.run_id: i for i, arr in enumerate(arrays) for t in arr}
                 for t in tasks:
                     t.array = where[t.run_id]
-                ids = backend.submit(tasks, folder, options, fns=fns)
+                if tasks:
+                    ids = backend.submit(tasks, folder, options, fns=fns)
         except BaseException as exc:
             _release(reg, ws, claimed, exc)
             testcells.release(reg, result.tests, exc)
@@ -184,7 +191,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
                                 "scripts/setup.sh (or pip install 'ssflctl[train]') on this machine") from None
             raise
         if claimed:
-            _record_submitted(reg, claimed, ids, sid)
+            _record_submitted(reg, ws, backend, claimed, ids, sid, folder, result)
         if result.tests_submitted:  # the test cells: one more backend call, after their trainings
             try:
                 tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns)
@@ -284,9 +291,11 @@ def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path,
                 result.plan.append(PlanItem(run, "skip", why))
                 continue
             item = PlanItem(run, "submit", _why_submit(row))
+            # no current job until this submit records one (an earlier submission's stay in the attempt
+            # rows and the submissions table, for cancel): a claim that dies never looks like it
             reg.update_run(run.run_id, state="submitting", reason=item.why, event="claimed",
                            claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now(), submission_id=sid,
-                           backend=result.kind)
+                           backend=result.kind, job_id=None, test_job_id=None)
             result.plan.append(item)
             claimed.append(item)
         result.tests = testcells.claim(reg, exp.name, runs, result.plan, sid, result.kind)
@@ -296,14 +305,19 @@ def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path,
     return claimed
 
 
-def _render_attempts(ws: Path, claimed: List[PlanItem], sid: str, render: Optional[Callable]) -> List[Task]:
+def _render_attempts(reg, ws: Path, claimed: List[PlanItem], sid: str, render: Optional[Callable]) -> List[Task]:
     """run.json and the next attempt's config for every claimed run (continuing a checkpoint left
-    by a job stopped from outside)."""
+    by a job stopped from outside). Trailing attempts no job ever touched (rendered by a submit
+    that was killed, refused or cancelled, or whose job was cancelled before it started) are
+    discarded first: they are no attempt of the retry budget and the new attempt takes their
+    number (the claim guarantees no job of the run may still start)."""
     if render is None:
         from ssflctl.plan.render import render_attempt as render
     tasks = []
     for item in claimed:
         run = RunDir.of(ws, item.run.run_id)
+        for n in run.discard_unstarted():
+            reg.close_attempt(item.run.run_id, n, "cancelled", "never ran; its number is reused by the next attempt")
         rj = item.run.run_json()
         rj["submission_id"] = sid
         run.write_run(rj)
@@ -322,34 +336,96 @@ def _render_attempts(ws: Path, claimed: List[PlanItem], sid: str, render: Option
     return tasks
 
 
+def _drop_cancelled(reg, ws: Path, claimed: List[PlanItem], tasks: List[Task], sid: str):
+    """Just before sending: the runs `ssflctl cancel` took from this submit (their registry row is
+    ``cancelled`` for this submission; the transaction decided) are not sent; their rendered
+    attempts are discarded. Returns the claimed items and tasks still to send."""
+    keep, dropped = [], []
+    with reg.transaction():
+        for item, task in zip(claimed, tasks):
+            row = reg.get_run(item.run.run_id)
+            if row is not None and row["state"] == "cancelled" and row["submission_id"] == sid:
+                reg.update_run(item.run.run_id, claim_pid=None, event="not sent",
+                               reason="cancelled by user before its jobs were sent")
+                dropped.append(item)
+            else:
+                keep.append((item, task))
+    for item in dropped:
+        RunDir.of(ws, item.run.run_id).discard_unstarted(above=(item.attempt or 1) - 1)
+        reg.close_attempt(item.run.run_id, item.attempt, "cancelled", "never reached the scheduler: cancelled by user")
+        item.action, item.why = "skip", "cancelled by `ssflctl cancel` before it was sent"
+    return [k for k, _ in keep], [t for _, t in keep]
+
+
 def _release(reg, ws: Path, claimed: List[PlanItem], exc: BaseException) -> None:
     """The submission never reached the scheduler: the runs go back to ``pending`` with the reason
-    (never ``failed``: nothing ran), and the attempt directories rendered for them are removed, so
-    they never count against the run's retry budget. The event log keeps what happened."""
-    import shutil
-
+    (never ``failed``: nothing ran; a run `ssflctl cancel` took meanwhile stays ``cancelled``), and
+    the attempt directories rendered for them are removed (a registry row for them, folded by a
+    `status` meanwhile, is closed), so they never count against the run's retry budget. The event
+    log keeps what happened."""
     msg = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
     for item in claimed:
         if item.attempt:
-            adir = RunDir.of(ws, item.run.run_id).attempt(item.attempt)
-            if adir.path.is_dir() and adir.outcome is None and adir.progress is None:
-                shutil.rmtree(adir.path, ignore_errors=True)
+            RunDir.of(ws, item.run.run_id).discard_unstarted(above=item.attempt - 1)
+            reg.close_attempt(item.run.run_id, item.attempt, "cancelled", f"never reached the scheduler: {msg}")
+        row = reg.get_run(item.run.run_id)
+        if row is not None and row["state"] == "cancelled":
+            reg.update_run(item.run.run_id, claim_pid=None, event="not submitted", reason=f"cancelled; not submitted: {msg}")
+            continue
         reg.update_run(item.run.run_id, state="pending", reason=f"not submitted: {msg}", event="not submitted",
                        claim_pid=None)
 
 
-def _record_submitted(reg, claimed: List[PlanItem], ids: Dict[str, Dict[str, Any]], sid: str) -> None:
+def _record_submitted(reg, ws: Path, backend, claimed: List[PlanItem], ids: Dict[str, Dict[str, Any]], sid: str,
+                      folder: Path, result: SubmitResult) -> None:
+    """The scheduler took the jobs: jobs.json in each run directory first (what a rebuilt registry
+    knows them from), then the registry, in one transaction that decides against a concurrent
+    `ssflctl cancel`: a run it marked ``cancelled`` meanwhile keeps that state, and its new jobs are
+    cancelled here (its claim is released only once they are, so a submit killed in between leaves
+    the clean-up to the next reconcile)."""
     from ssflctl.registry.store import now
 
+    t = now()
+    for item in claimed:
+        got = ids[item.run.run_id]
+        item.job_id, item.test_job_id = got["job_id"], got.get("test_job_id")
+        RunDir.of(ws, item.run.run_id).record_jobs({
+            "submission_id": sid, "backend": backend.name, "job_id": item.job_id, "test_job_id": item.test_job_id,
+            "attempt": item.attempt, "submitted_at": t})
+    lost = []
     with reg.transaction():
         for item in claimed:
-            got = ids[item.run.run_id]
-            item.job_id, item.test_job_id = got["job_id"], got.get("test_job_id")
+            lr = item.lr if item.lr is not None else item.run.params.get("lr")
+            row = reg.get_run(item.run.run_id)
+            if row is not None and row["state"] == "cancelled" and row["submission_id"] == sid:
+                reg.update_run(item.run.run_id, event="cancelled while submitted", job_id=item.job_id,
+                               test_job_id=item.test_job_id, attempt=item.attempt, submitted_at=t)
+                reg.upsert_attempt(item.run.run_id, item.attempt, lr=lr, state="cancelled",
+                                   reason="cancelled by user while being submitted", job_id=item.job_id,
+                                   submission_id=sid)
+                lost.append(item)
+                continue
             reg.update_run(item.run.run_id, state="queued", reason="", event="submitted",
                            job_id=item.job_id, test_job_id=item.test_job_id, attempt=item.attempt,
-                           submitted_at=now(), claim_pid=None)
-            reg.upsert_attempt(item.run.run_id, item.attempt,
-                               lr=item.lr if item.lr is not None else item.run.params.get("lr"), state="queued",
+                           submitted_at=t, claim_pid=None)
+            reg.upsert_attempt(item.run.run_id, item.attempt, lr=lr, state="queued",
                                reason=item.reason or "first attempt", job_id=item.job_id,
                                submission_id=sid)
         reg.update_submission(sid, {"jobs": {i.run.run_id: [i.job_id, i.test_job_id] for i in claimed}})
+    if not lost:
+        return
+    from ssflctl.backends import JobRef
+
+    refs = [JobRef(j, folder, sid) for i in lost for j in (i.job_id, i.test_job_id) if j]
+    try:
+        backend.cancel(refs)
+    except UserError as exc:
+        result.warnings.append(f"{len(lost)} run(s) were cancelled by `ssflctl cancel` while being submitted, but "
+                               f"cancelling their new jobs failed ({exc}); the next `ssflctl status` tries again")
+        for item in lost:
+            item.action, item.why = "skip", "cancelled while being submitted; its jobs are still to be cancelled"
+        return
+    for item in lost:
+        reg.update_run(item.run.run_id, claim_pid=None)
+        item.action, item.why = "skip", f"cancelled by `ssflctl cancel` while being submitted (job {item.job_id} " \
+                                        "cancelled)"

@@ -117,20 +117,22 @@ class Registry:
     """`Registry(ws)` opens (and creates) ``<ws>/registry.sqlite``."""
 
     def __init__(self, ws, timeout_s: float = 60.0, read_only: bool = False):
+        from ssflctl.errors import UserError
+        from ssflctl.registry import rebuild
+
         self.ws = Path(ws)
         self.path = self.ws / "registry.sqlite"
         self.read_only = read_only
+        self.timeout_s = timeout_s
         if read_only:
             # a colleague's workspace we may read but not write: no WAL switch, no schema, no writes
             if not self.path.exists():
-                from ssflctl.errors import UserError
-
                 raise UserError(f"{self.path}: no registry here; submit an experiment first")
             self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout_s,
                                         isolation_level=None)
             try:
                 self.conn.execute("SELECT 1 FROM runs LIMIT 1")
-            except sqlite3.OperationalError:
+            except sqlite3.DatabaseError:
                 # a WAL database in a directory we cannot write: SQLite cannot make its -shm file;
                 # read it as an immutable snapshot instead (documented URI parameter, SQLite >= 3.8)
                 self.conn.close()
@@ -138,28 +140,100 @@ class Registry:
                                             timeout=timeout_s, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            why = rebuild.problem(self.conn, existed=True)
+            if why:
+                self.conn.close()
+                raise UserError(f"{self.path} is damaged ({why}); it cannot be rebuilt by a user who may not write "
+                                "the workspace: its owner's next ssflctl command keeps it aside and rebuilds it from "
+                                "the run directories")
             return
         try:
             self.ws.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-            self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            self.conn.execute("PRAGMA foreign_keys = ON")
-            with self.transaction() as c:
-                for stmt in SCHEMA.split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
+            if not self.ws.is_dir():
+                raise NotADirectoryError(20, "not a directory", str(self.ws))
+        except OSError as exc:
+            raise UserError(f"{self.ws}: cannot create the workspace here ({exc.strerror or exc}); pass another "
+                            "--workspace (or set SSFLCTL_WORKSPACE), or ask for write access") from None
+        try:
+            existed = self.path.exists() and self.path.stat().st_size > 0
+            try:
+                self._connect()
+                why = rebuild.problem(self.conn, existed)
+            except sqlite3.DatabaseError as exc:
+                if not rebuild.is_damage(exc):
+                    raise
+                why = str(exc)
+            if why:
+                self._repair(why)
+            else:
+                self._schema()
+                missing = rebuild.missing_runs(self, self.ws)
+                if missing:
+                    n = rebuild.import_runs(self, self.ws, missing)
+                    self._note(f"{self.path}: {n} run{'s' if n != 1 else ''} with a run directory had no registry row "
+                               "(a truncated or replaced registry?); added from the run directories")
         except (sqlite3.OperationalError, PermissionError) as exc:
             if isinstance(exc, sqlite3.OperationalError) and not any(
                     m in str(exc) for m in ("readonly", "read-only", "unable to open", "disk I/O")):
                 raise
-            from ssflctl.errors import UserError
-
             raise UserError(f"{self.path}: cannot write the registry ({exc}); this command changes the "
                             "workspace: run it as a user who may write it (read-only commands such as "
                             "`ssflctl status` work without)") from None
+
+    def _connect(self) -> None:
+        self.conn = sqlite3.connect(str(self.path), timeout=self.timeout_s, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+        self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+
+    def _schema(self) -> None:
+        with self.transaction() as c:
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+
+    @staticmethod
+    def _note(line: str) -> None:
+        import sys
+
+        sys.stderr.write(f"note: {line}\n")
+
+    def _repair(self, why: str) -> None:
+        """The registry file is damaged: keep it aside (renamed, with its -wal/-shm) and rebuild a new
+        one from the run directories. Under a lock file, so two commands opening it at once repair it
+        once (the second finds the new file sound)."""
+        import fcntl
+
+        from ssflctl.registry import rebuild
+
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        with open(self.ws / ".registry.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._connect()
+                still = rebuild.problem(self.conn, self.path.exists() and self.path.stat().st_size > 0)
+            except sqlite3.DatabaseError as exc:
+                if not rebuild.is_damage(exc):
+                    raise
+                still = str(exc)
+            if not still:  # another command repaired it meanwhile
+                self._schema()
+                return
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            aside = self.path.with_name(f"registry.sqlite.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(aside) + suffix))
+            self._connect()
+            self._schema()
+            n = rebuild.import_runs(self, self.ws, rebuild.missing_runs(self, self.ws))
+        self._note(f"{self.path} was damaged ({why}); kept it as {aside.name}; rebuilt the registry from {n} run "
+                   f"director{'ies' if n != 1 else 'y'}")
 
     @classmethod
     def for_reading(cls, ws) -> "Registry":
@@ -352,6 +426,21 @@ class Registry:
                 if fields:
                     c.execute(f"UPDATE attempts SET {', '.join(f'{k}=?' for k in fields)} WHERE run_id=? AND attempt=?",
                               (*fields.values(), run_id, attempt))
+
+    def close_attempt(self, run_id: str, attempt: int, state: str, reason: str) -> bool:
+        """Close the attempt's row if it is still open (pending, queued, running): an attempt that
+        will not run or go on (its job never reached the scheduler, was cancelled, or is gone).
+        Returns True if a row was closed (the events table says why)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT a.state, r.experiment FROM attempts a JOIN runs r USING(run_id) "
+                            "WHERE a.run_id=? AND a.attempt=?", (run_id, attempt)).fetchone()
+            if row is None or row["state"] not in ("pending", "queued", "running", "submitting"):
+                return False
+            c.execute("UPDATE attempts SET state=?, reason=?, ended_at=COALESCE(ended_at, ?) "
+                      "WHERE run_id=? AND attempt=?", (state, reason, now(), run_id, attempt))
+            self.event("attempt", run_id=run_id, experiment=row["experiment"], old_state=row["state"],
+                       new_state=state, message=f"attempt {attempt} · {reason}")
+            return True
 
     def attempts(self, run_id: str) -> List[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,)))

@@ -4,6 +4,7 @@
 
     <ws>/runs/<run_id>/                     RunDir
       run.json                              RunRecord (ssflctl submit)
+      jobs.json                             each submission's job ids (submit; registry.rebuild reads it)
       attempt-<n>/                          AttemptDir = mmengine work_dir of attempt n
         attempt.json  config.py  provenance.json    (the renderer)
         progress.json outcome.json nan.json recovery.json   (the job; rank 0)
@@ -45,7 +46,11 @@ DETECTIONS = "detections.bbox.json"
 DETECTIONS_GT = "detections.gt.json"
 TESTS = "tests"              # run/tests/<test_id>.json (cell definitions), attempt-N/tests/<test_id>/ (results)
 RANKS = "ranks"
+JOBS = "jobs.json"
+SUBMISSION = "submission.json"
 _PREFIX = "attempt-"
+#: what the renderer writes in an attempt dir before its job exists; anything else is the job's
+RENDERED_FILES = frozenset({ATTEMPT_JSON, CONFIG, PROVENANCE})
 
 
 def _read(path: Path) -> Any:
@@ -139,6 +144,16 @@ class AttemptDir:
         return self.nan.lr if self.nan is not None else None
 
     # ------------------------------------------------------------------ derived facts
+    @property
+    def started(self) -> bool:
+        """Whether a job ever touched this attempt: anything in it besides what the renderer wrote
+        (progress, an outcome, a log, a checkpoint, the light job's env.json)."""
+        try:
+            with os.scandir(self.path) as it:
+                return any(e.name not in RENDERED_FILES and not e.name.startswith(".") for e in it)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
     @property
     def interrupted(self) -> bool:
         """Ran before (progress or a checkpoint) and has no outcome: requeued, timed out, stopped."""
@@ -310,6 +325,40 @@ class RunDir:
     def attempt(self, n: int) -> AttemptDir:
         return AttemptDir(self.path / f"{_PREFIX}{int(n)}", int(n))
 
+    def discard_unstarted(self, above: int = 0) -> List[int]:
+        """Remove the trailing attempt dirs numbered above ``above`` that no job ever touched
+        (rendered by a submit that was killed, refused or cancelled before its job ran): they are no
+        attempt of the retry budget, and the next attempt takes their number. Only for a run known
+        to have no job that may still start. Returns the numbers removed, newest first."""
+        import shutil
+
+        gone = []
+        for a in reversed(self._attempts):
+            if a.n <= above or a.started:
+                break
+            shutil.rmtree(a.path, ignore_errors=True)
+            if a.path.exists():
+                break
+            gone.append(a.n)
+        if gone:
+            self.__dict__.pop("_attempts", None)
+        return gone
+
+    # ------------------------------------------------------------------ jobs.json (what the scheduler got)
+    def jobs(self) -> List[Dict[str, Any]]:
+        """jobs.json: every submission that reached the scheduler for this run, oldest first:
+        ``{"submission_id", "backend", "job_id", "test_job_id", "attempt", "submitted_at"}``. The
+        registry can be rebuilt from it (registry.rebuild)."""
+        body = _read(self.path / JOBS)
+        return [j for j in body if isinstance(j, dict) and j.get("job_id")] if isinstance(body, list) else []
+
+    def record_jobs(self, entry: Dict[str, Any]) -> None:
+        """Add (or update, by submission id) one submission's jobs in jobs.json (atomic)."""
+        items = [j for j in self.jobs() if j.get("submission_id") != entry.get("submission_id")]
+        items.append(dict(entry))
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.path / JOBS, items)
+
     @cached_property
     def _attempts(self) -> List[AttemptDir]:
         out = []
@@ -384,6 +433,17 @@ class RunDir:
     def refresh(self) -> "RunDir":
         """A fresh object (files re-read on next access)."""
         return RunDir(self.path)
+
+
+def submission_record(folder: PathLike) -> Optional[Dict[str, Any]]:
+    """``<ws>/submissions/<id>/submission.json`` (written when a submit claims its runs): id,
+    experiment, backend, run ids; None when missing or unreadable."""
+    body = _read(Path(folder) / SUBMISSION)
+    return body if isinstance(body, dict) else None
+
+
+def write_submission_record(folder: PathLike, body: Dict[str, Any]) -> None:
+    atomic.write_json(Path(folder) / SUBMISSION, body)
 
 
 def run_dirs(ws: PathLike) -> List[RunDir]:
