@@ -99,7 +99,7 @@ def recovered(tmp_path_factory, slurm_cluster):
         "spent": _write(tmp, slurm_cluster, "recspent", epochs=TL_EPOCHS, params=TL_PARAMS,
                         time="00:01:00", slurm=", max_num_timeout: 0"),
         "fail": _write(tmp, slurm_cluster, "recfail", epochs=1,
-                       extra='overrides: {model.bbox_head.loss_cls.alpha: "not-a-number"}'),
+                       extra='overrides: {model.bbox_head.loss_cls.reduction: "bogus"}'),  # passes the plan, raises on the node
     }
     t0 = time.time()
     runs = {}
@@ -326,19 +326,19 @@ def test_code_that_raises_is_failed_not_retried(recovered):
     assert item["state"] == "failed", item
     assert [p.name for p in r["run_dir"].glob("attempt-*")] == ["attempt-1"]
     out = json.loads((r["run_dir"] / "attempt-1" / "outcome.json").read_text())
-    assert out["outcome"] == "failed" and out["reason"].startswith("TypeError") and out["nan"] is None
+    assert out["outcome"] == "failed" and out["reason"].startswith("ValueError") and out["nan"] is None
     assert "Epoch(train)" in out["log_tail"] or "Checkpoints will be saved" in out["log_tail"]
-    assert "TypeError" in item["note"]  # the attempt is in the registry's lineage below
+    assert "ValueError" in item["note"]  # the attempt is in the registry's lineage below
     with Registry(ws) as reg:
         (run,) = reg.list_runs(r["exp"])
     assert [(a["attempt"], a["state"]) for a in run["attempts"]] == [(1, "failed")]
     assert run["attempts"][0]["lr"] == pytest.approx(LR)
     ev = _events(ws, r["run_id"])
     assert any(e["kind"] == "attempt" and e["new_state"] == "failed" for e in ev), ev
-    assert any(e["new_state"] == "failed" and "TypeError" in (e["message"] or "") for e in ev if e["kind"] == "state")
+    assert any(e["new_state"] == "failed" and "ValueError" in (e["message"] or "") for e in ev if e["kind"] == "state")
     # status: the reason and the log tail
     proc = run_cli("status", r["exp"], "--workspace", ws)
     assert proc.returncode == 0, proc.stderr
-    assert "failed" in proc.stdout and "TypeError" in proc.stdout
-    assert f"{r['run_id']} failed: attempt 1: TypeError" in proc.stderr
+    assert "failed" in proc.stdout and "ValueError" in proc.stdout
+    assert f"{r['run_id']} failed: ValueError" in proc.stderr
     assert out["log_tail"].strip().splitlines()[-1].strip()[-60:] in proc.stderr

@@ -22,6 +22,7 @@ truth) instead of failing.
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import os
 from pathlib import Path
@@ -84,6 +85,13 @@ def _choose(evaluator: Optional[str]) -> str:
                     f" (argument or {ENV_VAR})")
 
 
+def _int_image_ids(ann_file: str) -> bool:
+    """True when every image id of the annotation file is an int (COCO's own files; VOC copies are not)."""
+    with open(ann_file, "rb") as fh:
+        data = json.load(fh)
+    return all(isinstance(img.get("id"), int) for img in data.get("images") or [])
+
+
 def _api(name: str):
     """(COCO class, COCOeval class) of one evaluator."""
     if name == FAST:
@@ -105,11 +113,14 @@ def evaluate(ann_file, dets_file, classwise: bool = True, iou_type: str = "bbox"
     AP|None}, "num_images", "num_detections", "evaluator", "evaluator_version", "ann_file"}``.
     """
     name = _choose(evaluator)
-    COCO, COCOeval = _api(name)
-
     ann_file = str(ann_file)
     if not Path(ann_file).is_file():
         raise UserError(f"{ann_file}: annotation file not found")
+    if name == FAST and evaluator is None and not _int_image_ids(ann_file):
+        # faster-coco-eval 1.8.0 casts every image id to int (COCO.createIndex); mmdet's COCO copy of
+        # Pascal VOC's ground truth has string ids ('2007_000027'): the reference evaluator takes them
+        name = REFERENCE
+    COCO, COCOeval = _api(name)
     dets = _load_dets(dets_file)
     n_dets = len(dets)
     with contextlib.redirect_stdout(io.StringIO()):
