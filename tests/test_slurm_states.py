@@ -500,7 +500,7 @@ def test_node_down_under_a_running_job_is_node_fail(cluster):
     node = subprocess.run(["sinfo", "-h", "-N", "-p", "gpulab02", "-o", "%N"], capture_output=True, text=True,
                           timeout=30).stdout.split()[0]
     jid = sbatch("--no-requeue", secs=120)
-    wait_for(state_is(jid, "RUNNING"), 30, f"job {jid} running")
+    wait_for(state_is(jid, "RUNNING"), 120, f"job {jid} running")
     others = subprocess.run(["squeue", "-h", "-t", "running,completing,configuring", "-o", "%i"],
                             capture_output=True, text=True, timeout=30).stdout.split()
     if set(others) - {jid}:
@@ -510,7 +510,7 @@ def test_node_down_under_a_running_job_is_node_fail(cluster):
     try:
         subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=ssflctl-test"],
                        check=True, timeout=30)
-        r = wait_for(state_is(jid, "NODE_FAIL"), 30, f"job {jid} NODE_FAIL")
+        r = wait_for(state_is(jid, "NODE_FAIL"), 120, f"job {jid} NODE_FAIL")
     finally:
         st = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], capture_output=True, text=True,
                             timeout=30).stdout.strip()
@@ -555,7 +555,7 @@ def test_qos_gpu_limit_pends_with_its_reason(cluster, timeout_job):
     a = sbatch("--qos=gpu1user", "--gres=gpu:1", secs=60)
     b = sbatch("--qos=gpu1user", "--gres=gpu:1", secs=60)
     try:
-        wait_for(state_is(a, "RUNNING"), 30, f"job {a} running")
+        wait_for(state_is(a, "RUNNING"), 120, f"job {a} running")
         r = wait_for(lambda: (lambda x: x if x.reason == "QOSMaxGRESPerUser" else None)(record(b)), 30,
                      f"job {b} pending on the QOS limit")
         v = r.verdict()
@@ -571,16 +571,16 @@ def test_preemption_cancel_and_requeue(cluster, timeout_job):
     victim = sbatch("--qos=victim-cancel", "--gres=gpu:2", secs=120)
     requeued = None
     try:
-        wait_for(state_is(victim, "RUNNING"), 30, f"job {victim} running")
+        wait_for(state_is(victim, "RUNNING"), 120, f"job {victim} running")
         hi = sbatch("--qos=preemptor", "--gres=gpu:1", secs=3)
-        r = wait_for(state_is(victim, "PREEMPTED"), 30, f"job {victim} preempted")
+        r = wait_for(state_is(victim, "PREEMPTED"), 120, f"job {victim} preempted")
         assert r.kind is Kind.PREEMPTED and r.verdict().hint
         wait_for(state_is(hi, "COMPLETED"), 40, f"preemptor {hi} done")
         # PreemptMode=REQUEUE: the victim pends again (squeue), sacct -D keeps the PREEMPTED record
         requeued = sbatch("--qos=victim-requeue", "--gres=gpu:2", secs=120)
-        wait_for(state_is(requeued, "RUNNING"), 30, f"job {requeued} running")
+        wait_for(state_is(requeued, "RUNNING"), 120, f"job {requeued} running")
         sbatch("--qos=preemptor", "--gres=gpu:1", secs=3)
-        r = wait_for(state_is(requeued, "PENDING", "REQUEUED"), 30, f"job {requeued} requeued")
+        r = wait_for(state_is(requeued, "PENDING", "REQUEUED"), 120, f"job {requeued} requeued")
         assert r.kind is Kind.QUEUED
         dup = subprocess.run(["sacct", "-D", "-X", "-P", "-n", "-j", requeued, "-o", "JobID,State"],
                              capture_output=True, text=True, timeout=30).stdout
