@@ -319,6 +319,10 @@ def _check_overrides(exp: Experiment, ds: Optional[Dataset], cell: Dict[str, Any
             f"datasets.{ds.name}.overrides.{key}" if ds is not None and key in ds.overrides else f"overrides.{key}")
         for leaf, v in _leaves(key, val):
             parent, _, kw = leaf.rpartition(".")
+            if kw == "_delete_":  # mmengine's replace-instead-of-merge mark (plan/overrides.py)
+                continue
+            if isinstance(v, dict):
+                v = {k: x for k, x in v.items() if k != "_delete_"}
             if parent.split(".")[-1] == "loss_cls":
                 if kw == "type":
                     continue
