@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ssflctl import backends
+from ssflctl.atomic import deferred_fsync
 from ssflctl.backends import Task
 from ssflctl.errors import UserError
 from ssflctl.plan import spec as spec_mod
@@ -123,7 +124,8 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
             return result
         result.submission_id = sid
         try:
-            tasks = _render_attempts(ws, claimed, sid, render, exp)
+            with deferred_fsync():  # every attempt's files on disk before the first sbatch
+                tasks = _render_attempts(ws, claimed, sid, render, exp)
             options = dict(exp.executor.get(kind) or {})
             options["experiment"] = exp.name
             ids = backend.submit(tasks, folder, options, fns=fns)

@@ -45,7 +45,8 @@ def _fmt(v: Any, depth: int, out: List[str]) -> None:
             out.append("dict()")
             return
         pad = _IND * (depth + 1)
-        if all(_ident(k) for k in v):
+        ident = all(_ident(k) for k in v)
+        if ident:
             out.append("dict(\n")
             for k, x in v.items():
                 out.append(f"{pad}{k}=")
@@ -57,7 +58,7 @@ def _fmt(v: Any, depth: int, out: List[str]) -> None:
                 out.append(f"{pad}{_scalar(k)}: ")
                 _fmt(x, depth + 1, out)
                 out.append(",\n")
-        out.append(_IND * depth + (")" if all(_ident(k) for k in v) else "}"))
+        out.append(_IND * depth + (")" if ident else "}"))
         return
     if isinstance(v, (list, tuple)):
         left, right = ("[", "]") if isinstance(v, list) else ("(", ")")

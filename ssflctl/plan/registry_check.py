@@ -90,6 +90,7 @@ def _registries() -> Dict[str, Any]:
     return regs
 
 
+@functools.lru_cache(maxsize=4096)
 def _lookup(type_name: str, families) -> Tuple[Optional[Any], Optional[str]]:
     regs = _registries()
     if not any(fam in regs for fam in families):

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from ssflctl.atomic import load_json
+from ssflctl.atomic import load_json, write_text
 from ssflctl.errors import UserError
 from ssflctl.plan import overrides as overrides_mod
 from ssflctl.plan.config_check import check_rendered, check_text  # noqa: F401  (check_rendered re-exported)
@@ -341,7 +341,7 @@ def _load_template(path: Path) -> Dict[str, Any]:
 
         derived_table = derived.read(path)
     data = path.read_bytes()
-    return {"cfg": cfg, "declared": declared, "bindings": _template_bindings(path), "derived": derived_table,
+    return {"cfg": cfg, "data": cfg.to_dict(), "declared": declared, "bindings": _template_bindings(path), "derived": derived_table,
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -367,7 +367,12 @@ def render_config(template: Union[str, Path], params: Optional[Dict[str, Any]] =
     resolved = {**declared, **params}
     if str(resolved.get("loss", "")).lower() in ("ssfl", "gfl") and not _module_exists("ssflctl.extensions.losses"):
         raise UserError("params.loss: ShiftStepFocalLoss needs ssflctl.extensions.losses, which is not installed")
-    cfg = copy.deepcopy(tpl["cfg"]) if cache is not None else tpl["cfg"]
+    if cache is not None:  # a copy of the parsed template's data (deepcopy of the Config: 5x slower)
+        from mmengine.config import Config
+
+        cfg = Config(_copy_data(tpl["data"]))
+    else:
+        cfg = tpl["cfg"]
     bindings = tpl["bindings"]
     where = f"template {path.name}"
     derived_names = set(tpl["derived"])
@@ -412,6 +417,20 @@ def config_text(cfg, meant: Optional[Dict[str, Any]] = None) -> str:
         return dump_text(cfg.to_dict() if meant is None else meant)
     except Unsupported:
         return cfg.pretty_text
+
+
+def _copy_data(x: Any) -> Any:
+    """copy.deepcopy for config data (dicts, lists, tuples of immutable leaves), 10x faster."""
+    t = type(x)
+    if t is dict:
+        return {k: _copy_data(v) for k, v in x.items()}
+    if t is list:
+        return [_copy_data(v) for v in x]
+    if t is tuple:
+        return tuple(_copy_data(v) for v in x)
+    if t in (str, int, float, bool, type(None)):
+        return x
+    return copy.deepcopy(x)
 
 
 def _jsonable(obj):
@@ -513,16 +532,13 @@ def render_attempt(run_dir: Union[str, Path], attempt: int, *, lr: Optional[floa
             hooks = [h for h in (cfg.get("custom_hooks") or []) if h.get("type") != "LrOverrideHook"]
             hooks.append(dict(type="LrOverrideHook", lr=float(cfg.optim_wrapper.optimizer.lr)))
             cfg.custom_hooks = hooks
-    if check is not None:
-        check(cfg)
-    adir.mkdir(parents=True, exist_ok=True)
-    tmp = adir / ".config.py.tmp.py"
     meant = cfg.to_dict()
+    if check is not None:
+        check(meant)
     text = config_text(cfg, meant)
     # the written file must parse back, without running, to exactly what was meant
     check_text(text, meant, a.config_path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, a.config_path)
+    write_text(a.config_path, text)
     resolved = dict(cfg.ssflctl_params)
     a.write_provenance(provenance(run, template, resolved, cache))
     a.write_info(AttemptInfo(
