@@ -22,7 +22,8 @@ Schema (see experiments/ssfl_vs_fl.yaml)::
       exclude: [{loss: ssfl, dataset: coco}]
       include: [{loss: gfl, dataset: coco}] # extra cells; missing axes take every value
     params: {max_epochs: 12}                # fixed template params
-    overrides: {train_cfg.val_interval: 1}  # fixed dotted config keys
+    overrides: {train_cfg.val_interval: 1}  # config keys, dotted or nested: merged as mmengine
+                                            #   merges a config into its _base_ (plan/overrides.py)
     resources: {gpus: 1, cpus: 6, mem: 32G, time: "24:00:00"}
     executor:
       type: slurm                           # slurm | local | auto (slurm when sbatch is found)
