@@ -1,19 +1,33 @@
-"""Submission overhead.
+"""Submission overhead, on the real path (issues 15.5 and 21.5).
 
-1. Slurm (when sbatch is on PATH): seconds to get N train jobs + N dependent test jobs queued —
-   ssflctl (one train array + one `aftercorr` test array: 2 sbatch calls) vs the reference of one
-   submitit job per sbatch (2N calls, each test with `afterok` on its train job). The jobs are
-   cancelled at once. ratio = reference / ours.
-2. Registry + reconcile: `ssflctl status` view of a workspace with N finished runs, against a
-   budget of 2 s (ratio = budget / ours).
+1. Rendering one run: ssflctl's renderer (the template parsed once per submission, the config
+   written without yapf and checked as always) against per-run rendering as it was — the template's
+   ``Config.fromfile`` for every run, ``Config.dump`` (yapf), ``check_rendered`` — in the same
+   process. ratio = reference s/run / ours s/run (target >= 10).
+2. ``ssflctl submit --dry-run`` of N runs (a fresh CLI process: imports, YAML, plan, every config
+   rendered in memory and checked against mmdet's registries) against per-run rendering of the
+   same N runs (1.'s reference per run x N: the rendering alone, nothing else counted).
+3. ``ssflctl submit`` of N runs to the local Slurm cluster (a fresh CLI process, YAML to the last
+   sbatch: plan, registry, N attempts rendered and written, the train and test arrays) against plain
+   per-run ``sbatch`` of the same scripts: for each run ``sbatch --array=i <train script>`` then
+   ``sbatch --array=i --dependency=afterok:<train job> <test script>`` (2N calls, no submitit and
+   its fixed 0.2 s pause). At N = 2000 the reference is timed on 200 runs and scaled x10 (4000 more
+   jobs in slurmctld for 10 minutes is more than a shared test cluster should take). All jobs start
+   an hour later (``--begin``) and are cancelled at once with ``scancel``.
 
-    python -m benchmarks.run submit [--quick]
+The experiment: retinanet_tiny on two datasets x N/2 seeds; the two datasets ask for different
+memory, so the runs go out as two arrays of N/2 (the cluster's MaxArraySize is 1001; splitting one
+resource group into several arrays is issue 15.4).
+
+    python -m benchmarks.run submit [--quick]        # --quick: 10 runs only, no Slurm at 2000
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -21,63 +35,147 @@ from pathlib import Path
 
 from ssflctl.atomic import write_json
 
+REPO = Path(__file__).resolve().parents[1]
 EXP = """\
-name: bench
+name: bench{n}
 template: retinanet_tiny
 datasets:
-  d: {{root: {root}}}
+  a: {{root: {root}, resources: {{mem: 200M}}}}
+  b: {{root: {root}, resources: {{mem: 300M}}}}
 matrix:
-  loss: [focal, ssfl]
+  dataset: [a, b]
   seed: {seeds}
-params: {{max_epochs: 1}}
+params: {{max_epochs: 1, loss: ssfl}}
+overrides:
+  optim_wrapper: {{clip_grad: {{max_norm: 35}}}}
 resources: {{gpus: 0, cpus: 1, mem: 200M, time: "00:05:00"}}
 executor:
-  type: {kind}
-  slurm: {{partition: gpulab02, qos: gpulab02}}
+  type: slurm
+  slurm: {{partition: gpulab02, qos: gpulab02, sbatch: {{begin: now+1hour}}}}
 """
-NOOP = {"train": "os.path:exists", "test": "os.path:exists", "local": "os.path:exists"}
+REF_SAMPLE = 200
 
 
-def _render(run_dir, attempt, *, lr=None, resume_from=None, reason="first attempt"):
-    adir = Path(run_dir) / f"attempt-{attempt}"
-    write_json(adir / "attempt.json", {"attempt": attempt, "lr": 0.01, "reason": reason,
-                                       "rendered_at": datetime.now(timezone.utc).isoformat()})
-    return adir
+def _experiment(tmp: Path, n: int) -> Path:
+    from ssflctl.convert import synth_coco
+
+    root = tmp / "data"
+    if not (root / "annotations").is_dir():
+        synth_coco.generate(root, n_train=2, n_val=1, size=(64, 64), seed=1)
+    path = tmp / f"bench{n}.yaml"
+    path.write_text(EXP.format(n=n, root=root, seeds=list(range(n // 2))))
+    return path
 
 
-def _scancel(ids):
-    ids = sorted({i.split("_")[0] for i in ids if i})
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True)
-
-
-def _slurm_rows(n: int, tmp: Path):
-    from ssflctl.control import submit
-    from ssflctl.backends import slurm as sl
-
-    seeds = list(range(n // 2))
-    path = tmp / "bench.yaml"
-    path.write_text(EXP.format(root=tmp, seeds=seeds, kind="slurm"))
+def _cli(args, cwd: Path) -> float:
+    """Seconds of one ``ssflctl`` process (this checkout's code)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
-    res = submit.submit(path, tmp / "ws", fns=NOOP, render=_render)
-    ours = time.perf_counter() - t0
-    _scancel([p.job_id for p in res.submitted] + [p.test_job_id for p in res.submitted])
+    p = subprocess.run([sys.executable, "-c", "from ssflctl.cli import main; main()", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"ssflctl {' '.join(args)}: rc {p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}")
+    return dt
 
-    ex = sl.make_executor(tmp / "ref", {"cpus": 1, "mem_gb": 0.2, "time_min": 5},
-                          {"partition": "gpulab02", "qos": "gpulab02"})
+
+def _scancel(ids) -> None:
+    ids = sorted({str(i).split("_")[0] for i in ids if i})
+    for k in range(0, len(ids), 500):
+        subprocess.run(["scancel", *ids[k:k + 500]], capture_output=True)
+
+
+def _slurm_jobs() -> int:
+    """Job records slurmctld holds (array tasks each count against MaxJobCount; finished and
+    cancelled ones stay for MinJobAge)."""
+    p = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i"], capture_output=True, text=True)
+    return len(p.stdout.split())
+
+
+def _per_run_render(tmp: Path, k: int):
+    """(reference s/run, ours s/run): per-run Config.fromfile + yapf dump vs the submission's cache."""
+    from ssflctl.plan import config_check, registry_check, render
+
+    root = str(tmp / "data") + "/"
+    runs = [({"data_root": root, "seed": i, "max_epochs": 1, "loss": "ssfl"},
+             {"optim_wrapper": {"clip_grad": {"max_norm": 35}}}) for i in range(max(k, 1))]
+    out = tmp / "render"
+    out.mkdir(exist_ok=True)
+    render.render_config("retinanet_tiny", *runs[0])  # imports (torch, mmdet) outside both timings
+    t0 = time.perf_counter()
+    for i, (p, o) in enumerate(runs[:k]):
+        cfg = render.render_config("retinanet_tiny", p, o)
+        cfg.dump(str(out / f"ref{i}.py"))
+        config_check.check_rendered(out / f"ref{i}.py", cfg.to_dict())
+    ref = (time.perf_counter() - t0) / k
+    cache = render.RenderCache()
+    m = 20 * k
+    t0 = time.perf_counter()
+    for i in range(m):
+        p, o = runs[i % len(runs)]
+        cfg = render.render_config("retinanet_tiny", dict(p, seed=i), o, cache=cache)
+        registry_check.check(cfg)
+        meant = cfg.to_dict()
+        text = render.config_text(cfg, meant)
+        config_check.check_text(text, meant, out / f"ours{i}.py")
+        (out / f"ours{i}.py").write_text(text)
+    ours = (time.perf_counter() - t0) / m
+    return ref, ours
+
+
+def _reference_sbatch(ws: Path, n: int) -> float:
+    """Seconds for 2n plain sbatch calls of the submission's own scripts (one train + one test per run)."""
+    scripts = sorted(ws.glob("submissions/*/group*/*/*_submission.sh"))
+    train = [s for s in scripts if s.parent.name == "train"][0]
+    test = [s for s in scripts if s.parent.name == "test"][0]
     ids = []
     t0 = time.perf_counter()
-    for _ in range(n):
-        ex.update_parameters(dependency=None)
-        j = ex.submit(sl.run_test, str(tmp), "os.path:exists")
-        ex.update_parameters(dependency=f"afterok:{j.job_id}")
-        k = ex.submit(sl.run_test, str(tmp), "os.path:exists")
-        ids += [j.job_id, k.job_id]
-    ref = time.perf_counter() - t0
-    _scancel(ids)
-    return [{"name": f"submit_slurm_{n}_runs", "value": round(ours, 3), "reference": round(ref, 3),
-             "ratio": round(ref / ours, 2), "unit": "s",
-             "note": f"ssflctl submit (validate, register, render, 2 sbatch) vs {2 * n} sbatch calls via submitit"}]
+    try:
+        for i in range(n):
+            j = subprocess.run(["sbatch", "--parsable", f"--array={i}", str(train)],
+                               capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+            ids.append(j)
+            k = subprocess.run(["sbatch", "--parsable", f"--array={i}", f"--dependency=afterok:{j}_{i}",
+                                str(test)], capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+            ids.append(k)
+        return time.perf_counter() - t0
+    finally:
+        _scancel(ids)
+
+
+def _submitted_ids(ws: Path, exp: str):
+    from ssflctl.registry.store import Registry
+
+    with Registry.for_reading(ws) as reg:
+        rows = reg.run_rows(exp)
+    return [r["job_id"] for r in rows] + [r["test_job_id"] for r in rows]
+
+
+def _submit_rows(n: int, tmp: Path, per_run_ref: float, slurm: bool):
+    rows = []
+    path = _experiment(tmp, n)
+    dry = _cli(["submit", str(path), "--dry-run", "--workspace", str(tmp / f"ws_dry{n}")], tmp)
+    ref = per_run_ref * n
+    rows.append({"name": f"submit_dry_run_{n}_runs", "value": round(dry, 2), "reference": round(ref, 2),
+                 "ratio": round(ref / dry, 2), "unit": "s",
+                 "note": f"ssflctl submit --dry-run (fresh process, {n} configs rendered + checked) vs "
+                         f"{n} x per-run Config.fromfile + yapf dump"})
+    if not slurm:
+        return rows
+    ws = tmp / f"ws{n}"
+    try:
+        ours = _cli(["submit", str(path), "--workspace", str(ws)], tmp)
+    finally:
+        if (ws / "registry.sqlite").exists():
+            _scancel(_submitted_ids(ws, f"bench{n}"))
+    m = min(n, REF_SAMPLE) if n > REF_SAMPLE else n
+    ref = _reference_sbatch(ws, m) * (n / m)
+    scaled = f", timed on {m} runs x{n // m}" if m < n else ""
+    rows.append({"name": f"submit_slurm_{n}_runs", "value": round(ours, 2), "reference": round(ref, 2),
+                 "ratio": round(ref / ours, 2), "unit": "s",
+                 "note": f"ssflctl submit, YAML to last sbatch (fresh process, {n} configs rendered) vs "
+                         f"{2 * n} plain sbatch calls of the same scripts{scaled}"})
+    return rows
 
 
 def _status_rows(n: int, tmp: Path):
@@ -117,12 +215,25 @@ def run(quick: bool) -> list:
         tmp = Path(d)
         (tmp / "d").mkdir()
         rows += _status_rows(50 if quick else 500, tmp)
-        if shutil.which("sbatch"):
+        _experiment(tmp, 2)
+        ref, ours = _per_run_render(tmp, 2 if quick else 5)
+        rows.append({"name": "render_per_run", "value": round(ours, 4), "reference": round(ref, 3),
+                     "ratio": round(ref / ours, 1), "unit": "s/run",
+                     "note": "submission's renderer (cached template, no yapf, registry + text checks) vs "
+                             "per-run Config.fromfile + Config.dump + check_rendered"})
+        slurm = bool(shutil.which("sbatch"))
+        for n in ([10] if quick else [10, 100, 2000]):
+            # leave room for the cluster's other users (MaxJobCount 10000 here)
+            big = slurm and _slurm_jobs() + 2 * n + 2 * min(n, REF_SAMPLE) > 7000
             try:
-                rows += _slurm_rows(4 if quick else 16, tmp)
+                rows += _submit_rows(n, tmp, ref, slurm and not big)
+                if big:
+                    rows.append({"name": f"submit_slurm_{n}_runs", "value": None, "reference": None, "ratio": None,
+                                 "unit": "s", "note": f"skipped: slurmctld holds {_slurm_jobs()} job records; "
+                                                      "run again in 10 minutes (MinJobAge)"})
             except Exception as exc:  # the cluster may be down: report, do not crash the suite
-                rows.append({"name": "submit_slurm", "value": None, "reference": None, "ratio": None, "unit": "s",
-                             "note": f"skipped: {type(exc).__name__}: {exc}"[:200]})
+                rows.append({"name": f"submit_{n}_runs", "value": None, "reference": None, "ratio": None,
+                             "unit": "s", "note": f"skipped: {type(exc).__name__}: {exc}"[:300]})
     return rows
 
 

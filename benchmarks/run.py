@@ -69,6 +69,9 @@ def main(argv=None) -> int:
         for row in rows:
             row.setdefault("bench", name)
             results.append(row)
+            if row.get("ratio") is None:
+                print(f"{row['bench']:>8} | {row['name']:<44} {row.get('note', '')}")
+                continue
             print(
                 f"{row['bench']:>8} | {row['name']:<44} ratio {row['ratio']:>8.2f}x  "
                 f"(ours {row['value']:.4g} {row.get('unit', '')} vs ref {row['reference']:.4g})  {row.get('note', '')}"

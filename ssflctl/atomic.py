@@ -5,11 +5,13 @@ version intact.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, List, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -18,6 +20,38 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_fsync() -> Iterator[None]:
+    """Within this block (this thread), :func:`write_bytes` renames without waiting for the disk;
+    every file written is fsynced when the block ends, before the caller goes on (submit: before
+    sbatch). One journal commit then covers them all instead of one per file (here: 7 ms per
+    fsync, three files per run). A crash inside the block can leave an empty file under its final
+    name — the same as no file for the callers (a submission that did not reach sbatch)."""
+    outer: Optional[List[str]] = getattr(_deferred, "paths", None)
+    _deferred.paths = paths = [] if outer is None else outer
+    try:
+        yield
+    finally:
+        if outer is None:
+            _deferred.paths = None
+            for p in paths:
+                fsync_path(p)
+
+
+def fsync_path(path: PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # removed since (a refused submission cleans up)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path: PathLike, data: bytes) -> Path:
@@ -30,8 +64,12 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600
-            os.fsync(fh.fileno())
+            deferred = getattr(_deferred, "paths", None)
+            if deferred is None:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
+        if deferred is not None:
+            deferred.append(str(path))
     except BaseException:
         try:
             os.unlink(tmp)

@@ -14,7 +14,7 @@ def test_plain_dumped_config_parses_to_its_data(tmp_path):
     text = ("model = dict(type='RetinaNet', bbox_head=dict(num_classes=8, loss_cls=dict(gamma=2.0, alpha=0.25)))\n"
             "img_scale = (1333, 800)\nlr = -0.5\nextra = {'0': 1, 'a-b': [True, None]}\n")
     assert parse_config_text(text) == {"model": {"type": "RetinaNet", "bbox_head": {"num_classes": 8, "loss_cls": {
-        "gamma": 2.0, "alpha": 0.25}}}, "img_scale": [1333, 800], "lr": -0.5, "extra": {"0": 1, "a-b": [True, None]}}
+        "gamma": 2.0, "alpha": 0.25}}}, "img_scale": (1333, 800), "lr": -0.5, "extra": {"0": 1, "a-b": [True, None]}}
 
 
 def test_a_key_that_breaks_out_of_its_quotes_is_refused_and_never_runs(tmp_path):

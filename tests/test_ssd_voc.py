@@ -62,14 +62,15 @@ def make_voc(root: Path, n_trainval: int = 2, n_test: int = 2, size: int = 128, 
 TINY_PARAMS = {"max_epochs": 1, "batch_size": 2, "workers": 0, "img_scale": [128, 128], "log_interval": 1,
                "val_interval": 1, "lr": 0.001, "seed": 0}
 TINY_OVERRIDES = {
-    "model.backbone": dict(type="ResNet", depth=18, num_stages=4, out_indices=(1, 2, 3), frozen_stages=-1,
+    # _delete_: replace SSD's VGG16, its neck and anchors instead of merging into them (mmengine's rule)
+    "model.backbone": dict(_delete_=True, type="ResNet", depth=18, num_stages=4, out_indices=(1, 2, 3), frozen_stages=-1,
                            norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False, style="pytorch",
                            init_cfg=None),
-    "model.neck": dict(type="SSDNeck", in_channels=(128, 256, 512), out_channels=(128, 256, 512, 128, 128, 128),
+    "model.neck": dict(_delete_=True, type="SSDNeck", in_channels=(128, 256, 512), out_channels=(128, 256, 512, 128, 128, 128),
                        level_strides=(2, 2, 2), level_paddings=(1, 1, 1), l2_norm_scale=None),
     "model.bbox_head.in_channels": (128, 256, 512, 128, 128, 128),
     # SSD's scale scheme for a 128 px input (0.1, then 0.2 .. 0.9 of the input)
-    "model.bbox_head.anchor_generator": dict(type="SSDAnchorGenerator", scale_major=False, input_size=128,
+    "model.bbox_head.anchor_generator": dict(_delete_=True, type="SSDAnchorGenerator", scale_major=False, input_size=128,
                                              min_sizes=[13, 26, 45, 64, 83, 102],
                                              max_sizes=[26, 45, 64, 83, 102, 122],
                                              strides=[8, 16, 32, 64, 128, 128],

@@ -7,14 +7,17 @@ next `reconcile` marks them failed and the next submit sends them again.
 """
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ssflctl import backends
+from ssflctl.atomic import deferred_fsync
 from ssflctl.backends import Task
 from ssflctl.control import testcells
 from ssflctl.errors import UserError
@@ -145,6 +148,8 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
             _plan_arrays(backend, result, _tasks(ws, result.submitted), options, notes=True)
         except UserError as exc:
             result.problems.append(str(exc))
+        if render is None:
+            _check_configs(exp, [p.run for p in result.plan if p.action == "submit"], result)
         result.tests = _dry_tests(ws, exp, runs, result.plan)
         return result
     if problems:
@@ -173,7 +178,8 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         try:
             if claimed:
                 arrays = _plan_arrays(backend, result, _tasks(ws, claimed), options)
-                tasks = _render_attempts(reg, ws, claimed, sid, render)
+                with deferred_fsync():  # every attempt's files on disk before the first sbatch
+                    tasks = _render_attempts(reg, ws, claimed, sid, render, exp)
                 claimed, tasks = _drop_cancelled(reg, ws, claimed, tasks, sid)
                 if not claimed and not result.tests_submitted:
                     return result
@@ -305,14 +311,78 @@ def _claim(reg, result: SubmitResult, runs, sid: str, folder: Path, path,
     return claimed
 
 
-def _render_attempts(reg, ws: Path, claimed: List[PlanItem], sid: str, render: Optional[Callable]) -> List[Task]:
+def _check_configs(exp, runs, result: SubmitResult) -> None:
+    """``--dry-run``: render every run's config in memory (the template parsed once) and look its
+    types and constructor keys up in mmdet's/mmengine's registries, as the submission would; the
+    first problem is a UserError at the experiment file's line that causes it."""
+    try:
+        from ssflctl.plan import registry_check, render as render_mod
+    except ImportError as exc:  # a login node without the training stack: the plan is still checked
+        result.warnings.append(f"configs not rendered nor checked here ({exc}); `submit` renders and checks them")
+        return
+    cache = render_mod.RenderCache(lenient=True)
+    for run in runs:
+        with located(exp, run):
+            registry_check.check(render_mod.render_config(run.template, run.params, run.overrides, cache=cache))
+
+
+@contextmanager
+def located(exp, run):
+    """Turn a rendering or registry problem of ``run`` into one line at the experiment file's line."""
+    from ssflctl.plan.overrides import OverrideError
+
+    try:
+        yield
+    except OverrideError as exc:
+        raise UserError(_at(exp, run, exc.key, exc.what)) from None
+    except UserError as exc:
+        path = getattr(exc, "path", None)
+        if path is None:
+            raise UserError(f"{exp.path}:{run.line or 1}: run {run.name}: {exc}") from None
+        raise UserError(_at(exp, run, path, exc.what)) from None
+
+
+def _at(exp, run, path: str, what: str) -> str:
+    """``file:line: <yaml key>: [config path: ]what`` for a problem at config ``path``: the override
+    (experiment, dataset or matrix axis) whose key leads there, else the run's matrix line."""
+    from ssflctl.plan.overrides import leaves
+
+    ep = path.split(".")
+    best, best_n = None, -1
+    for top, val in run.overrides.items():
+        for leaf, _ in leaves({top: val}):
+            lp = leaf.split(".")
+            n = next((i for i, (a, b) in enumerate(zip(lp, ep)) if a != b), min(len(lp), len(ep)))
+            if n >= len(ep) - 1 and n > best_n:
+                best, best_n = (top, leaf), n
+    if best is None:
+        return f"{exp.path}:{run.line or 1}: run {run.name} (template {Path(run.template).stem}): {path}: {what}"
+    top, leaf = best
+    ds = exp.datasets.get(run.axes["dataset"]) if isinstance(run.axes.get("dataset"), str) else (
+        next(iter(exp.datasets.values())) if len(exp.datasets) == 1 else None)
+    if top in run.axes:
+        prefix = "matrix"
+    elif ds is not None and top in ds.overrides:
+        prefix = f"datasets.{ds.name}.overrides"
+    else:
+        prefix = "overrides"
+    key = f"{prefix}.{leaf}"
+    return f"{exp.where(key)}: {key}: " + (what if path == leaf else f"{path}: {what}")
+
+
+def _render_attempts(reg, ws: Path, claimed: List[PlanItem], sid: str, render: Optional[Callable],
+                     exp=None) -> List[Task]:
     """run.json and the next attempt's config for every claimed run (continuing a checkpoint left
-    by a job stopped from outside). Trailing attempts no job ever touched (rendered by a submit
-    that was killed, refused or cancelled, or whose job was cancelled before it started) are
-    discarded first: they are no attempt of the retry budget and the new attempt takes their
-    number (the claim guarantees no job of the run may still start)."""
+    by a job stopped from outside). The default renderer parses each template once for the whole
+    submission and checks each config against the registries before writing it. Trailing attempts
+    no job ever touched (rendered by a submit that was killed, refused or cancelled, or whose job
+    was cancelled before it started) are discarded first: they are no attempt of the retry budget
+    and the new attempt takes their number (the claim guarantees no job of the run may still start)."""
     if render is None:
-        from ssflctl.plan.render import render_attempt as render
+        from ssflctl.plan import registry_check
+        from ssflctl.plan.render import RenderCache, render_attempt
+
+        render = functools.partial(render_attempt, cache=RenderCache(), check=registry_check.check)
     tasks = []
     for item in claimed:
         run = RunDir.of(ws, item.run.run_id)
@@ -324,13 +394,14 @@ def _render_attempts(reg, ws: Path, claimed: List[PlanItem], sid: str, render: O
         n = run.next_attempt_number()
         reason = "first attempt" if n == 1 else f"resubmitted ({item.why})"
         resume = _resume_point(run)
-        if resume is None:
-            render(run.path, n, reason=reason, run=rj)
-        else:
-            item.lr, ck = resume
-            reason += f"; resumes attempt-{n - 1}/{Path(ck).name}" + \
-                (f" at lr {item.lr:g}" if item.lr is not None else "")
-            render(run.path, n, lr=item.lr, resume_from=ck, reason=reason, run=rj)
+        with located(exp, item.run) if exp is not None else nullcontext():
+            if resume is None:
+                render(run.path, n, reason=reason, run=rj)
+            else:
+                item.lr, ck = resume
+                reason += f"; resumes attempt-{n - 1}/{Path(ck).name}" + \
+                    (f" at lr {item.lr:g}" if item.lr is not None else "")
+                render(run.path, n, lr=item.lr, resume_from=ck, reason=reason, run=rj)
         item.attempt, item.reason = n, reason
         tasks.append(Task(item.run.run_id, str(run.path.resolve()), item.run.resources, item.run.test))
     return tasks

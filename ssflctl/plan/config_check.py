@@ -30,8 +30,10 @@ class _Refused(Exception):
 def _eval(node: ast.AST, where: str) -> Any:
     if isinstance(node, ast.Constant):
         return node.value
-    if isinstance(node, (ast.List, ast.Tuple)):
+    if isinstance(node, ast.List):
         return [_eval(e, f"{where}[{i}]") for i, e in enumerate(node.elts)]
+    if isinstance(node, ast.Tuple):
+        return tuple(_eval(e, f"{where}[{i}]") for i, e in enumerate(node.elts))
     if isinstance(node, ast.Set):
         return sorted((_eval(e, where) for e in node.elts), key=repr)
     if isinstance(node, ast.Dict):
@@ -120,7 +122,14 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
 def check_rendered(path: Path, meant: Dict[str, Any]) -> None:
     """Refuse (UserError) unless ``path`` parses, as data only, to exactly ``meant``
     (``Config.to_dict()`` of the config that was dumped; tuples and lists compare equal)."""
-    got = parse_config_text(Path(path).read_text(encoding="utf-8"), str(path))
+    check_text(Path(path).read_text(encoding="utf-8"), meant, path)
+
+
+def check_text(text: str, meant: Dict[str, Any], path: Any = "config.py") -> None:
+    """:func:`check_rendered` for text about to be written to ``path``."""
+    got = parse_config_text(text, str(path))
+    if got == meant:  # the usual case, compared in C; otherwise normalise and name the difference
+        return
     diff = _first_difference(_norm(meant), _norm(got))
     if diff:
         raise UserError(f"{path}: refused: the written config does not say what was meant: {diff}; "

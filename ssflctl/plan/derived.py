@@ -101,9 +101,11 @@ def _set(cfg, dotted: str, value: Any, where: str) -> None:
         cur[leaf] = copy.deepcopy(value)
 
 
-def apply(cfg, template_path, resolved: Dict[str, Any], where: str = "template") -> bool:
-    """Apply the derived settings of every declared param; True if any were applied."""
-    table = read(template_path)
+def apply(cfg, template_path, resolved: Dict[str, Any], where: str = "template",
+          table: Optional[Dict[Any, Dict[Any, Dict[str, Any]]]] = None) -> bool:
+    """Apply the derived settings of every declared param; True if any were applied.
+    ``table``: the template's ``ssflctl_derived`` when already read (:func:`read`)."""
+    table = read(template_path) if table is None else table
     applied = False
     for param, values in table.items():
         if param not in resolved or resolved[param] is None:

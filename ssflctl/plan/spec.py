@@ -22,7 +22,8 @@ Schema (see experiments/ssfl_vs_fl.yaml)::
       exclude: [{loss: ssfl, dataset: coco}]
       include: [{loss: gfl, dataset: coco}] # extra cells; missing axes take every value
     params: {max_epochs: 12}                # fixed template params
-    overrides: {train_cfg.val_interval: 1}  # fixed dotted config keys
+    overrides: {train_cfg.val_interval: 1}  # config keys, dotted or nested: merged as mmengine
+                                            #   merges a config into its _base_ (plan/overrides.py)
     resources: {gpus: 1, cpus: 6, mem: 32G, time: "24:00:00"}
     executor:
       type: slurm                           # slurm | local | auto (slurm when sbatch is found)
@@ -379,21 +380,27 @@ def _check_overrides(exp: Experiment, ds: Optional[Dataset], cell: Dict[str, Any
             f"datasets.{ds.name}.overrides.{key}" if ds is not None and key in ds.overrides else f"overrides.{key}")
         for leaf, v in _leaves(key, val):
             parent, _, kw = leaf.rpartition(".")
+            at = src + leaf[len(key):]  # the nested key's own line (exp.lines has every nested key)
+            line = int(exp.where(at).rsplit(":", 1)[1])
+            if kw == "_delete_":  # mmengine's replace-instead-of-merge mark (plan/overrides.py)
+                continue
+            if isinstance(v, dict):
+                v = {k: x for k, x in v.items() if k != "_delete_"}
             if parent.split(".")[-1] == "loss_cls":
                 if kw == "type":
                     continue
                 allowed = LOSS_KWARGS.get(loss_type or "")
                 if allowed is not None and kw not in allowed:
-                    _fail(exp.path, _line(exp, src), src, kwarg_problem(kw, allowed, loss_type))
+                    _fail(exp.path, line, at, kwarg_problem(kw, allowed, loss_type))
             elif leaf.split(".")[-1] == "loss_cls" and isinstance(v, dict):
                 problem = loss_problem(v)
                 if problem:
-                    _fail(exp.path, _line(exp, src), src, problem)
+                    _fail(exp.path, line, at, problem)
             current = templates.template_value(tpath, leaf)
             if current is not templates.UNKNOWN:
                 problem = _type_problem(v, current, f"the template has {current!r}")
                 if problem:
-                    _fail(exp.path, _line(exp, src), src, problem)
+                    _fail(exp.path, line, at, problem)
 
 
 def expand(exp: Experiment, check_paths: bool = True, dry_run: bool = False) -> List[RunSpec]:
