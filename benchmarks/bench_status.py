@@ -2,14 +2,15 @@
 
 A synthetic workspace of ``n`` runs in 10 experiments on the local backend (a live stand-in runner
 process, a task file per run), settled by one reconcile first (the steady state a user watches):
-about 75% done, 8% running, 8% queued (1 in 8 of them lost by the scheduler: unknown), 3% failed
-with a log tail, 5% retried after a NaN (attempt 2 done or running), 1% cancelled. Figures, each a
+about 75% done, 8% running, 7% queued, 1% whose job the scheduler has no record of (unknown), 3%
+failed with a log tail, 5% retried after a NaN (attempt 2 done or running), 1% cancelled. Figures, each a
 fresh process of `ssflctl status -w WS`:
   1. in a terminal (a pseudo-terminal from ``script -qc``, 120 columns): the grouped view against
      the 2 s target;
   2. ``--all`` in the same terminal (every row);
   3. piped (tab-separated, every row) against the 2 s target;
-and in process: a second `view` after the first (what ``--watch`` redraws from) against the first,
+and in process: rendering CPU against a rich Table of every row (the terminal view before), and a
+second `view` after the first (what ``--watch`` redraws from) against the first,
 with nothing changed (the run-dir cache: unchanged attempt dirs are not re-read).
 """
 from __future__ import annotations
@@ -141,15 +142,40 @@ def _view_twice(ws: Path) -> tuple:
     """(first view s, second view s) in one process: what --watch redraws from."""
     from ssflctl.commands.status import view
     from ssflctl.registry.store import Registry
+    from ssflctl.workdir.layout import RunDirCache
 
     with Registry(ws) as reg:
-        cache = {}
+        cache = RunDirCache()
         t0 = time.perf_counter()
         view(reg, ws, cache=cache)
         t1 = time.perf_counter()
         view(reg, ws, cache=cache)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
+
+
+def _render_cpu(ws: Path) -> tuple:
+    """CPU s of rendering one view of ``ws`` into a terminal (rich Console with force_terminal into
+    a StringIO, 120 columns): the grouped view, --all, and the reference measured here: a rich
+    Table of every row (what a terminal got before)."""
+    import io
+
+    from rich.console import Console
+
+    from ssflctl.commands.status import HEADERS, STATE_STYLE, _rows, terminal_view, view
+    from ssflctl.commands.table import rich_table
+    from ssflctl.registry.store import Registry
+
+    with Registry(ws) as reg:
+        items = view(reg, ws)
+    out = []
+    for make in (lambda: terminal_view("t", items), lambda: terminal_view("t", items, show_all=True),
+                 lambda: rich_table("t", HEADERS, _rows(items), [STATE_STYLE.get(i["state"]) for i in items])):
+        console = Console(force_terminal=True, width=120, file=io.StringIO(), color_system="truecolor")
+        t0 = time.process_time()
+        console.print(make())
+        out.append(time.process_time() - t0)
+    return tuple(out)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -166,6 +192,7 @@ def run(quick: bool = False) -> list[dict]:
             all_s, all_cpu, all_b = _median(ws, "--all", n=reps, terminal=True)
             pipe_s, pipe_cpu, pipe_b = _median(ws, n=reps)
             first, again = _view_twice(ws)
+            grouped_cpu, all_cpu_r, table_cpu = _render_cpu(ws)
         finally:
             runner.terminate()
             runner.wait()
@@ -182,6 +209,10 @@ def run(quick: bool = False) -> list[dict]:
         {"name": f"status piped, {n} runs (median)", "value": pipe_s, "reference": TARGET_S,
          "ratio": TARGET_S / pipe_s, "unit": "s",
          "note": f"tab-separated, every row; CPU {pipe_cpu:.2f} s; {pipe_b / 1e3:.0f} kB; target <= {TARGET_S:g} s"},
+        {"name": f"status terminal rendering, {n} runs (CPU)", "value": grouped_cpu, "reference": table_cpu,
+         "ratio": table_cpu / grouped_cpu, "unit": "s",
+         "note": f"in process, rich Console(force_terminal=True) into a StringIO: the grouped view; --all "
+                 f"{all_cpu_r:.2f} s; reference: a rich Table of every row (the view before) {table_cpu:.2f} s"},
         {"name": f"status --watch redraw, nothing changed, {n} runs", "value": again, "reference": first,
          "ratio": first / again, "unit": "s",
          "note": "in process: view() again with the run-dir cache, against the first view() (every run dir read)"},

@@ -44,7 +44,8 @@ class AlignedRows:
     def __init__(self, headers: List[str], rows: List[List[str]], styles: Optional[List[Optional[str]]] = None,
                  headings: Optional[dict] = None, max_col: int = 40):
         self.headers = [str(h) for h in headers]
-        self.rows = [[str(c).replace("\n", " ").replace("\t", " ") for c in r] for r in rows]
+        n = len(self.headers)  # a short row is padded, so every row has every column
+        self.rows = [[str(c).replace("\n", " ").replace("\t", " ") for c in r] + [""] * (n - len(r)) for r in rows]
         self.styles = styles or [None] * len(self.rows)
         self.headings = headings or {}
         self.max_col = max_col
@@ -96,7 +97,8 @@ class AlignedRows:
                 yield Segment(head.rstrip(), style)
                 yield Segment.line()
             else:
-                yield Segment((head + "  " if widths else "") + (parts.pop(0) if parts else ""), style)
+                first = parts.pop(0) if parts else ""
+                yield Segment(((head + "  " if widths else "") + first) if first else head.rstrip(), style)
                 yield Segment.line()
             for part in parts:
                 yield Segment(indent + part, style)
@@ -108,7 +110,7 @@ class AlignedRows:
             if i in self.headings:
                 yield Segment(str(self.headings[i]), bold)
                 yield Segment.line()
-            yield from line([r[j] for j in cols], r[last], style_of(self.styles[i]))
+            yield from line([r[j] for j in cols], r[last], style_of(self.styles[i] if i < len(self.styles) else None))
 
 
 def wrap(text: str, width: int) -> List[str]:

@@ -60,16 +60,23 @@ class AttemptDir:
     """``attempt-<n>/``: one try of a run, an mmengine work_dir."""
 
     def __init__(self, path: PathLike, n: Optional[int] = None):
-        self.path = Path(path)
-        self._dir = os.fspath(self.path) + os.sep  # file names are joined as strings (no Path per read)
-        suffix = self.path.name[len(_PREFIX):] if self.path.name.startswith(_PREFIX) else ""
-        self.n = int(n) if n is not None else (int(suffix) if suffix.isdigit() else 0)
+        self._str = os.fspath(path)
+        self._dir = self._str + os.sep  # file names are joined as strings (no Path per read)
+        if n is None:
+            name = os.path.basename(self._str)
+            suffix = name[len(_PREFIX):] if name.startswith(_PREFIX) else ""
+            n = int(suffix) if suffix.isdigit() else 0
+        self.n = int(n)
+
+    @cached_property
+    def path(self) -> Path:
+        return Path(self._str)
 
     def __repr__(self) -> str:
         return f"AttemptDir({str(self.path)!r})"
 
     def __fspath__(self) -> str:
-        return str(self.path)
+        return self._str
 
     # ------------------------------------------------------------------ files (read once)
     @cached_property
@@ -209,21 +216,25 @@ class RunDir:
     """``<ws>/runs/<run_id>/``: a run and its attempts."""
 
     def __init__(self, path: PathLike):
-        self.path = Path(path)
+        self._str = os.fspath(path)
+
+    @cached_property
+    def path(self) -> Path:
+        return Path(self._str)
 
     @classmethod
     def of(cls, ws: PathLike, run_id: str) -> "RunDir":
-        return cls(runs_root(ws) / run_id)
+        return cls(os.path.join(os.fspath(ws), "runs", run_id))
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
     def __fspath__(self) -> str:
-        return str(self.path)
+        return self._str
 
     @property
     def run_id(self) -> str:
-        return self.path.name
+        return os.path.basename(self._str)
 
     @property
     def run_json_path(self) -> Path:
@@ -236,11 +247,11 @@ class RunDir:
     @cached_property
     def run(self) -> RunRecord:
         """run.json (an empty record when missing or unreadable)."""
-        return RunRecord.from_json(_read(self.path / RUN_JSON)) or RunRecord(run_id=self.run_id)
+        return RunRecord.from_json(_read(os.path.join(self._str, RUN_JSON))) or RunRecord(run_id=self.run_id)
 
     def raw_run(self) -> Optional[Dict[str, Any]]:
         """run.json's body as written (None when missing or unreadable)."""
-        body = _read(self.path / RUN_JSON)
+        body = _read(os.path.join(self._str, RUN_JSON))
         return body if isinstance(body, dict) else None
 
     def write_run(self, body: Dict[str, Any]) -> None:
@@ -255,7 +266,7 @@ class RunDir:
     def _attempts(self) -> List[AttemptDir]:
         out = []
         try:
-            with os.scandir(self.path) as it:
+            with os.scandir(self._str) as it:
                 for e in it:
                     name = e.name
                     if name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit() and e.is_dir():
