@@ -122,14 +122,20 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     watch: bool = typer.Option(False, "--watch", help="Refresh live until Ctrl-C or all runs end."),
     interval: float = typer.Option(5.0, "--interval", help="Seconds between refreshes with --watch."),
+    show_all: bool = typer.Option(False, "--all", help="In a terminal, list every run (default: counts by "
+                                  "experiment and state, and the runs that need a look; piped output lists all)."),
 ):
-    """Show every run: state, attempt lineage, job id, progress, last loss.
+    """Show runs: state, attempt lineage, job id, progress, last loss.
+
+    In a terminal: counts by experiment and state, then every failed, unknown, running, retried or
+    held run in full (--all: every run). Piped: every run, tab-separated.
 
     Example: ssflctl status ssfl_vs_fl --watch
     """
     from ssflctl.commands import status as status_mod
 
-    status_mod.main(workspace_path(workspace), experiment, as_json=as_json, watch=watch, interval=interval)
+    status_mod.main(workspace_path(workspace), experiment, as_json=as_json, watch=watch, interval=interval,
+                    show_all=show_all)
 
 
 @app.command()

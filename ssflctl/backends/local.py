@@ -101,15 +101,25 @@ def pid_alive(pid: Optional[int], marker: str = "") -> bool:
     return True
 
 
-def task_state(folder: Path, index: int) -> Dict[str, Any]:
-    """The task's recorded state; ``lost`` if it claims pending/running but its runner is gone."""
-    folder = Path(folder)
-    st = read_json(folder / "tasks" / f"{index}.json", default=None) or {"state": "missing"}
+def runner_alive(folder: Path) -> bool:
+    """Whether the submission's runner process is alive (runner.json's pid)."""
+    runner = read_json(Path(folder) / "runner.json", default={}) or {}
+    return pid_alive(runner.get("pid"), RUNNER_MODULE)
+
+
+def task_state(folder: Path, index: int, runners: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:
+    """The task's recorded state; ``lost`` if it claims pending/running but its runner is gone.
+    ``runners``: {folder: runner alive} already asked in this query (one question per submission)."""
+    key = os.fspath(folder)
+    st = read_json(os.path.join(key, "tasks", f"{index}.json"), default=None) or {"state": "missing"}
     if st.get("state") in ("pending", "running"):
-        runner = read_json(folder / "runner.json", default={}) or {}
-        runner_alive = pid_alive(runner.get("pid"), RUNNER_MODULE)
-        task_alive = st.get("state") == "running" and pid_alive(st.get("pid"), RUNNER_MODULE)
-        if not runner_alive and not task_alive:
+        if runners is None:
+            alive = runner_alive(folder)
+        else:
+            if key not in runners:
+                runners[key] = runner_alive(folder)
+            alive = runners[key]
+        if not alive and not (st.get("state") == "running" and pid_alive(st.get("pid"), RUNNER_MODULE)):
             st = dict(st, state="lost")
     return st
 
@@ -381,12 +391,13 @@ class LocalBackend(Backend):
 
     def query(self, jobs):
         out = {}
+        runners: Dict[str, bool] = {}
         for j in jobs:
             parsed = parse_job_id(j.job_id)
             if parsed is None or j.folder is None:
                 out[j.job_id] = JobStatus(j.job_id, JobKind.GONE, reason="no record of the local job")
                 continue
-            st = task_state(Path(j.folder), parsed[1])
+            st = task_state(j.folder, parsed[1], runners)
             s = st.get("state", "missing")
             if s == "lost":
                 out[j.job_id] = JobStatus(j.job_id, JobKind.GONE, raw="lost",

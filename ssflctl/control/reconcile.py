@@ -18,7 +18,7 @@ from ssflctl import backends
 from ssflctl.backends import JobKind, JobRef, JobStatus
 from ssflctl.control.state import JobView, Verdict, decide
 from ssflctl.registry.store import Registry, hostname
-from ssflctl.workdir.layout import AttemptDir, RunDir
+from ssflctl.workdir.layout import AttemptDir, RunDir, RunDirCache
 from ssflctl.workdir.records import OutcomeKind, RunState
 
 #: attempt rows still open (closed by close_open_attempts when their run is not active)
@@ -39,10 +39,17 @@ def ts(iso: Optional[str]) -> Optional[float]:
         return None
 
 
-def job_refs(reg: Registry, row) -> List[JobRef]:
-    """The run's current train and test job as JobRefs."""
-    sub = reg.submission(row["submission_id"]) if row["submission_id"] else None
-    folder = Path(sub["folder"]) if sub else None
+def job_refs(reg: Registry, row, folders: Optional[Dict[str, Optional[Path]]] = None) -> List[JobRef]:
+    """The run's current train and test job as JobRefs. ``folders``: {submission id: folder} read
+    already (one query per submission, not per run)."""
+    sid = row["submission_id"]
+    if folders is not None and sid in folders:
+        folder = folders[sid]
+    else:
+        sub = reg.submission(sid) if sid else None
+        folder = Path(sub["folder"]) if sub else None
+        if folders is not None:
+            folders[sid] = folder
     hint = row["submission_id"] or ""
     return [JobRef(j, folder, hint) for j in (row["job_id"], row["test_job_id"]) if j]
 
@@ -64,9 +71,10 @@ def refs_ever(reg: Registry, run_id: str) -> Dict[str, List[JobRef]]:
 def query_all(reg: Registry, rows) -> Dict[Any, JobStatus]:
     """One query per backend for every job of ``rows``; keyed by (backend name, job id)."""
     by_backend: Dict[str, List[JobRef]] = defaultdict(list)
+    folders: Dict[str, Optional[Path]] = {}
     for r in rows:
         if r["backend"] and r["job_id"]:
-            by_backend[r["backend"]] += job_refs(reg, r)
+            by_backend[r["backend"]] += job_refs(reg, r, folders)
     out: Dict[Any, JobStatus] = {}
     for name, refs in by_backend.items():
         try:
@@ -127,14 +135,16 @@ def _attempt_state(a: AttemptDir, test: bool) -> str:
     return "running" if a.progress is not None else "queued"
 
 
-def _fold_attempts(registry: Registry, r, run: RunDir) -> None:
-    """Attempt files → the registry's attempts table and events (each change once)."""
+def _fold_attempts(registry: Registry, r, run: RunDir, known_rows=None) -> None:
+    """Attempt files → the registry's attempts table and events (each change once; an attempt row
+    that already says what the files say is not written). ``known_rows``: the run's attempt rows
+    when the caller read them already (reconcile reads every run's in one query)."""
     attempts = run.attempts()
     if not attempts:
         return
     test = run.run.test
-    known = {a["attempt"]: a for a in registry.attempts(r["run_id"])}
-    logged = {(e["kind"], e["message"]) for e in registry.events(r["run_id"])}
+    known = {a["attempt"]: a for a in (registry.attempts(r["run_id"]) if known_rows is None else known_rows)}
+    logged = None  # the run's events, read only when an attempt has recovery entries
     for a in attempts:
         fields: Dict[str, Any] = {"lr": a.info.lr, "state": _attempt_state(a, test), "reason": a.info.reason or None}
         if a.outcome is not None and a.outcome.reason and fields["state"] != "done":
@@ -153,7 +163,8 @@ def _fold_attempts(registry: Registry, r, run: RunDir) -> None:
         if fields["state"] in ("queued", "running") and r["state"] not in ACTIVE and before is not None \
                 and before["state"] not in OPEN_ATTEMPT:  # closed when its run ended: not reopened
             fields["state"], fields["reason"] = before["state"], before["reason"]
-        registry.upsert_attempt(r["run_id"], a.n, **fields)
+        if before is None or any(before[k] != v for k, v in fields.items()):
+            registry.upsert_attempt(r["run_id"], a.n, **fields)
         if before is None or before["state"] != fields["state"]:
             lr = fields["lr"]
             registry.event("attempt", run_id=r["run_id"], experiment=r["experiment"],
@@ -161,6 +172,8 @@ def _fold_attempts(registry: Registry, r, run: RunDir) -> None:
                            message=f"attempt {a.n}" + (f" · lr {lr:g}" if isinstance(lr, (int, float)) else "")
                            + (f" · {fields['reason']}" if fields["reason"] else ""))
         for rec in a.recovery:
+            if logged is None:
+                logged = {(e["kind"], e["message"]) for e in registry.events(r["run_id"])}
             msg = f"attempt {a.n}: {rec.message} ({rec.at or ''})"
             if (rec.kind, msg) not in logged:
                 registry.event(rec.kind, run_id=r["run_id"], experiment=r["experiment"], message=msg)
@@ -262,21 +275,38 @@ def close_open_attempts(registry: Registry, r, run: RunDir, verdict: Verdict) ->
         registry.close_attempt(r["run_id"], a["attempt"], state, reason[:300])
 
 
-def reconcile(registry: Registry, ws, experiment: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+def _fold_key(r) -> tuple:
+    """What of the registry row the fold depends on (with the run's files)."""
+    return r["state"], r["reason"], r["attempt"], r["job_id"]
+
+
+def reconcile(registry: Registry, ws, experiment: Optional[str] = None,
+              cache: Optional[RunDirCache] = None) -> Dict[str, Dict[str, Any]]:
     """Fold attempt files and scheduler state into the registry (read-only: compute only).
 
     Returns per run id ``{"run": RunDir, "train": JobStatus|None, "test": JobStatus|None,
-    "verdict": Verdict}`` for display.
+    "verdict": Verdict}`` for display. ``cache`` (kept between calls, ``status --watch``): a run
+    whose directory is unchanged since the last call is not read again, and when its registry row
+    is unchanged too its attempt files are not folded again (they were, into this row); the
+    scheduler is asked and the state rule applied every time.
     """
     ws = Path(ws)
     rows = registry.run_rows(experiment)
     statuses = query_all(registry, [r for r in rows if r["state"] in ASK_STATES])
     writable = not registry.read_only
+    known: Optional[Dict[str, list]] = None  # every run's attempt rows, read at the first fold
     details: Dict[str, Dict[str, Any]] = {}
     for r in rows:
-        run = RunDir.of(ws, r["run_id"])
-        if writable:
-            _fold_attempts(registry, r, run)
+        if cache is None:
+            run, fresh = RunDir.of(ws, r["run_id"]), True
+        else:
+            run, fresh = cache.get(ws, r["run_id"])
+        if writable and (fresh or cache.memo.get(("fold", r["run_id"])) != _fold_key(r)):
+            if known is None:
+                known = registry.attempts_by_run(experiment)
+            _fold_attempts(registry, r, run, known.get(r["run_id"], []))
+            if cache is not None:
+                cache.memo[("fold", r["run_id"])] = _fold_key(r)
         if writable and r["state"] == "cancelled" and r["claim_pid"] is not None and _claim_abandoned(r):
             _finish_cancel(registry, r)
         if r["state"] == "submitting":

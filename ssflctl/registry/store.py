@@ -445,6 +445,16 @@ class Registry:
     def attempts(self, run_id: str) -> List[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,)))
 
+    def attempts_by_run(self, experiment: Optional[str] = None) -> Dict[str, List[sqlite3.Row]]:
+        """{run id: its attempts in order} of every run (of ``experiment``) in one query."""
+        q = "SELECT * FROM attempts"
+        if experiment:
+            q += " WHERE run_id IN (SELECT run_id FROM runs WHERE experiment=?)"
+        out: Dict[str, List[sqlite3.Row]] = {}
+        for a in self.conn.execute(q + " ORDER BY run_id, attempt", (experiment,) if experiment else ()):
+            out.setdefault(a["run_id"], []).append(a)
+        return out
+
     def job_ids_ever(self, run_id: str) -> List[tuple]:
         """Every (job id, submission id, backend) the run ever had, oldest first: its attempts'
         train jobs, every submission's train and test job for it, and its current ones."""
@@ -513,6 +523,7 @@ class Registry:
     def list_runs(self, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
         """Every run as in docs/design.md: run_id, experiment, name, axes, state, reason, job_id, attempts."""
         out = []
+        attempts = self.attempts_by_run(experiment)  # one query, not one per run
         for r in self.run_rows(experiment):
             out.append({
                 "run_id": r["run_id"], "experiment": r["experiment"], "name": r["name"],
@@ -522,7 +533,7 @@ class Registry:
                 "attempts": [
                     {"attempt": a["attempt"], "lr": a["lr"], "state": a["state"], "reason": a["reason"],
                      "job_id": a["job_id"], "started_at": a["started_at"], "ended_at": a["ended_at"]}
-                    for a in self.attempts(r["run_id"])
+                    for a in attempts.get(r["run_id"], ())
                 ],
             })
         return out

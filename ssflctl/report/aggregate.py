@@ -443,12 +443,14 @@ def build(records: list, *, metrics=None, by=(), baseline="loss=focal", title: s
     main, rows, missing = _main_table(ctx)
     summary, notes = _summary_and_notes(ctx, rows)
     exps = sorted({r["experiment"] for r in ctx.records if r["experiment"]})
-    return Report(title or _title(exps), summary, main, _per_class_tables(ctx), _retried_runs(ctx), _gaps_table(ctx),
-                  notes, ctx.df, missing,
-                  configs=[(" ".join(x for x in c if x) or "(all)", dict(zip(ctx.by, ctx.cfg_vals[c])))
-                           for c in ctx.cfgs],
-                  datasets=ctx.datasets, by=ctx.by, records=ctx.records, seedvals=ctx.seedvals, cfg_keys=ctx.cfgs,
-                  footnotes=ctx.footnotes)
+    rep = Report(title or _title(exps), summary, main, [], _retried_runs(ctx), _gaps_table(ctx),
+                 notes, ctx.df, missing,
+                 configs=[(" ".join(x for x in c if x) or "(all)", dict(zip(ctx.by, ctx.cfg_vals[c])))
+                          for c in ctx.cfgs],
+                 datasets=ctx.datasets, by=ctx.by, records=ctx.records, seedvals=ctx.seedvals, cfg_keys=ctx.cfgs,
+                 footnotes=ctx.footnotes)
+    rep.per_class = _per_class_tables(ctx, per_class_columns(ctx, rep))
+    return rep
 
 
 def _prepare(records: list, metrics, by, baseline, iou_type, all_versions: bool = False) -> _Ctx:
@@ -600,24 +602,66 @@ def _main_table(ctx: _Ctx) -> tuple:
     return main, rows, missing
 
 
-def _per_class_tables(ctx: _Ctx) -> list:
-    """One table per dataset: rows = classes, columns = configurations."""
+def per_class_columns(ctx: _Ctx, rep: Report) -> dict:
+    """{dataset: (configuration keys, note)} where a per-class table leaves configurations out
+    (none: every configuration is a column). Up to TOP_N + MAX_BASELINES configurations (the AP
+    figure's bound, see report.plots) every one is a column; beyond, the table of a dataset has the
+    columns the AP figure shows (the best TOP_N by mean AP and the baselines), in table order, and
+    a note of what was left out: 88 classes x 5000 configurations would be 440k cells."""
+    from ssflctl.report import plots
+
+    if len(ctx.cfgs) <= plots.TOP_N + plots.MAX_BASELINES:
+        return {}
+    sel = plots.ap_selection(rep)
+    out = {}
+    for ds in ctx.datasets:
+        on = f" on {ds}" if ds else ""
+        if ds in sel:
+            shown, total, bkeys = sel[ds]
+            keep = set(shown)
+            keys = [c for c in ctx.cfgs if c in keep]
+            left = len(ctx.cfgs) - len(keys)
+            if len(shown) < total:
+                nb = len([k for k in shown if k in bkeys])
+                note = (f"Columns: the best {len(shown) - nb} of the {total} configurations with AP{on} by mean AP"
+                        f"{' and the baseline' if nb else ''}, as in the AP figure; {left} configurations left out "
+                        "(every one is in the main table).")
+            else:
+                note = (f"Columns: the {len(keys)} configurations with AP{on}; {left} without numbers{on} left out "
+                        "(every one is in the main table).")
+        else:
+            keys = ctx.cfgs[:plots.TOP_N]
+            note = (f"Columns: the first {len(keys)} configurations in table order (none has AP{on}); "
+                    f"{len(ctx.cfgs) - len(keys)} left out (every one is in the main table).")
+        out[ds] = (keys, note)
+    return out
+
+
+def _per_class_tables(ctx: _Ctx, columns: Optional[dict] = None) -> list:
+    """One table per dataset: rows = classes, columns = configurations (``columns``: {dataset:
+    (configuration keys, note)} for a dataset whose table leaves some out, see per_class_columns)."""
     df, cfgs, datasets = ctx.df, ctx.cfgs, ctx.datasets
+    columns = columns or {}
     per_class = []
     pc = df[(df["metric"] == "class_AP") & df["state"].isin(WITH_RESULTS)]
+    if len(pc) and columns:  # only the cells that are shown: the groupby below is per (class, configuration)
+        keep = {(ds, c) for ds, (keys, _) in columns.items() for c in keys}
+        every = {ds for ds in datasets if ds not in columns}
+        pc = pc[[d in every or (d, c) in keep for d, c in zip(pc["dataset"], pc["cfg"])]]
     if len(pc):
         pcagg = pc.groupby(["dataset", "class", "cfg"], sort=False)["value"].agg(["mean", "std", "count"])
         pcstats = pcagg.to_dict("index")
-        cfg_labels = [" ".join(x for x in c if x) or "(all)" for c in cfgs]
         for ds in datasets:
             # first-seen order; a dict, not `cls not in classes` per (class, configuration) key
             classes = list(dict.fromkeys(cls for (d, cls, _c) in pcstats if d == ds))
             if not classes:
                 continue
+            ds_cfgs, notes = (columns[ds][0], [columns[ds][1]]) if ds in columns else (cfgs, [])
+            cfg_labels = [" ".join(x for x in c if x) or "(all)" for c in ds_cfgs]
             prow = []
             for cls in classes:
                 cells, vals = [], []
-                for c in cfgs:
+                for c in ds_cfgs:
                     s = pcstats.get((ds, cls, c))
                     if s is None or not s["count"]:
                         has = (ds, cls, c) in pcstats
@@ -633,7 +677,8 @@ def _per_class_tables(ctx: _Ctx) -> list:
                         if cell.value is not None and float(pct(cell.value)) == top:
                             cell.best = True
                 prow.append(([cls], cells))
-            per_class.append(Table(f"Per-class AP{' — ' + ds if ds else ''} (%)", ["class"], [("", cfg_labels)], prow))
+            per_class.append(Table(f"Per-class AP{' — ' + ds if ds else ''} (%)", ["class"], [("", cfg_labels)], prow,
+                                   notes=notes))
     return per_class
 
 
@@ -735,14 +780,19 @@ def _summary_and_notes(ctx: _Ctx, rows: list) -> tuple:
     return summary, notes
 
 
+#: values of an axis a note names before it says how many there are in all
+NAMED_VALUES = 20
+
+
 def no_baseline(records: list, by: list, base: tuple) -> str:
     """Why there is no ΔAP column, saying what is really missing."""
     axis, value = base
-    vals = []
+    seen = {}  # first-seen order; a dict, not a list scan per record (quadratic in configurations)
     for r in records:
         v = r["axes"].get(axis) if axis in r["axes"] else ((r.get("settings") or {}).get("params") or {}).get(axis)
-        if v is not None and _fmt_value(v) not in vals:
-            vals.append(_fmt_value(v))
+        if v is not None:
+            seen.setdefault(_fmt_value(v), None)
+    vals = list(seen)
     varying = ", ".join(by) or "none"
     if not vals:
         return (f"No baseline: no run has a {axis} axis or param, so there is nothing to compare against "
@@ -754,7 +804,8 @@ def no_baseline(records: list, by: list, base: tuple) -> str:
                     f"in the matrix), or pass --baseline AXIS=VALUE for an axis that varies (varying: {varying}).")
         return (f"No baseline: every run has {axis}={vals[0]}, none {axis}={value}; add {value} to the {axis} axis "
                 f"or pass --baseline AXIS=VALUE for an axis that varies (varying: {varying}).")
-    return (f"No baseline: no configuration has {axis}={value} ({axis} values: {', '.join(vals)}); "
+    listed = ", ".join(vals[:NAMED_VALUES]) + (f", … ({len(vals)} in all)" if len(vals) > NAMED_VALUES else "")
+    return (f"No baseline: no configuration has {axis}={value} ({axis} values: {listed}); "
             f"pass --baseline {axis}=<one of them>.")
 
 

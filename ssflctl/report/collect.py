@@ -95,6 +95,8 @@ def read_scalars(path) -> list:
 
 def _num(v) -> Optional[float]:
     """A metric value as float; COCOeval's -1 and non-numbers become None."""
+    if type(v) is float:  # the common case (per-class APs: 80 a run): NaN and -1 fail the comparison
+        return v if v >= 0 else None
     if v is None or isinstance(v, bool):
         return None
     try:

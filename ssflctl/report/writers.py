@@ -56,6 +56,8 @@ def markdown(rep: Report, images: list = ()) -> str:
         out += [f"## {rep.gaps.title}", "", md_table(rep.gaps), ""]
     for t in rep.per_class:
         out += [f"## {t.title}", "", md_table(t), ""]
+        if t.notes:  # e.g. which configurations a per-class table leaves out
+            out += [f"- {n}" for n in t.notes] + [""]
     if images:
         out += ["## Figures", ""]
         for caption, fname in images:
@@ -117,7 +119,7 @@ def latex(rep: Report) -> str:
     cap += "".join(f" [{i}] {x}." for i, x in enumerate(rep.footnotes, 1))
     out += [tex_table(rep.main, cap, "tab:main"), ""]
     for i, t in enumerate(rep.per_class):
-        out += [tex_table(t, t.title, f"tab:per-class-{i + 1}"), ""]
+        out += [tex_table(t, " ".join([t.title, *t.notes]), f"tab:per-class-{i + 1}"), ""]
     if rep.gaps.rows:
         out += [tex_table(rep.gaps, rep.gaps.title, "tab:gaps"), ""]
     if rep.retries:
@@ -207,6 +209,8 @@ def html_page(rep: Report, images: list = (), gallery: list = ()) -> str:
         out += [f"<h2>{_h(rep.gaps.title)}</h2>", html_table(rep.gaps, "gaps")]
     for i, t in enumerate(rep.per_class):
         out += [f"<h2>{_h(t.title)}</h2>", html_table(t, f"per-class-{i + 1}")]
+        if t.notes:
+            out.append('<ul class="notes">' + "".join(f"<li>{_h(n)}</li>" for n in t.notes) + "</ul>")
     if images:
         out.append("<h2>Figures</h2>")
         for caption, path in images:

@@ -17,14 +17,17 @@
 
 Each file is read at most once per object (properties are cached; make a new object to re-read)
 and every write is atomic (``ssflctl.atomic``). Used on both sides: the login node reads, the
-node writes; neither needs anything heavier than the standard library.
+node writes; neither needs anything heavier than the standard library. :class:`RunDirCache` keeps
+RunDir objects between reads of the same workspace (``status --watch``): a run whose directory,
+attempt directories and the files the login node reads are unchanged (stat: inode, size, mtime)
+is not read again.
 """
 from __future__ import annotations
 
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ssflctl import atomic
 from ssflctl.workdir import checkpoints
@@ -53,7 +56,7 @@ _PREFIX = "attempt-"
 RENDERED_FILES = frozenset({ATTEMPT_JSON, CONFIG, PROVENANCE})
 
 
-def _read(path: Path) -> Any:
+def _read(path: PathLike) -> Any:
     try:
         return atomic.read_json(path, default=None)
     except (ValueError, OSError):
@@ -68,57 +71,65 @@ class AttemptDir:
     """``attempt-<n>/``: one try of a run, an mmengine work_dir."""
 
     def __init__(self, path: PathLike, n: Optional[int] = None):
-        self.path = Path(path)
-        suffix = self.path.name[len(_PREFIX):] if self.path.name.startswith(_PREFIX) else ""
-        self.n = int(n) if n is not None else (int(suffix) if suffix.isdigit() else 0)
+        self._str = os.fspath(path)
+        self._dir = self._str + os.sep  # file names are joined as strings (no Path per read)
+        if n is None:
+            name = os.path.basename(self._str)
+            suffix = name[len(_PREFIX):] if name.startswith(_PREFIX) else ""
+            n = int(suffix) if suffix.isdigit() else 0
+        self.n = int(n)
+
+    @cached_property
+    def path(self) -> Path:
+        return Path(self._str)
 
     def __repr__(self) -> str:
         return f"AttemptDir({str(self.path)!r})"
 
     def __fspath__(self) -> str:
-        return str(self.path)
+        return self._str
 
     # ------------------------------------------------------------------ files (read once)
     @cached_property
     def info(self) -> AttemptInfo:
-        return AttemptInfo.from_json(_read(self.path / ATTEMPT_JSON)) or AttemptInfo()
+        return AttemptInfo.from_json(_read(self._dir + ATTEMPT_JSON)) or AttemptInfo()
 
     @property
     def rendered(self) -> bool:
-        return (self.path / ATTEMPT_JSON).is_file()
+        return os.path.isfile(self._dir + ATTEMPT_JSON)
 
     @cached_property
     def progress(self) -> Optional[Progress]:
-        return Progress.from_json(_read(self.path / PROGRESS))
+        return Progress.from_json(_read(self._dir + PROGRESS))
 
     @cached_property
     def outcome(self) -> Optional[Outcome]:
-        return Outcome.from_json(_read(self.path / OUTCOME))
+        return Outcome.from_json(_read(self._dir + OUTCOME))
 
     @cached_property
     def nan(self) -> Optional[NanRecord]:
         """The guard's nan.json, else outcome.json's ``nan``."""
-        rec = NanRecord.from_json(_read(self.path / NAN))
+        rec = NanRecord.from_json(_read(self._dir + NAN))
         if rec is None and self.outcome is not None:
             rec = self.outcome.nan
         return rec
 
     @cached_property
     def recovery(self) -> List[Recovery]:
-        return recovery_list(_read(self.path / RECOVERY))
+        return recovery_list(_read(self._dir + RECOVERY))
 
     @cached_property
     def metrics(self) -> Optional[Dict[str, Any]]:
-        m = _read(self.path / METRICS)
+        m = _read(self._dir + METRICS)
         return m if isinstance(m, dict) else None
 
     @property
     def has_metrics(self) -> bool:
-        return (self.path / METRICS).is_file()
+        return os.path.isfile(self._dir + METRICS)
 
     @property
     def has_detections(self) -> bool:
-        return (self.path / DETECTIONS).is_file()
+        return os.path.isfile(self._dir + DETECTIONS)
 
     @property
     def config_path(self) -> Path:
@@ -223,7 +234,7 @@ class AttemptDir:
         self._refresh("nan")
 
     def append_recovery(self, entry: Recovery) -> None:
-        items = [r.to_json() for r in recovery_list(_read(self.path / RECOVERY))]
+        items = [r.to_json() for r in recovery_list(_read(self._dir + RECOVERY))]
         items.append(entry.to_json())
         atomic.write_json(self.path / RECOVERY, items)
         self._refresh("recovery")
@@ -283,21 +294,25 @@ class RunDir:
     """``<ws>/runs/<run_id>/``: a run and its attempts."""
 
     def __init__(self, path: PathLike):
-        self.path = Path(path)
+        self._str = os.fspath(path)
+
+    @cached_property
+    def path(self) -> Path:
+        return Path(self._str)
 
     @classmethod
     def of(cls, ws: PathLike, run_id: str) -> "RunDir":
-        return cls(runs_root(ws) / run_id)
+        return cls(os.path.join(os.fspath(ws), "runs", run_id))
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
     def __fspath__(self) -> str:
-        return str(self.path)
+        return self._str
 
     @property
     def run_id(self) -> str:
-        return self.path.name
+        return os.path.basename(self._str)
 
     @property
     def run_json_path(self) -> Path:
@@ -310,11 +325,11 @@ class RunDir:
     @cached_property
     def run(self) -> RunRecord:
         """run.json (an empty record when missing or unreadable)."""
-        return RunRecord.from_json(_read(self.path / RUN_JSON)) or RunRecord(run_id=self.run_id)
+        return RunRecord.from_json(_read(os.path.join(self._str, RUN_JSON))) or RunRecord(run_id=self.run_id)
 
     def raw_run(self) -> Optional[Dict[str, Any]]:
         """run.json's body as written (None when missing or unreadable)."""
-        body = _read(self.path / RUN_JSON)
+        body = _read(os.path.join(self._str, RUN_JSON))
         return body if isinstance(body, dict) else None
 
     def write_run(self, body: Dict[str, Any]) -> None:
@@ -363,7 +378,7 @@ class RunDir:
     def _attempts(self) -> List[AttemptDir]:
         out = []
         try:
-            with os.scandir(self.path) as it:
+            with os.scandir(self._str) as it:
                 for e in it:
                     name = e.name
                     if name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit() and e.is_dir():
@@ -455,3 +470,68 @@ def run_dirs(ws: PathLike) -> List[RunDir]:
     except FileNotFoundError:
         return []
     return [RunDir(root / n) for n in names if (root / n / RUN_JSON).is_file()]
+
+
+# ---------------------------------------------------------------------- re-reading only what changed
+
+#: what the login node reads in an attempt directory (with mmengine's checkpoint pointer): a change to
+#: any of them, or to a directory (a file or attempt added, removed or replaced), re-reads the run
+WATCHED = frozenset({ATTEMPT_JSON, PROGRESS, OUTCOME, NAN, RECOVERY, METRICS, DETECTIONS, checkpoints.POINTER})
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _watched_files(path: str) -> tuple:
+    with os.scandir(path) as it:
+        return tuple(sorted((e.name, _stat_key(e.stat())) for e in it if e.name in WATCHED))
+
+
+def signature(path: PathLike) -> Optional[tuple]:
+    """A run directory as stat sees it: the directory, run.json, each ``attempt-<n>/`` and the
+    :data:`WATCHED` files in it (inode, size, mtime in ns); ``("missing",)`` when there is no
+    directory, None when it cannot be read (never equal: read again). Every file here is written
+    atomically (a rename: a new inode, and the directory's mtime moves), so an equal signature
+    means the files a reader of the run looks at are the ones it read before."""
+    p = os.fspath(path)
+    try:
+        sig: List[Any] = [_stat_key(os.stat(p))]
+        with os.scandir(p) as it:
+            entries = sorted(((e.name, e) for e in it), key=lambda t: t[0])
+        for name, e in entries:
+            if name == RUN_JSON:
+                sig.append((name, _stat_key(e.stat())))
+            elif name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit() and e.is_dir():
+                sig.append((name, _stat_key(e.stat()), _watched_files(e.path)))
+    except (FileNotFoundError, NotADirectoryError):
+        return ("missing",)
+    except OSError:
+        return None
+    return tuple(sig)
+
+
+class RunDirCache:
+    """RunDir objects kept between reads of one workspace (``status --watch``, reconcile): :meth:`get`
+    returns the object read before (its files already parsed) while the run's :func:`signature` is
+    unchanged, else a new one. ``memo`` holds a caller's own per-run results for unchanged runs
+    (reconcile: what it last folded into the registry)."""
+
+    def __init__(self) -> None:
+        self._runs: Dict[str, Tuple[Optional[tuple], "RunDir"]] = {}
+        self.memo: Dict[Any, Any] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, ws: PathLike, run_id: str) -> Tuple["RunDir", bool]:
+        """(RunDir, fresh): ``fresh`` is True when the run is read anew (first time, or changed)."""
+        key = os.path.join(os.fspath(ws), "runs", run_id)
+        sig = signature(key)
+        hit = self._runs.get(key)
+        if hit is not None and sig is not None and hit[0] == sig:
+            self.hits += 1
+            return hit[1], False
+        self.misses += 1
+        run = RunDir(key)
+        self._runs[key] = (sig, run)
+        return run, True

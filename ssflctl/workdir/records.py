@@ -106,18 +106,28 @@ class _Record:
     def from_json(cls, d: Any):
         if not isinstance(d, dict):
             return None
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names, keys, has_extra = cls._schema()
         conv = getattr(cls, "_CONVERT", {})
         kw = {}
-        for n in names:
-            key = getattr(cls, "_KEYS", {}).get(n, n)
+        for n, key in zip(names, keys):
             if key in d:
                 kw[n] = conv[n](d[key]) if n in conv else d[key]
         obj = cls(**kw)
-        if "extra" in {f.name for f in dataclasses.fields(cls)}:
-            keys = {getattr(cls, "_KEYS", {}).get(n, n) for n in names}
+        if has_extra:
             obj.extra = {k: v for k, v in d.items() if k not in keys}
         return obj
+
+    @classmethod
+    def _schema(cls):
+        """(field names but extra, their JSON keys, whether there is an ``extra``), once per class."""
+        got = cls.__dict__.get("_schema_cache")
+        if got is None:
+            fields = [f.name for f in dataclasses.fields(cls)]
+            names = tuple(n for n in fields if n != "extra")
+            keys = tuple(getattr(cls, "_KEYS", {}).get(n, n) for n in names)
+            got = (names, keys, "extra" in fields)
+            cls._schema_cache = got
+        return got
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
