@@ -58,7 +58,7 @@ def test_terminal_view_lists_every_run_that_needs_a_look(big):
     assert must <= shown                       # every failed, running, unknown and retried run, in full
     assert not (shown & quiet)                 # done, queued and cancelled first attempts: counted only
     fail = next(i for i in items if i["state"] == "failed")
-    assert fail["note"] in text                # with its reason
+    assert fail["note"] in _render(items, width=1000)  # with its reason (wrapped at a narrower width)
     assert re.search(r"│ all\s+│\s+5000 │", text)  # counts by experiment and state, with the total
     assert "`ssflctl status --all` lists every run" in " ".join(text.split())
 

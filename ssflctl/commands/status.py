@@ -246,7 +246,7 @@ def _rows(items):
                      f"{lv:.4f}" if isinstance(lv, (int, float)) else ("" if lv is None else str(lv)),
                      it["elapsed"], it["note"]])
         for t in it.get("tests") or []:  # test cells under their run
-            rows.append([f"  └ test {t['name']}", "", "", "", "", "", t["state"], t["job"], "", "", "",
+            rows.append([f"  └ test {t['name']}", "", "", "", "", "", t["state"], t["job"], "", "", "", "",
                          t["note"] or (f"after {t['after']}" if t["state"] == "queued" and t["after"] else "")])
     return rows
 
