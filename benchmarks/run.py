@@ -31,6 +31,7 @@ def machine_facts() -> dict:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
+        "load": round(os.getloadavg()[0], 2),  # 1-min load average when the run started
     }
     try:
         with open("/proc/cpuinfo") as fh:
