@@ -10,7 +10,8 @@ seeds = 1000 run dirs, 5% of them retried after a NaN, 2% failed, a few running.
      the two datasets, one seed, every attempt with a training log; ``--quick``: 500), end to end
      in a fresh process: ``--out report.html`` (wall s, peak RSS MB from os.wait4, HTML size) against
      15 s and 500 MB, ``--out index.md`` (with figures) and markdown to stdout against 5 s; the note
-     splits one in-process run into collect+aggregate, render and figures.
+     splits one in-process run into collect+aggregate, render and figures. And in process, CPU: the
+     per-class AP tables with the AP figure's columns against every configuration a column.
 """
 from __future__ import annotations
 
@@ -163,6 +164,24 @@ def _breakdown(ws: Path) -> str:
             f"{t3 - t2:.1f} s ({len(page) / 1e6:.1f} MB), markdown render {t4 - t3:.1f} s ({len(md) / 1e6:.1f} MB)")
 
 
+def _per_class_cpu(ws: Path) -> tuple:
+    """(CPU s, markdown MB) of the per-class AP tables as the report builds them (the AP figure's
+    columns beyond TOP_N + MAX_BASELINES configurations) and, the reference, with every
+    configuration a column (the report before issue 21.2's cap), in this process."""
+    from ssflctl.report import aggregate, collect, writers
+
+    records = collect.collect(ws, [], [])
+    ctx = aggregate._prepare(records, None, [], "loss=focal", None)
+    rep = aggregate.build(records)
+    out = []
+    for columns in (aggregate.per_class_columns(ctx, rep), None):
+        t0 = time.process_time()
+        tables = aggregate._per_class_tables(ctx, columns)
+        md = "\n".join(writers.md_table(t) for t in tables)
+        out += [time.process_time() - t0, len(md) / 1e6]
+    return tuple(out)
+
+
 def run_many(quick: bool = False) -> list[dict]:
     n = 500 if quick else 5000
     with tempfile.TemporaryDirectory(prefix="bench-report-many-") as tmp:
@@ -173,6 +192,7 @@ def run_many(quick: bool = False) -> list[dict]:
         n_png = len(list((Path(tmp) / "md").glob("*.png")))
         stdout_s, _, stdout_cpu = _cli(ws)
         parts = _breakdown(ws)
+        pc_cpu, pc_mb, every_cpu, every_mb = _per_class_cpu(ws)
     load = os.getloadavg()[0]
     size = f"{n} runs in {n} configurations"
     return [
@@ -186,6 +206,10 @@ def run_many(quick: bool = False) -> list[dict]:
          "ratio": MANY_MD_S / md_s, "unit": "s",
          "note": f"fresh process, CPU {md_cpu:.1f} s, {n_png} PNG files, peak RSS {md_mb:.0f} MB; load average "
                  f"{load:.1f}; target <= {MANY_MD_S:g} s"},
+        {"name": f"per-class AP tables, {size} (CPU)", "value": pc_cpu, "reference": every_cpu,
+         "ratio": every_cpu / pc_cpu, "unit": "s",
+         "note": f"in process, build + markdown of the tables: the AP figure's columns ({pc_mb:.2f} MB) against "
+                 f"every configuration a column ({every_mb:.1f} MB), measured here"},
         {"name": f"report markdown to stdout, {size}", "value": stdout_s, "reference": MANY_MD_S,
          "ratio": MANY_MD_S / stdout_s, "unit": "s", "note": f"fresh process, CPU {stdout_cpu:.1f} s, no figures; target <= {MANY_MD_S:g} s"},
     ]
