@@ -14,6 +14,7 @@ The three jobs take the node's 2 CPUs each, so Slurm runs them one after another
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -21,11 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from ssflctl.control import submit as submit_mod
 from ssflctl.registry.store import Registry
 
 pytestmark = [pytest.mark.slurm, pytest.mark.training, pytest.mark.slow]
 
+TESTS = Path(__file__).resolve().parent
 LR = 0.01
 EXP = """\
 name: {name}
@@ -63,7 +66,7 @@ def _wait_file(path: Path, timeout: float, what: str):
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory, slurm_cluster):
+def jobs(tmp_path_factory, slurm_cluster, request):
     from ssflctl.convert import synth_coco
 
     tmp = tmp_path_factory.mktemp("ddp")
@@ -74,6 +77,10 @@ def jobs(tmp_path_factory, slurm_cluster):
         "nan": dict(epochs=3, hooks="{type: InjectNanHook, rank: 1, iter: 3}, " + CHECKSUM),
         "requeue": dict(epochs=40, hooks=CHECKSUM),
     }
+    # the jobs import this directory's ddp_hooks (custom_imports): they inherit the submitting environment
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    request.addfinalizer(mp.undo)
     t0 = time.time()
     runs = {}
     for key, kw in specs.items():
@@ -86,7 +93,12 @@ def jobs(tmp_path_factory, slurm_cluster):
     # requeue: after its second checkpoint, SIGUSR2 to every task of the job (as before a time limit)
     r = runs["requeue"]
     a1 = r["run_dir"] / "attempt-1"
-    _wait_file(a1 / "epoch_2.pth", 900, "the requeue job's second checkpoint")
+    deadline = time.time() + 900
+    while not (a1 / "epoch_2.pth").exists():  # ... or a failed job, said at once with its reason
+        failed = {i["run"]: i["note"] for i in _view(ws) if i["state"] in ("failed", "unknown")}
+        assert not failed, failed
+        assert time.time() < deadline, "timed out waiting for the requeue job's second checkpoint"
+        time.sleep(1)
     time.sleep(0.5)
     assert not (a1 / "outcome.json").exists()
     subprocess.run(["scancel", "-s", "USR2", r["job_id"]], check=True)
