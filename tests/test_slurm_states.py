@@ -596,11 +596,12 @@ def test_exit_code_signal_and_maxrss_from_the_real_cluster(cluster, timeout_job)
     a = sbatch("--mem=1G", "--wrap=python3 -c 'x = bytearray(200 << 20); x[::4096] = b\"a\" * len(x[::4096]); "
                "import time; time.sleep(5)'; exit 3")
     b = sbatch("--wrap=kill -9 $$")
-    ra = wait_for(lambda: (lambda x: x if x and x.state == "FAILED" and x.max_rss_bytes else None)(record(a)),
-                  40, f"job {a} failed with MaxRSS")
+    # the controller's record comes first; sacct's exit code and MaxRSS a moment later: wait for both
+    ra = wait_for(lambda: (lambda x: x if x and x.state == "FAILED" and x.max_rss_bytes and x.exit_code is not None
+                           else None)(record(a)), 120, f"job {a} failed with MaxRSS and its exit code")
     assert ra.exit_code == 3 and ra.signal is None and ra.max_rss_bytes > 150 << 20
     rb = wait_for(lambda: (lambda x: x if x and x.state == "FAILED" and x.signal else None)(record(b)),
-                  30, f"job {b} failed with a signal")
+                  120, f"job {b} failed with a signal")
     assert rb.signal == 9 and rb.signal_name == "SIGKILL" and rb.exit_text == "killed by SIGKILL (signal 9)"
 
 
