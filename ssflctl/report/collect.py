@@ -182,7 +182,8 @@ def _metrics_from_file(path: str) -> Optional[dict]:
 
 
 def read_run_dir(run_dir, run_json: Optional[dict] = None, registry_row: Optional[dict] = None) -> dict:
-    """One run record from ``<ws>/runs/<run_id>/`` and, when given, the registry's row for it.
+    """One run record from ``<ws>/runs/<run_id>/`` (a path or a ``RunDir``) and, when given, the
+    registry's row for it.
 
     The state is :func:`ssflctl.control.state.decide` on the files, with the registry's last
     verdict standing in for the scheduler (the report never queries it): the same rule, and so the
@@ -192,7 +193,7 @@ def read_run_dir(run_dir, run_json: Optional[dict] = None, registry_row: Optiona
     from ssflctl.control.state import decide
     from ssflctl.workdir.layout import RunDir
 
-    run = RunDir(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)  # a RunDir: its files already read
     rj = run_json if run_json is not None else (run.raw_run() or {})
     attempts = [_attempt_record(a) for a in run.attempts()]
     verdict = decide(run, remembered_view(registry_row))
@@ -280,7 +281,7 @@ def collect_workspace(ws, experiments: Iterable[str] = ()) -> list:
         if wanted and rj.get("experiment") not in wanted:
             continue
         row = reg_rows.get(run.run_id)
-        rec = read_run_dir(run.path, rj, row)
+        rec = read_run_dir(run, rj, row)
         if row is not None:
             _merge_registry_attempts(rec, row)
         cells = test_cell_records(ws, run, rec, reg_tests)
@@ -328,6 +329,8 @@ def test_cell_records(ws, run, rec: dict, reg_tests: dict) -> list:
     from ssflctl.workdir.records import RunState
 
     cells = run.test_cells()
+    if not cells:  # most runs: no test_matrix
+        return []
     wanted = (run.raw_run() or {}).get("test_cells")
     if wanted is not None:  # the cells of the experiment as last submitted (in its order)
         cells = {t: cells[t] for t in wanted if t in cells}
