@@ -81,7 +81,7 @@ def _from_config(template: str, params: Dict[str, Any], overrides: Dict[str, Any
         p = {k: v for k, v in params.items() if k not in _IRRELEVANT}
         if "classes" in render.template_params(template):
             p["classes"] = ["_"]  # None would read the annotation file: not needed for the batch
-        cfg = render.render_config(template, p, overrides)
+        cfg = render.render_config(template, p, overrides, cache=render.RenderCache())  # the template parsed once
         loader = cfg.get("train_dataloader") or {}
         asl = cfg.get("auto_scale_lr") or {}
         lr = ((cfg.get("optim_wrapper") or {}).get("optimizer") or {}).get("lr")

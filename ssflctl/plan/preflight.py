@@ -303,7 +303,11 @@ def check(runs, where: Callable[[Any], str] = lambda run: run.run_id,
             import importlib
 
             importlib.import_module("mmengine")
-            from ssflctl.plan.render import render_config as render
+            import functools
+
+            from ssflctl.plan.render import RenderCache, render_config
+
+            render = functools.partial(render_config, cache=RenderCache())  # the template parsed once
         except ImportError as exc:
             result.notes.append(f"dataset pre-flight skipped: the training stack is not installed here ({exc}); "
                                 "install it with scripts/setup.sh to check the data before submitting")

@@ -283,7 +283,8 @@ class RenderCache:
 
     def __init__(self, lenient: bool = False):
         self.lenient = lenient
-        self._templates: Dict[Any, Dict[str, Any]] = {}
+        self._templates = _TEMPLATES  # shared by every cache of this process (the plan's batch check,
+        # the data pre-flight and the submission each rendered the template: 3 parses of ~1 s)
         self._classes: Dict[Any, Optional[tuple]] = {}
         self._git: Dict[str, Dict[str, Any]] = {}
         self._versions: Optional[Dict[str, Optional[str]]] = None
@@ -293,8 +294,16 @@ class RenderCache:
         st = os.stat(path)
         return str(path), st.st_mtime_ns, st.st_size
 
+    @staticmethod
+    def _template_key(path: Union[str, Path]):
+        """A template's path, mtime, size and content hash: an edit within the file system's
+        timestamp granularity that keeps the size is still seen (the parsed copy is process-wide)."""
+        data = Path(path).read_bytes()
+        st = os.stat(path)
+        return str(path), st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest()
+
     def template(self, path: Path) -> Dict[str, Any]:
-        key = self._key(path)
+        key = self._template_key(path)
         hit = self._templates.get(key)
         if hit is None:
             hit = self._templates[key] = _load_template(path)
@@ -319,6 +328,9 @@ class RenderCache:
             self._versions = versions()
         return dict(self._versions)
 
+
+#: parsed templates (see RenderCache.template), one store per process; each run renders from a copy
+_TEMPLATES: Dict[Any, Dict[str, Any]] = {}
 
 #: the cache of the render_config call in progress (read by _read_classes inside _apply_params)
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("ssflctl_render_cache", default=None)

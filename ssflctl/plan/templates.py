@@ -9,6 +9,7 @@ experiment file), so everything here parses the file with :mod:`ast` and never r
 from __future__ import annotations
 
 import ast
+import functools
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -69,12 +70,19 @@ def _literal_assign(tree: ast.Module, name: str, path: Path) -> Optional[Dict[st
 
 
 def _parse(path: Path) -> ast.Module:
+    """The template's syntax tree (shared: read it, never change it). Parsed once per content: the
+    plan looks up a template value per run (2 ms a parse, 400 runs: 0.8 s)."""
     try:
-        return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        return _parse_text(path.read_text(encoding="utf-8"), str(path))
     except SyntaxError as exc:
         raise UserError(f"{path}:{exc.lineno}: syntax error in template ({exc.msg})") from None
     except (UnicodeDecodeError, ValueError) as exc:  # non-UTF-8 bytes, NUL bytes
         raise UserError(f"{path}: cannot read the template ({exc})") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_text(text: str, filename: str) -> ast.Module:
+    return ast.parse(text, filename=filename)
 
 
 def template_params(template: Union[str, Path]) -> Dict[str, Any]:
