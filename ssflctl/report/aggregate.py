@@ -555,68 +555,19 @@ def _best_values(ctx: _Ctx, shown: dict) -> dict:
 
 def _main_table(ctx: _Ctx) -> tuple:
     """(Table, its rows, the list of gaps) of the main results."""
-    metrics, by, base, base_idx = ctx.metrics, ctx.by, ctx.base, ctx.base_idx
-    cfgs, cfg_vals, datasets, stats, by_cell = ctx.cfgs, ctx.cfg_vals, ctx.datasets, ctx.stats, ctx.by_cell
-    exp_ds, cfg_exps, unfinished, feet, delta_keys = ctx.exp_ds, ctx.cfg_exps, ctx.unfinished, ctx.feet, ctx.delta_keys
+    metrics, by, delta_keys = ctx.metrics, ctx.by, ctx.delta_keys
     missing = []
     columns = list(metrics) + [_delta_name(k) for k in delta_keys] + ["n"]
-    groups = [(ds, list(columns)) for ds in datasets]
+    groups = [(ds, list(columns)) for ds in ctx.datasets]
     rows = []
-    shown = {key: float(pct(s["mean"])) for key, s in stats.items()}  # once per cell, not per comparison
+    shown = {key: float(pct(s["mean"])) for key, s in ctx.stats.items()}  # once per cell, not per comparison
     best = _best_values(ctx, shown)
-    for c in cfgs:
+    for c in ctx.cfgs:
+        label = " ".join(x for x in c if x) or "(all)"
         cells = []
-        for ds in datasets:
-            recs = by_cell.get((c, ds), [])
-            done = [r for r in recs if r["state"] in WITH_RESULTS and r.get("metrics")]
-            others = [r for r in recs if not (r["state"] in WITH_RESULTS and r.get("metrics"))]
-            retried = any(_lowered_lr(r) for r in done)
-            label = " ".join(x for x in c if x) or "(all)"
-            if not recs and not any(ds in exp_ds[e] for e in cfg_exps[c]):
-                # this configuration's experiment never ran on this dataset (e.g. an outside work dir
-                # beside a study): not applicable, not a gap
-                cells += [Cell("") for _ in columns]
-                continue
-            for j, k in enumerate(metrics):
-                s = stats.get((c, ds, k))
-                if s is not None:
-                    n = int(s["count"])
-                    txt = pct(s["mean"]) if n == 1 else f"{pct(s['mean'])} ± {pct(s['std'])}"
-                    isbest = (ds, k) in best and shown[(c, ds, k)] == best[(ds, k)] and (c, ds) not in unfinished
-                    cells.append(Cell(txt, best=isbest, value=s["mean"]))
-                    continue
-                why = sorted({(r.get("unavailable") or {}).get(k) for r in done} - {None})
-                if done and why:
-                    cells.append(Cell(why[0]))
-                elif done and k == VOC_METRIC and not any(k in r["metrics"]["bbox"] for r in done):
-                    cells.append(Cell(NO_VOC))  # not a gap: these runs were not tested with VOCMetric
-                    continue
-                elif done and k.startswith(SEGM) and not any(r["metrics"].get("segm") for r in done):
-                    cells.append(Cell(NO_SEGM))  # not a gap: a box-only evaluation beside mask runs
-                    continue
-                elif done and any(has_metric(r["metrics"], k) for r in done):
-                    cells.append(Cell("n/a (no GT)"))  # COCOeval -1: no ground truth of this size
-                elif done:
-                    cells.append(Cell("—"))
-                elif not recs:
-                    cells.append(Cell("—, missing" if j == 0 else "—"))
-                else:
-                    cells.append(Cell(f"—, {_state_text(others)}" if j == 0 else "—"))
-                if cells[-1].text != "n/a (no GT)":  # a real value of COCOeval, not a gap
-                    missing.append(f"{label} / {ds or '-'} / {k}: {cells[-1].text}")
-            foot = ",".join(str(feet[id(r)]) for r in recs if id(r) in feet)
-            if foot and metrics:
-                cells[-len(metrics)].foot = foot
-            for r in recs:
-                if r["state"] == UNFINISHED:
-                    missing.append(f"{label} / {ds or '-'}: {r['name']} unfinished ({r['reason']})")
-            for k in delta_keys:
-                cells.append(_delta_cell(c, ds, base_idx, base[1], stats, k))
-            nd, ne = len(done), len(recs)
-            cells.append(Cell(f"{nd}/{ne}" if nd != ne else f"{nd}", mark=retried))
-            if done and others:
-                missing.append(f"{label} / {ds or '-'}: {nd} of {ne} runs done ({_state_text(others)})")
-        rows.append(([_fmt_value(v) for v in cfg_vals[c]], cells))
+        for ds in ctx.datasets:
+            cells += _main_cells(ctx, c, ds, label, len(columns), shown, best, missing)
+        rows.append(([_fmt_value(v) for v in ctx.cfg_vals[c]], cells))
     stub = list(by) if by else ["configuration"]
     if not by:
         rows = [(["(all)"], cells) for _, cells in rows]
@@ -624,6 +575,68 @@ def _main_table(ctx: _Ctx) -> tuple:
     main = Table(f"Main results (VOC mAP@0.5 and {coco}, %)" if VOC_METRIC in metrics
                  else f"Main results ({coco}, %)", stub, groups, rows)
     return main, rows, missing
+
+
+def _main_cells(ctx: _Ctx, c: tuple, ds: str, label: str, width: int, shown: dict, best: dict,
+                missing: list) -> list:
+    """The main table's cells of configuration ``c`` on dataset ``ds`` (``width`` of them): each
+    metric's mean ± std or why there is none, the deltas against the baseline, and n; the gaps
+    are added to ``missing``."""
+    metrics, stats = ctx.metrics, ctx.stats
+    recs = ctx.by_cell.get((c, ds), [])
+    if not recs and not any(ds in ctx.exp_ds[e] for e in ctx.cfg_exps[c]):
+        # this configuration's experiment never ran on this dataset (e.g. an outside work dir
+        # beside a study): not applicable, not a gap
+        return [Cell("") for _ in range(width)]
+    done = [r for r in recs if r["state"] in WITH_RESULTS and r.get("metrics")]
+    others = [r for r in recs if not (r["state"] in WITH_RESULTS and r.get("metrics"))]
+    cells = []
+    if not recs:  # no run at all (5000 configurations on one dataset each: half the cells)
+        cells = [Cell("—, missing" if j == 0 else "—") for j in range(len(metrics))]
+        missing.extend(f"{label} / {ds or '-'} / {k}: {cell.text}" for k, cell in zip(metrics, cells))
+    else:
+        for k in metrics:
+            cell, gap = _metric_cell(ctx, c, ds, k, done, others, shown, best)
+            cells.append(cell)
+            if gap:
+                missing.append(f"{label} / {ds or '-'} / {k}: {cell.text}")
+    foot = ",".join(str(ctx.feet[id(r)]) for r in recs if id(r) in ctx.feet)
+    if foot and metrics:
+        cells[-len(metrics)].foot = foot
+    for r in recs:
+        if r["state"] == UNFINISHED:
+            missing.append(f"{label} / {ds or '-'}: {r['name']} unfinished ({r['reason']})")
+    for k in ctx.delta_keys:
+        cells.append(_delta_cell(c, ds, ctx.base_idx, ctx.base[1], stats, k))
+    nd, ne = len(done), len(recs)
+    cells.append(Cell(f"{nd}/{ne}" if nd != ne else f"{nd}", mark=any(_lowered_lr(r) for r in done)))
+    if done and others:
+        missing.append(f"{label} / {ds or '-'}: {nd} of {ne} runs done ({_state_text(others)})")
+    return cells
+
+
+def _metric_cell(ctx: _Ctx, c: tuple, ds: str, k: str, done: list, others: list, shown: dict,
+                 best: dict) -> tuple:
+    """(Cell, whether it is a gap) of one metric: mean ± sample std over seeds (bold when best),
+    else why there is none."""
+    s = ctx.stats.get((c, ds, k))
+    if s is not None:
+        n = int(s["count"])
+        txt = pct(s["mean"]) if n == 1 else f"{pct(s['mean'])} ± {pct(s['std'])}"
+        isbest = (ds, k) in best and shown[(c, ds, k)] == best[(ds, k)] and (c, ds) not in ctx.unfinished
+        return Cell(txt, best=isbest, value=s["mean"]), False
+    why = sorted({(r.get("unavailable") or {}).get(k) for r in done} - {None})
+    if done and why:
+        return Cell(why[0]), True
+    if done and k == VOC_METRIC and not any(k in r["metrics"]["bbox"] for r in done):
+        return Cell(NO_VOC), False  # not a gap: these runs were not tested with VOCMetric
+    if done and k.startswith(SEGM) and not any(r["metrics"].get("segm") for r in done):
+        return Cell(NO_SEGM), False  # not a gap: a box-only evaluation beside mask runs
+    if done and any(has_metric(r["metrics"], k) for r in done):
+        return Cell("n/a (no GT)"), False  # COCOeval -1: no ground truth of this size, a real value
+    if done:
+        return Cell("—"), True
+    return Cell(f"—, {_state_text(others)}" if k == ctx.metrics[0] else "—"), True
 
 
 def per_class_columns(ctx: _Ctx, rep: Report) -> dict:
