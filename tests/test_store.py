@@ -37,6 +37,28 @@ def test_wal_and_list_runs_contract(tmp_path):
             reg.update_run("a-12345678", state="bogus")
 
 
+def test_update_run_and_update_test_write_fields_and_events(tmp_path):
+    with Registry(tmp_path) as reg:
+        reg.upsert_experiment("exp")
+        reg.ensure_run("a-12345678", "exp", "a", {})
+        reg.ensure_test("t-1", "a-12345678", "exp", "t", {"score_thr": 0.3})
+        assert reg.update_run("a-12345678", event="claimed", reason="why", claim_pid=5, resources={"gpus": 1}) is False
+        assert reg.update_test("t-1", state="queued", reason="", event="submitted", job_id="9_1") is True
+        assert reg.update_test("t-1", state="queued") is False
+        assert reg.update_test("t-1", state="done", reason="tested") is True
+        with pytest.raises(KeyError):
+            reg.update_test("t-none", state="done")
+        with pytest.raises(ValueError):
+            reg.update_test("t-1", state="bogus")
+        run, (test,) = reg.get_run("a-12345678"), reg.test_rows(run_id="a-12345678")
+        assert (run["state"], run["reason"], run["claim_pid"], json.loads(run["resources"])) == \
+            ("pending", "why", 5, {"gpus": 1})
+        assert (test["state"], test["reason"], test["job_id"]) == ("done", "tested", "9_1")
+        events = [(e["kind"], e["old_state"], e["new_state"], e["message"]) for e in reg.events("a-12345678")]
+    assert events == [("registered", None, "pending", None), ("claimed", "pending", "pending", "why"),
+                      ("submitted", "pending", "queued", "test t-1"), ("test", "queued", "done", "test t-1: tested")]
+
+
 def test_transaction_rolls_back(tmp_path):
     with Registry(tmp_path) as reg:
         reg.upsert_experiment("exp")

@@ -162,12 +162,13 @@ def resolved_spec(ws, spec=SPEC, params: Optional[Dict[str, Any]] = None) -> Pat
     import yaml
 
     from ssflctl.plan import spec as spec_mod
+    from ssflctl.plan import yamlio
     from ssflctl.atomic import write_text
 
     ws = Path(ws).resolve()
     spec = Path(spec)
     spec_mod.load(spec)  # the file's own errors, with its own line numbers
-    raw = yaml.safe_load(spec.read_text(encoding="utf-8"))
+    raw = yamlio.plain(yamlio.load_yaml(spec))  # as submit reads it: YAML 1.2 numbers (1e-4), 24:00:00 a string
     for name, ds in list((raw.get("datasets") or {}).items()):
         if isinstance(ds, str):
             ds = raw["datasets"][name] = {"root": ds}

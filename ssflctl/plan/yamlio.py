@@ -333,3 +333,13 @@ def parse(text: str, name: str, loader_class: Optional[type] = None) -> Any:
 def load_yaml(path) -> Any:
     """Read and parse an experiment file: :func:`read_text` then :func:`parse`."""
     return parse(read_text(Path(path)), str(path))
+
+
+def plain(data: Any) -> Any:
+    """``data`` from :func:`parse` with built-in dicts and lists in place of :class:`LDict` and
+    :class:`LList` (what ``yaml.safe_dump`` can write)."""
+    if isinstance(data, dict):
+        return {k: plain(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [plain(v) for v in data]
+    return data

@@ -328,26 +328,27 @@ class Registry:
         """Update a run; a state change is written to the events table. Returns True if it changed."""
         if state is not None and state not in RUN_STATES:
             raise ValueError(f"unknown run state {state!r}")
-        with self.transaction() as c:
-            row = c.execute("SELECT state, reason, experiment FROM runs WHERE run_id=?", (run_id,)).fetchone()
-            if row is None:
-                raise KeyError(run_id)
-            sets, vals = ["updated_at=?"], [now()]
-            if state is not None:
-                sets.append("state=?")
-                vals.append(state)
-            if reason is not None:
-                sets.append("reason=?")
-                vals.append(reason)
-            for k, val in fields.items():
-                sets.append(f"{k}=?")
-                vals.append(json.dumps(val) if isinstance(val, (dict, list)) else val)
-            c.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id=?", (*vals, run_id))
+        with self.transaction():
+            row = self._update_row("runs", "run_id", run_id, state, reason, {
+                k: json.dumps(val) if isinstance(val, (dict, list)) else val for k, val in fields.items()})
             changed = state is not None and state != row["state"]
             if changed or event:
                 self.event(event or "state", run_id=run_id, experiment=row["experiment"],
                            old_state=row["state"], new_state=state or row["state"], message=reason)
             return changed
+
+    def _update_row(self, table: str, key: str, value: str, state: Optional[str], reason: Optional[str],
+                    fields: Dict[str, Any]) -> sqlite3.Row:
+        """The UPDATE of update_run and update_test, in the caller's transaction: ``updated_at``, then
+        ``state`` and ``reason`` when given, then ``fields`` as they are, on the row of ``table`` whose
+        ``key`` is ``value``. Returns its state, run_id and experiment as they were (KeyError: no row)."""
+        row = self.conn.execute(f"SELECT state, run_id, experiment FROM {table} WHERE {key}=?", (value,)).fetchone()
+        if row is None:
+            raise KeyError(value)
+        given = {k: v for k, v in (("state", state), ("reason", reason)) if v is not None}
+        sets = ", ".join(f"{k}=?" for k in ("updated_at", *given, *fields))
+        self.conn.execute(f"UPDATE {table} SET {sets} WHERE {key}=?", (now(), *given.values(), *fields.values(), value))
+        return row
 
     def find_runs(self, target: str) -> List[sqlite3.Row]:
         """An experiment name, a run id, a run name, or a unique run-id prefix."""
@@ -391,17 +392,8 @@ class Registry:
         """Update a test cell; a state change is an event of its run (message ``test <id>: ...``)."""
         if state is not None and state not in RUN_STATES:
             raise ValueError(f"unknown test state {state!r}")
-        with self.transaction() as c:
-            row = c.execute("SELECT state, run_id, experiment FROM tests WHERE test_id=?", (test_id,)).fetchone()
-            if row is None:
-                raise KeyError(test_id)
-            sets, vals = ["updated_at=?"], [now()]
-            for k, val in (("state", state), ("reason", reason), *fields.items()):
-                if k in ("state", "reason") and val is None:
-                    continue
-                sets.append(f"{k}=?")
-                vals.append(val)
-            c.execute(f"UPDATE tests SET {', '.join(sets)} WHERE test_id=?", (*vals, test_id))
+        with self.transaction():
+            row = self._update_row("tests", "test_id", test_id, state, reason, fields)
             changed = state is not None and state != row["state"]
             if changed or event:
                 self.event(event or "test", run_id=row["run_id"], experiment=row["experiment"],

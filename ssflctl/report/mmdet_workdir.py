@@ -678,6 +678,9 @@ def _ar_from_summaries(x: dict, wd_texts, iou: str = "bbox") -> tuple:
     return None, None
 
 
+_NO_RESULTS = "no test or validation results in its logs (still training, or never evaluated)"
+
+
 def read(path, pick: Optional[str] = None) -> dict:
     """A run record from an MMDetection work dir of any vintage (see the module docstring).
 
@@ -687,6 +690,42 @@ def read(path, pick: Optional[str] = None) -> dict:
     name = os.path.basename(os.path.abspath(wd))
     if pick is not None and pick not in PICKS:
         raise UserError(f"--pick {pick!r}: choose one of {', '.join(PICKS)}")
+    found = _find_runs(wd, name)
+    if isinstance(found, dict):  # the unreadable record
+        return found
+    entries, runs = found
+    ck = _ckpts(wd, entries)
+    training = [r for r in runs if r["has_train"]]
+    train_run = training[-1] if training else None
+    cfg, cfg_src = _find_config(_newest_first(runs, train_run), entries)
+    settings = _settings(cfg, _newest_first(runs, train_run))
+    progress = _progress(training, settings)
+    unfinished = _unfinished(progress, settings)
+    nan_iter = next((r["nan_iter"] for r in training if r["nan_iter"] is not None), None)
+    chosen, why = _pick(_evaluations(runs), pick, ck, settings["save_best"])
+    metrics, unavailable, prov = None, {}, None
+    if chosen is not None:
+        metrics, unavailable = _chosen_metrics(chosen, entries)
+        prov = _provenance(chosen, ck, why)
+    state, reason = _state(chosen is not None, unfinished, nan_iter, why)
+    axes = {"workdir": name}
+    if settings["seed"] is not None:
+        axes["seed"] = settings["seed"]
+    return {
+        "run_id": name, "experiment": "workdirs", "name": name, "axes": axes, "source": "workdir",
+        "state": state, "reason": reason, "run_dir": wd,
+        "attempts": [{"attempt": 1, "lr": _lr(settings, training), "dir": wd, "why": "", "state": state,
+                      "reason": reason, "nan": {"iter": nan_iter} if nan_iter is not None else None,
+                      "has_metrics": metrics is not None}],
+        "final": 1 if metrics is not None else None, "metrics": metrics, "unavailable": unavailable,
+        "retry": {}, "provenance": prov, "config": _config_summary(settings, cfg_src, train_run),
+        "progress": progress,
+    }
+
+
+def _find_runs(wd: str, name: str):
+    """(entries, runs): the work dir's entries and its Runner starts of either vintage, oldest
+    first; or the unreadable record when it is no work dir or cannot be read."""
     if not os.path.isdir(wd):
         if not os.path.exists(wd):
             raise UserError(f"{wd}: --workdirs path does not exist; give an MMDetection work dir")
@@ -699,148 +738,172 @@ def read(path, pick: Optional[str] = None) -> dict:
     if not runs:
         return _unreadable(wd, name, "no mmengine <timestamp>/ folder and no mmcv <timestamp>.log(.json): "
                                      "not an MMDetection work dir")
-    ck = _ckpts(wd, entries)
-    training = [r for r in runs if r["has_train"]]
-    train_run = training[-1] if training else None
-    # config of the training run (its own dump), else the newest one any run dumped or logged,
-    # else the config file mmdet put in the work dir itself
-    cfg, cfg_src = None, None
-    for r in ([train_run] if train_run else []) + list(reversed(runs)):
-        if r and r["cfg_text"]:
+    return entries, runs
+
+
+def _newest_first(runs: list, train_run: Optional[dict]) -> list:
+    """The runs to take a setting from, in order: the training run, then every run newest first."""
+    return ([train_run] if train_run else []) + list(reversed(runs))
+
+
+def _find_config(candidates: list, entries) -> tuple:
+    """(config, its file): the first candidate run's own dump or logged config that parses, else
+    the config file mmdet put in the work dir itself; (None, None) when there is none."""
+    for r in candidates:
+        if r["cfg_text"]:
             cfg = parse_config(r["cfg_text"])
             if cfg is not None:
-                cfg_src = r["cfg_src"]
-                break
-    if cfg is None:
-        for e in entries:
-            if e.is_file() and e.name.endswith(".py"):
-                cfg = parse_config(_read_text(e.path))
-                if cfg is not None:
-                    cfg_src = e.name
-                    break
+                return cfg, r["cfg_src"]
+    for e in entries:
+        if e.is_file() and e.name.endswith(".py"):
+            cfg = parse_config(_read_text(e.path))
+            if cfg is not None:
+                return cfg, e.name
+    return None, None
+
+
+def _settings(cfg: Optional[dict], candidates: list) -> dict:
+    """settings_of the config; a seed the config does not set comes from the first candidate run's
+    log that names one."""
     settings = settings_of(cfg or {})
     if settings["seed"] is None:
-        for r in ([train_run] if train_run else []) + list(reversed(runs)):
-            if r and r["parsed"]["seed"] is not None:
-                settings["seed"] = r["parsed"]["seed"]
-                break
-    gpus = (train_run or {}).get("parsed", {}).get("gpus") or settings.get("gpus")
-    # progress over all training runs (a resumed run continues in a new timestamp)
+        settings["seed"] = next((r["parsed"]["seed"] for r in candidates if r["parsed"]["seed"] is not None), None)
+    return settings
+
+
+def _progress(training: list, settings: dict) -> dict:
+    """The last trained epoch/iter over all training runs (a resumed run continues in a new
+    timestamp) beside the config's max_epochs/max_iters."""
     last_epoch = max((r["train"]["epoch"] for r in training if r["train"].get("epoch") is not None), default=None)
     last_iter = max((r["train"]["iter"] for r in training if r["train"].get("iter") is not None
                      and r["train"].get("by_epoch") is False), default=None)
-    evals = [x for r in runs for x in r["evals"]]
+    return {"epoch": last_epoch, "iter": last_iter, "max_epochs": settings["max_epochs"],
+            "max_iters": settings["max_iters"]}
+
+
+def _unfinished(progress: dict, settings: dict) -> Optional[str]:
+    """Why training stopped before the config's train_cfg end, or None when it did not."""
+    last_epoch, last_iter = progress["epoch"], progress["iter"]
+    if last_epoch is not None and settings["max_epochs"] and last_epoch < settings["max_epochs"]:
+        return f"stopped at epoch {last_epoch} of max_epochs {settings['max_epochs']}"
+    if last_iter is not None and settings["max_iters"]:
+        slack = settings["log_interval"] or 50
+        if last_iter + slack <= settings["max_iters"]:
+            return f"stopped at iter {last_iter} of max_iters {settings['max_iters']}"
+    return None
+
+
+def _evaluations(runs: list) -> list:
+    """Every evaluation of the runs, oldest first, each tagged with its run (``_run``); one per
+    position: a resumed run's repeat of a validation epoch replaces the earlier one."""
+    seen, out = {}, []
     for r in runs:
         for x in r["evals"]:
             x["_run"] = r
-    # one evaluation per position: a resumed run's repeat of an epoch replaces the earlier one
-    seen, dedup = {}, []
-    for x in evals:
-        key = (x["split"], x.get("epoch"), x.get("iter")) if x["split"] == "val" else (id(x),)
-        if key in seen:
-            dedup[seen[key]] = x
-        else:
-            seen[key] = len(dedup)
-            dedup.append(x)
-    evals = dedup
-    chosen, why = _pick(evals, pick, ck, settings["save_best"])
-
-    # state: finished? compare the last trained epoch/iter with the config's train_cfg
-    state, reason = "done", ""
-    progress = {"epoch": last_epoch, "iter": last_iter, "max_epochs": settings["max_epochs"],
-                "max_iters": settings["max_iters"]}
-    unfinished = None
-    if last_epoch is not None and settings["max_epochs"] and last_epoch < settings["max_epochs"]:
-        unfinished = f"stopped at epoch {last_epoch} of max_epochs {settings['max_epochs']}"
-    elif last_iter is not None and settings["max_iters"]:
-        slack = settings["log_interval"] or 50
-        if last_iter + slack <= settings["max_iters"]:
-            unfinished = f"stopped at iter {last_iter} of max_iters {settings['max_iters']}"
-    nan_iter = next((r["nan_iter"] for r in training if r["nan_iter"] is not None), None)
-    metrics, unavailable, prov = None, {}, None
-    if chosen is not None:
-        m = chosen["m"]
-        run = chosen["_run"]
-        evaluator = "VOCMetric" if not m["bbox"] and not m["segm"] else (
-            "CocoMetric" if run["vintage"] == "mmengine" else "mmdet 2.x CocoDataset.evaluate")
-        bbox = dict(m["bbox"])
-        segm = dict(m["segm"])
-        extra = None
-
-        def wd_texts():
-            nonlocal extra
-            if extra is None:
-                extra = [_read_text(e.path) for e in entries
-                         if e.is_file() and e.name.endswith((".out", ".txt")) or
-                         (e.is_file() and e.name.endswith(".log") and not _LOG2.match(e.name))]
-            return extra
-
-        if bbox:
-            summ, ev = _ar_from_summaries(chosen, wd_texts)
-            if summ is not None:
-                bbox = {k: summ.get(k) for k in COCO_METRICS if k in summ}
-                evaluator = ev
-                unavailable.update({k: "n/a (not in its summary)" for k in COCO_METRICS if k not in summ})
+            key = (x["split"], x.get("epoch"), x.get("iter")) if x["split"] == "val" else (id(x),)
+            if key in seen:
+                out[seen[key]] = x
             else:
-                unavailable.update({k: "n/a (CocoMetric)" for k in COCO_METRICS if k not in bbox})
-        elif m["voc"] is not None and not segm:
-            unavailable.update({k: "n/a (VOCMetric)" for k in COCO_METRICS})
-        if segm:
-            summ, _ev = _ar_from_summaries(chosen, wd_texts, "segm")
-            if summ is not None:
-                segm = {k: summ.get(k) for k in COCO_METRICS if k in summ}
-            why_na = "n/a (not in its summary)" if summ is not None else "n/a (CocoMetric)"
-            unavailable.update({"segm " + k: why_na for k in COCO_METRICS if k not in segm})
-        if m["voc"] is not None:
-            bbox[VOC_METRIC] = m["voc"]
-        per_class = {}
-        bbox_tables = _scoped_classwise(chosen.get("chunk") or "")
-        if bbox_tables:
-            per_class = bbox_tables
-        elif not segm:
-            per_class = dict(m["per_class"])  # CocoMetric's coco/<class>_precision (bbox when no segm)
-        metrics = {"bbox": bbox, "per_class": per_class, "evaluator": evaluator}
-        if segm:
-            metrics["segm"] = segm
-        prov = {"timestamp": chosen.get("ts"), "split": chosen["split"], "epoch": chosen.get("epoch"),
-                "iter": chosen.get("iter"), "checkpoint": _checkpoint_of(chosen, ck, run), "pick": why,
-                "file": chosen.get("file")}
-        if chosen["split"] == "test" and prov["checkpoint"]:
-            cm = _CKPT.match(prov["checkpoint"])
-            if cm:
-                prov[cm.group("unit")] = int(cm.group("n"))
+                seen[key] = len(out)
+                out.append(x)
+    return out
+
+
+def _lazy_wd_texts(entries):
+    """A function giving the work dir's other text files (job outputs ``.out``, ``.txt``, a
+    ``.log`` that is no mmcv log), read on the first call only."""
+    texts = None
+
+    def wd_texts():
+        nonlocal texts
+        if texts is None:
+            texts = [_read_text(e.path) for e in entries
+                     if e.is_file() and e.name.endswith((".out", ".txt")) or
+                     (e.is_file() and e.name.endswith(".log") and not _LOG2.match(e.name))]
+        return texts
+    return wd_texts
+
+
+def _with_summary(chosen: dict, wd_texts, iou: str) -> tuple:
+    """(numbers, why a missing one is missing, evaluator): the chosen evaluation's numbers of one
+    iouType, or all of a pycocotools summary of the same evaluation when the logs keep one."""
+    summ, ev = _ar_from_summaries(chosen, wd_texts, iou)
+    if summ is None:
+        return dict(chosen["m"][iou]), "n/a (CocoMetric)", None
+    return {k: summ.get(k) for k in COCO_METRICS if k in summ}, "n/a (not in its summary)", ev
+
+
+def _chosen_metrics(chosen: dict, entries) -> tuple:
+    """(metrics, unavailable) of the chosen evaluation: bbox (with VOC mAP), segm, per-class AP and
+    the evaluator; unavailable says why each metric it lacks is n/a."""
+    m = chosen["m"]
+    evaluator = "VOCMetric" if not m["bbox"] and not m["segm"] else (
+        "CocoMetric" if chosen["_run"]["vintage"] == "mmengine" else "mmdet 2.x CocoDataset.evaluate")
+    wd_texts = _lazy_wd_texts(entries)
+    bbox, segm, unavailable = dict(m["bbox"]), dict(m["segm"]), {}
+    if bbox:
+        bbox, why_na, ev = _with_summary(chosen, wd_texts, "bbox")
+        evaluator = ev or evaluator
+        unavailable.update({k: why_na for k in COCO_METRICS if k not in bbox})
+    elif m["voc"] is not None and not segm:
+        unavailable.update({k: "n/a (VOCMetric)" for k in COCO_METRICS})
+    if segm:
+        segm, why_na, _ev = _with_summary(chosen, wd_texts, "segm")
+        unavailable.update({"segm " + k: why_na for k in COCO_METRICS if k not in segm})
+    if m["voc"] is not None:
+        bbox[VOC_METRIC] = m["voc"]
+    per_class = _scoped_classwise(chosen.get("chunk") or "")
+    if not per_class and not segm:
+        per_class = dict(m["per_class"])  # CocoMetric's coco/<class>_precision (bbox when no segm)
+    metrics = {"bbox": bbox, "per_class": per_class, "evaluator": evaluator}
+    if segm:
+        metrics["segm"] = segm
+    return metrics, unavailable
+
+
+def _provenance(chosen: dict, ck: dict, why: str) -> dict:
+    """Where the chosen numbers come from; a test names the epoch/iter of the checkpoint it loaded."""
+    prov = {"timestamp": chosen.get("ts"), "split": chosen["split"], "epoch": chosen.get("epoch"),
+            "iter": chosen.get("iter"), "checkpoint": _checkpoint_of(chosen, ck, chosen["_run"]), "pick": why,
+            "file": chosen.get("file")}
+    if chosen["split"] == "test" and prov["checkpoint"]:
+        cm = _CKPT.match(prov["checkpoint"])
+        if cm:
+            prov[cm.group("unit")] = int(cm.group("n"))
+    return prov
+
+
+def _state(has_results: bool, unfinished: Optional[str], nan_iter: Optional[int], why: str) -> tuple:
+    """(state, reason): results of an unfinished training are unfinished, NaN without results is
+    failed, no results at all unknown (why --pick found none)."""
+    if has_results:
         if unfinished:
-            state, reason = UNFINISHED, unfinished
-        elif nan_iter is not None:
-            reason = f"training loss NaN from iter {nan_iter}; results come from a diverged model"
-    elif nan_iter is not None:
-        state, reason = "failed", f"NaN at iter {nan_iter} (no results)"
-    elif unfinished:
-        state, reason = UNFINISHED, unfinished + "; no results in its logs"
-    else:
-        state = "unknown"
-        reason = why or "no test or validation results in its logs (still training, or never evaluated)"
-        if pick is None:
-            reason = "no test or validation results in its logs (still training, or never evaluated)"
-    lr = settings["lr"] if settings["lr"] is not None else next(
-        (r["lr_logged"] for r in reversed(training) if r["lr_logged"] is not None), None)
+            return UNFINISHED, unfinished
+        if nan_iter is not None:
+            return "done", f"training loss NaN from iter {nan_iter}; results come from a diverged model"
+        return "done", ""
+    if nan_iter is not None:
+        return "failed", f"NaN at iter {nan_iter} (no results)"
+    if unfinished:
+        return UNFINISHED, unfinished + "; no results in its logs"
+    return "unknown", why or _NO_RESULTS  # without --pick, why is empty
+
+
+def _lr(settings: dict, training: list) -> Optional[float]:
+    """The config's lr, else the last one a training run logged."""
+    if settings["lr"] is not None:
+        return settings["lr"]
+    return next((r["lr_logged"] for r in reversed(training) if r["lr_logged"] is not None), None)
+
+
+def _config_summary(settings: dict, cfg_src: Optional[str], train_run: Optional[dict]) -> dict:
+    """The record's ``config``: the training run's settings; batch_size is the total over its GPUs."""
+    gpus = (train_run or {}).get("parsed", {}).get("gpus") or settings.get("gpus")
     batch = settings["batch_size"]
-    config = {"file": cfg_src, "seed": settings["seed"], "lr": settings["lr"], "optimizer": settings["optimizer"],
-              "batch_size": batch * gpus if batch and gpus else batch, "batch_per_gpu": batch, "gpus": gpus,
-              "max_epochs": settings["max_epochs"], "max_iters": settings["max_iters"],
-              "save_best": settings["save_best"], "training_run": train_run["ts"] if train_run else None}
-    axes = {"workdir": name}
-    if settings["seed"] is not None:
-        axes["seed"] = settings["seed"]
-    return {
-        "run_id": name, "experiment": "workdirs", "name": name, "axes": axes, "source": "workdir",
-        "state": state, "reason": reason, "run_dir": wd,
-        "attempts": [{"attempt": 1, "lr": lr, "dir": wd, "why": "", "state": state,
-                      "reason": reason, "nan": {"iter": nan_iter} if nan_iter is not None else None,
-                      "has_metrics": metrics is not None}],
-        "final": 1 if metrics is not None else None, "metrics": metrics, "unavailable": unavailable,
-        "retry": {}, "provenance": prov, "config": config, "progress": progress,
-    }
+    return {"file": cfg_src, "seed": settings["seed"], "lr": settings["lr"], "optimizer": settings["optimizer"],
+            "batch_size": batch * gpus if batch and gpus else batch, "batch_per_gpu": batch, "gpus": gpus,
+            "max_epochs": settings["max_epochs"], "max_iters": settings["max_iters"],
+            "save_best": settings["save_best"], "training_run": train_run["ts"] if train_run else None}
 
 
 def _scoped_classwise(chunk: str) -> dict:

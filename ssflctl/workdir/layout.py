@@ -67,73 +67,48 @@ def runs_root(ws: PathLike) -> Path:
     return Path(ws) / "runs"
 
 
-class AttemptDir:
-    """``attempt-<n>/``: one try of a run, an mmengine work_dir."""
+def _dict_or_none(body: Any) -> Optional[Dict[str, Any]]:
+    return body if isinstance(body, dict) else None
 
-    def __init__(self, path: PathLike, n: Optional[int] = None):
+
+class _JsonFile:
+    """A JSON file of the directory as an attribute: read on first access, ``parse`` turns its body
+    (None when missing or unreadable) into the value, which is kept in the object (each file is read
+    at most once per object; a write pops it, see :meth:`_WorkDir._write`)."""
+
+    def __init__(self, filename: str, parse, doc: Optional[str] = None):
+        self.filename, self.parse, self.__doc__ = filename, parse, doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.parse(_read(obj._dir + self.filename))
+        return value
+
+
+class _WorkDir:
+    """What an attempt dir and a test cell's dir share: an mmengine work_dir whose test step writes
+    metrics.json, detections.bbox.json and detections.gt.json."""
+
+    def __init__(self, path: PathLike):
         self._str = os.fspath(path)
         self._dir = self._str + os.sep  # file names are joined as strings (no Path per read)
-        if n is None:
-            name = os.path.basename(self._str)
-            suffix = name[len(_PREFIX):] if name.startswith(_PREFIX) else ""
-            n = int(suffix) if suffix.isdigit() else 0
-        self.n = int(n)
 
     @cached_property
     def path(self) -> Path:
         return Path(self._str)
 
     def __repr__(self) -> str:
-        return f"AttemptDir({str(self.path)!r})"
+        return f"{type(self).__name__}({str(self.path)!r})"
 
-    def __fspath__(self) -> str:
-        return self._str
-
-    # ------------------------------------------------------------------ files (read once)
-    @cached_property
-    def info(self) -> AttemptInfo:
-        return AttemptInfo.from_json(_read(self._dir + ATTEMPT_JSON)) or AttemptInfo()
-
-    @property
-    def rendered(self) -> bool:
-        return os.path.isfile(self._dir + ATTEMPT_JSON)
-
-    @cached_property
-    def progress(self) -> Optional[Progress]:
-        return Progress.from_json(_read(self._dir + PROGRESS))
-
-    @cached_property
-    def outcome(self) -> Optional[Outcome]:
-        return Outcome.from_json(_read(self._dir + OUTCOME))
-
-    @cached_property
-    def nan(self) -> Optional[NanRecord]:
-        """The guard's nan.json, else outcome.json's ``nan``."""
-        rec = NanRecord.from_json(_read(self._dir + NAN))
-        if rec is None and self.outcome is not None:
-            rec = self.outcome.nan
-        return rec
-
-    @cached_property
-    def recovery(self) -> List[Recovery]:
-        return recovery_list(_read(self._dir + RECOVERY))
-
-    @cached_property
-    def metrics(self) -> Optional[Dict[str, Any]]:
-        m = _read(self._dir + METRICS)
-        return m if isinstance(m, dict) else None
+    metrics = _JsonFile(METRICS, _dict_or_none)
 
     @property
     def has_metrics(self) -> bool:
         return os.path.isfile(self._dir + METRICS)
-
-    @property
-    def has_detections(self) -> bool:
-        return os.path.isfile(self._dir + DETECTIONS)
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG
 
     @property
     def metrics_path(self) -> Path:
@@ -146,6 +121,57 @@ class AttemptDir:
     @property
     def gt_path(self) -> Path:
         return self.path / DETECTIONS_GT
+
+    def _write(self, filename: str, body: Any, *cached: str) -> None:
+        """Write one file (atomic) and forget the ``cached`` attributes read from it."""
+        atomic.write_json(self.path / filename, body)
+        for name in cached:
+            self.__dict__.pop(name, None)
+
+    def write_metrics(self, body: Dict[str, Any]) -> None:
+        self._write(METRICS, body, "metrics")
+
+
+class AttemptDir(_WorkDir):
+    """``attempt-<n>/``: one try of a run, an mmengine work_dir."""
+
+    def __init__(self, path: PathLike, n: Optional[int] = None):
+        super().__init__(path)
+        if n is None:
+            name = os.path.basename(self._str)
+            suffix = name[len(_PREFIX):] if name.startswith(_PREFIX) else ""
+            n = int(suffix) if suffix.isdigit() else 0
+        self.n = int(n)
+
+    def __fspath__(self) -> str:
+        return self._str
+
+    # ------------------------------------------------------------------ files (read once)
+    info = _JsonFile(ATTEMPT_JSON, lambda body: AttemptInfo.from_json(body) or AttemptInfo(),
+                     "attempt.json (an empty AttemptInfo when missing or unreadable)")
+    progress = _JsonFile(PROGRESS, Progress.from_json)
+    outcome = _JsonFile(OUTCOME, Outcome.from_json)
+    recovery = _JsonFile(RECOVERY, recovery_list)
+
+    @property
+    def rendered(self) -> bool:
+        return os.path.isfile(self._dir + ATTEMPT_JSON)
+
+    @cached_property
+    def nan(self) -> Optional[NanRecord]:
+        """The guard's nan.json, else outcome.json's ``nan``."""
+        rec = NanRecord.from_json(_read(self._dir + NAN))
+        if rec is None and self.outcome is not None:
+            rec = self.outcome.nan
+        return rec
+
+    @property
+    def has_detections(self) -> bool:
+        return os.path.isfile(self._dir + DETECTIONS)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
 
     @property
     def lr(self) -> Optional[float]:
@@ -209,39 +235,26 @@ class AttemptDir:
             return "".join(fh.readlines()[-lines:])
 
     # ------------------------------------------------------------------ writes (atomic)
-    def _refresh(self, *names: str) -> None:
-        for n in names:
-            self.__dict__.pop(n, None)
-
     def write_info(self, info: AttemptInfo) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(self.path / ATTEMPT_JSON, info.to_json())
-        self._refresh("info")
+        self._write(ATTEMPT_JSON, info.to_json(), "info")
 
     def write_provenance(self, body: Dict[str, Any]) -> None:
-        atomic.write_json(self.path / PROVENANCE, body)
+        self._write(PROVENANCE, body)
 
     def write_progress(self, progress: Progress) -> None:
-        atomic.write_json(self.path / PROGRESS, progress.to_json())
-        self._refresh("progress")
+        self._write(PROGRESS, progress.to_json(), "progress")
 
     def write_outcome(self, outcome: Outcome) -> None:
-        atomic.write_json(self.path / OUTCOME, outcome.to_json())
-        self._refresh("outcome", "nan")
+        self._write(OUTCOME, outcome.to_json(), "outcome", "nan")
 
     def write_nan(self, body: Dict[str, Any]) -> None:
-        atomic.write_json(self.path / NAN, body)
-        self._refresh("nan")
+        self._write(NAN, body, "nan")
 
     def append_recovery(self, entry: Recovery) -> None:
         items = [r.to_json() for r in recovery_list(_read(self._dir + RECOVERY))]
         items.append(entry.to_json())
-        atomic.write_json(self.path / RECOVERY, items)
-        self._refresh("recovery")
-
-    def write_metrics(self, body: Dict[str, Any]) -> None:
-        atomic.write_json(self.path / METRICS, body)
-        self._refresh("metrics")
+        self._write(RECOVERY, items, "recovery")
 
     # ------------------------------------------------------------------ test cells (test_matrix)
     def test(self, test_id: str) -> "TestDir":
@@ -249,45 +262,17 @@ class AttemptDir:
         return TestDir(self.path / TESTS / test_id)
 
 
-class TestDir:
+class TestDir(_WorkDir):
     """``attempt-<n>/tests/<test_id>/``: one test cell (test_matrix) run on attempt n's checkpoint; the
     mmengine work_dir of that test, with the same result files as the attempt's own test step."""
-
-    def __init__(self, path: PathLike):
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"TestDir({str(self.path)!r})"
 
     @property
     def test_id(self) -> str:
         return self.path.name
 
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def detections_path(self) -> Path:
-        return self.path / DETECTIONS
-
-    @property
-    def gt_path(self) -> Path:
-        return self.path / DETECTIONS_GT
-
-    @property
-    def has_metrics(self) -> bool:
-        return self.metrics_path.is_file()
-
-    @cached_property
-    def metrics(self) -> Optional[Dict[str, Any]]:
-        m = _read(self.metrics_path)
-        return m if isinstance(m, dict) else None
-
     def write_metrics(self, body: Dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(self.metrics_path, body)
-        self.__dict__.pop("metrics", None)
+        self.path.mkdir(parents=True, exist_ok=True)  # the cell's directory comes with its first result
+        super().write_metrics(body)
 
 
 class RunDir:
