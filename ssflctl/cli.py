@@ -144,7 +144,7 @@ def cancel(
     target: str = typer.Argument(..., help="Experiment name or run id."),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
-    """Cancel the jobs of an experiment or a run (scancel or kill); recorded as cancelled.
+    """Cancel the jobs of an experiment or a run, and of their test cells (scancel or kill); recorded as cancelled.
 
     Example: ssflctl cancel ssfl_vs_fl
     """

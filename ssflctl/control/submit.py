@@ -200,11 +200,13 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
             _record_submitted(reg, ws, backend, claimed, ids, sid, folder, result)
         if result.tests_submitted:  # the test cells: one more backend call, after their trainings
             try:
+                testcells.drop_cancelled(reg, result.tests, sid)
                 tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns)
             except BaseException as exc:
                 testcells.release(reg, result.tests, exc)
                 raise
-            testcells.record(reg, result.tests, tids)
+            testcells.record(reg, result.tests, tids, sid=sid, backend=backend, folder=folder,
+                             warnings=result.warnings)
         return result
     finally:
         reg.close()
