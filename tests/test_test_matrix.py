@@ -473,3 +473,37 @@ def test_cancel_while_the_test_cells_are_being_submitted(tmp_path, monkeypatch, 
         assert all(t.why.startswith("cancelled by `ssflctl cancel` while being submitted (job ") for t in res.tests)
     assert fake.alive() == []
 
+
+def test_logs_of_a_test_cell(tmp_path, monkeypatch, fake, capsys):
+    from conftest import cli_env, run_cli  # noqa: F401
+    from ssflctl.commands import logs as logs_cmd
+
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    rid = res.submitted[0].run.run_id
+    t1, t2 = (t.test for t in res.tests if t.run.run_id == rid)
+    log = RunDir.of(ws, rid).latest().test(t2.test_id).path / "20260101_000000" / "20260101_000000.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("mmengine test log of the cell\n")
+    capsys.readouterr()
+    for ref in (t2.test_id, t2.name, t2.test_id[:16]):  # its id, its name, a unique prefix
+        assert logs_cmd.main(ws, rid, test=ref) == [log]
+        assert capsys.readouterr().out == "mmengine test log of the cell\n"
+    with pytest.raises(UserError) as exc:  # not written yet: says which test, and what to do
+        logs_cmd.main(ws, rid, test=t1.test_id)
+    assert str(exc.value) == (f"logs: no log yet for test {t1.test_id} of run {rid}; its job may still be queued "
+                              f"(a test waits for its training) — try `ssflctl logs {rid} --test {t1.test_id} -f`")
+    with pytest.raises(UserError, match="drop --rank 1 with --test"):
+        logs_cmd.main(ws, rid, test=t2.test_id, rank=1)
+    with pytest.raises(UserError, match=f"matches 2 test cells of run {rid}"):
+        logs_cmd.main(ws, rid, test="score_thr")
+    # the command line: an unknown test id is one line naming it and listing the run's test cells
+    env = dict(__import__("os").environ, SSFLCTL_WORKSPACE=str(ws))
+    proc = run_cli("logs", rid, "--test", "nope", env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: logs: run {rid} has no test cell 'nope'; its test cells are {t1.test_id}, {t2.test_id}"]
+    proc = run_cli("logs", rid, "--test", t2.name, env=env)
+    assert proc.returncode == 0 and proc.stdout == "mmengine test log of the cell\n", proc.stderr

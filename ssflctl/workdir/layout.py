@@ -279,6 +279,11 @@ class TestDir:
     def has_metrics(self) -> bool:
         return self.metrics_path.is_file()
 
+    def text_logs(self) -> List[Path]:
+        """mmengine's text logs of this test (``<ts>/<ts>.log``), oldest first."""
+        return sorted((p for p in self.path.glob("*/*.log") if p.stem == p.parent.name),
+                      key=lambda p: p.parent.name)
+
     @cached_property
     def metrics(self) -> Optional[Dict[str, Any]]:
         m = _read(self.metrics_path)
