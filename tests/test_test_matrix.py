@@ -403,6 +403,12 @@ def test_cancel_says_when_the_scheduler_refuses_and_a_second_cancel_finishes(tmp
             for t in i["tests"]:
                 assert t["state"] == "cancelled" and "did not cancel job(s)" in t["note"] and "Socket" in t["note"]
         assert all(r["claim_pid"] is not None for r in reg.test_rows("tmx"))
+    # their jobs may still run: a submit sends neither the runs nor the cells again
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    assert again.submitted == [] and again.tests_submitted == [] and len(fake.submitted) == 1
+    for why in [p.why for p in again.plan] + [t.why for t in again.tests]:
+        assert why.startswith("cancelled, but the scheduler did not cancel job(s) ") and \
+            why.endswith("it may still run; run `ssflctl cancel` again first"), why
     fake.refuse_cancel = None
     if then == "cancel again":
         cancel_cmd.main(ws, "tmx")  # the scheduler answers again: the same command finishes it
@@ -425,6 +431,9 @@ def test_cancel_says_when_the_scheduler_refuses_and_a_second_cancel_finishes(tmp
                 for r in reg.test_rows("tmx")} == {("cancelled", "cancelled by user", None)}
         assert {(r["state"], r["reason"], r["claim_pid"]) for r in reg.run_rows("tmx")} == \
             {("cancelled", "cancelled by user", None)}
+    # now they are sent again
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    assert len(again.submitted) == 2 and len(again.tests_submitted) == 4
 
 
 @pytest.mark.parametrize("when", ["before sending", "while recording"])

@@ -46,9 +46,13 @@ TestItem.__test__ = False  # not a pytest class
 
 
 def _why_skip(row, run_claimed: bool) -> Optional[str]:
+    from ssflctl.control.submit import refused_cancel
+
     st = row["state"]
     if st == "submitting":
         return f"being submitted by pid {row['claim_pid']} on {row['claim_host']}"
+    if refused_cancel(row):  # its job may still run: never a second one
+        return refused_cancel(row)
     if run_claimed:
         return None
     if st == "done":
