@@ -144,7 +144,7 @@ def cancel(
     target: str = typer.Argument(..., help="Experiment name or run id."),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
-    """Cancel the jobs of an experiment or a run (scancel or kill); recorded as cancelled.
+    """Cancel the jobs of an experiment or a run, and of their test cells (scancel or kill); recorded as cancelled.
 
     Example: ssflctl cancel ssfl_vs_fl
     """
@@ -161,14 +161,17 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the log grows."),
     attempt: Optional[int] = typer.Option(None, "--attempt", help="Attempt number (default: latest)."),
     rank: int = typer.Option(0, "--rank", min=0, help="Rank of a multi-GPU run (default 0: mmengine's log)."),
+    test: Optional[str] = typer.Option(None, "--test", metavar="TEST_ID",
+                                       help="A test cell of the run (test_matrix; its id, name or id prefix): "
+                                            "that test job's log instead."),
 ):
-    """Print the training log of a run's attempt.
+    """Print the training log of a run's attempt, or of one of its test cells.
 
-    Example: ssflctl logs ssfl-cityscapes-s3407 -f;  ssflctl logs RUN --rank 1
+    Example: ssflctl logs ssfl-cityscapes-s3407 -f;  ssflctl logs RUN --rank 1;  ssflctl logs RUN --test score_thr0.3
     """
     from ssflctl.commands import logs as logs_mod
 
-    logs_mod.main(workspace_path(workspace), run, follow=follow, attempt=attempt, rank=rank)
+    logs_mod.main(workspace_path(workspace), run, follow=follow, attempt=attempt, rank=rank, test=test)
 
 
 @app.command()

@@ -7,7 +7,9 @@ fault tests that kill it (tests/test_crash_consistency.py): ``python crash_drive
   before the submit's last check of its claims and the backend's submit;
 * ``pause_after_send:S``  — print ``sent`` and sleep S seconds after it, before the ids are recorded;
 * ``kill_at_pickle``      — SIGKILL itself when submitit, after sbatch returned, renames the first
-  task's pickle to ``<job id>_submitted.pkl`` (the job then cannot run).
+  task's pickle to ``<job id>_submitted.pkl`` (the job then cannot run);
+* ``kill_at_release``     — SIGKILL itself when the test-cell array (test_matrix), sent held, is about
+  to be released (its tasks' dependencies set: the array would never start).
 """
 import functools
 import os
@@ -55,6 +57,17 @@ if hook:
                 os.kill(os.getpid(), signal.SIGKILL)
             return move(self, tmp_path, name, keep_as_symlink)
         su.JobPaths.move_temporary_file = move_or_die
+
+    elif what == "kill_at_release":
+        from ssflctl.backends import slurm
+
+        scontrol = slurm._scontrol
+
+        def release_or_die(*args):
+            if args and args[0] == "release":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return scontrol(*args)
+        slurm._scontrol = release_or_die
 
 from ssflctl.cli import main  # noqa: E402
 

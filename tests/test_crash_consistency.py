@@ -301,6 +301,35 @@ def test_job_without_its_pickle_is_not_adopted_but_cancelled_and_resubmitted(cra
     assert out and all("CANCELLED" in ln for ln in out.splitlines() if ln), out
 
 
+def test_test_array_left_held_is_not_adopted_but_cancelled_and_sent_again(crash):
+    """test_matrix: killed after the test-cell array was sent (held) and before it was released: its
+    jobs would never start. The next submit does not adopt them: it cancels them and sends the cells
+    again (the trainings, recorded before, are not sent again)."""
+    ws = crash["ws"]
+    crash["path"].write_text(crash["path"].read_text() + "test_matrix:\n  model.test_cfg.score_thr: [0.05, 0.5]\n")
+    rc, out, err = run(crash, "submit", crash["path"], hook="kill_at_release")
+    assert rc == -signal.SIGKILL, (rc, err)
+    orphans = {j: n for j, (n, _) in live_jobs(crash["name"]).items() if n.startswith("testcell-")}
+    assert len(orphans) == 4, live_jobs(crash["name"])
+    rc, out, err = run(crash, "submit", crash["path"])
+    assert rc == 0 and "submitted 0 runs" in out, (out, err)
+    live = live_jobs(crash["name"])
+    assert not set(orphans) & set(live)
+    with Registry(ws) as reg:
+        cells = reg.test_rows(crash["name"])
+        train = {r["run_id"]: r["job_id"] for r in reg.run_rows(crash["name"])}
+        assert {r["state"] for r in cells} == {"queued"} and len(cells) == 4
+        assert {r["job_id"] for r in cells} == {j for j, (n, _) in live.items() if n.startswith("testcell-")}
+        assert all(r["after_job_id"] == train[r["run_id"]] for r in cells)
+        assert all(any(e["kind"] == "not adopted" and "left held" in (e["message"] or "") for e in reg.events(rid))
+                   for rid in train)
+        ever = {j for rid in train for _, j, _, _ in reg.test_job_ids_ever(rid)}
+    assert set(orphans) <= ever  # cancel can still reach them
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join({j.split("_")[0] for j in orphans}),
+                          "-o", "JobID,State"], capture_output=True, text=True).stdout
+    assert out and all("CANCELLED" in ln for ln in out.splitlines() if ln), out
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 def test_killed_at_random_points_the_workspace_stays_consistent(crash):

@@ -241,3 +241,278 @@ def test_local_backend_test_cells_wait_for_their_training(tmp_path, monkeypatch)
              for t, b in run.test_cells().items()}
         # done, so each test waited for its training (started earlier, it finds no finished attempt: failed)
         assert n == {0.0: 10, 0.5: 5}
+
+
+# --------------------------------------------------------------------------------------------------
+# cancel, logs and a killed submit's adoption, for test cells (the fake scheduler)
+
+DEAD_PID = 2 ** 22 + 12345  # above Linux's pid_max: no process has it
+
+
+def _kill_claims(ws, test_ids):
+    """What a submit killed while holding these cells' claims leaves behind: a claim of a dead pid."""
+    import socket
+
+    with Registry(ws) as reg:
+        for tid in test_ids:
+            reg.update_test(tid, claim_pid=DEAD_PID, claim_host=socket.gethostname())
+
+
+def _killed_after_sending_tests(path, ws, monkeypatch):
+    """A submit killed after the backend took its test jobs, before the registry recorded them."""
+    def die(*a, **k):
+        raise SystemExit("killed")
+
+    with monkeypatch.context() as m, pytest.raises(SystemExit):
+        m.setattr(submit_mod.testcells, "record", die)
+        submit_mod.submit(path, ws, render=light.light_render)
+    with Registry(ws) as reg:
+        rows = {r["test_id"]: r for r in reg.test_rows("tmx")}
+    assert {r["state"] for r in rows.values()} == {"submitting"} and not any(r["job_id"] for r in rows.values())
+    _kill_claims(ws, rows)
+    return rows
+
+
+def test_a_submit_killed_after_sending_the_test_cells_has_them_adopted(tmp_path, monkeypatch, fake):
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    rows = _killed_after_sending_tests(path, ws, monkeypatch)
+    sent = fake.tests_submitted[0]["ids"]
+    assert sorted(sent) == sorted(rows) and len(sent) == 4
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    # nothing sent twice: the four test jobs are the cells' jobs, each still after its run's train job
+    assert res.submitted == [] and res.tests_submitted == [] and len(fake.tests_submitted) == 1
+    assert {t.why.split(" ")[0] for t in res.tests} == {"queued"}
+    with Registry(ws) as reg:
+        got = {r["test_id"]: r for r in reg.test_rows("tmx")}
+        train = {r["run_id"]: r["job_id"] for r in reg.run_rows("tmx")}
+        assert {t: r["job_id"] for t, r in got.items()} == sent
+        assert all(r["after_job_id"] == train[r["run_id"]] and r["claim_pid"] is None for r in got.values())
+        assert all(any(e["kind"] == "recovered" and t in (e["message"] or "") for e in reg.events(r["run_id"]))
+                   for t, r in got.items())
+        sid = got[next(iter(got))]["submission_id"]
+        assert reg.submission(sid)["info"]["test_jobs"] == sent  # cancel reaches them later
+    # ... and they run as any other: the trainings end, the cells are tested
+    for rid, jid in train.items():
+        _train_done(ws, rid)
+        fake.set(jid, JobKind.COMPLETED)
+    for tid, r in got.items():
+        _tested(ws, r["run_id"], tid)
+        fake.set(sent[tid], JobKind.COMPLETED)
+    from ssflctl.commands.status import view
+
+    with Registry(ws) as reg:
+        assert {t["state"] for i in view(reg, ws, "tmx") for t in i["tests"]} == {"done"}
+
+
+def test_a_killed_submits_test_job_that_cannot_run_is_cancelled_and_sent_again(tmp_path, monkeypatch, fake):
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    _killed_after_sending_tests(path, ws, monkeypatch)
+    sent = fake.tests_submitted[0]["ids"]
+    bad, *good = sorted(sent)
+    fake.unrunnable[sent[bad]] = f"test job {sent[bad]} has no submission file"
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    assert [t.test.test_id for t in res.tests_submitted] == [bad] and fake.cancelled == [sent[bad]]
+    assert fake.tests_submitted[1]["after"][bad] is not None  # still after its run's train job
+    with Registry(ws) as reg:
+        rows = {r["test_id"]: r for r in reg.test_rows("tmx")}
+        assert rows[bad]["job_id"] == fake.tests_submitted[1]["ids"][bad] != sent[bad]
+        assert {t: rows[t]["job_id"] for t in good} == {t: sent[t] for t in good}
+        assert any(e["kind"] == "not adopted" and "no submission file" in (e["message"] or "")
+                   for e in reg.events(rows[bad]["run_id"]))
+
+
+def test_cancel_reaches_every_job_the_test_cells_ever_had(tmp_path, monkeypatch, fake, capsys):
+    from ssflctl.commands import cancel as cancel_cmd
+    from ssflctl.commands.status import view
+
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    first = {t.test.test_id: t.job_id for t in res.tests}
+    ra, rb = (p.run.run_id for p in res.submitted)
+    for p in res.submitted:  # both trained
+        _train_done(ws, p.run.run_id)
+        fake.set(p.job_id, JobKind.COMPLETED)
+    (ta, ta2), (tb, tb2) = ([t.test.test_id for t in res.tests if t.run.run_id == r] for r in (ra, rb))
+    _tested(ws, ra, ta2)
+    fake.set(first[ta2], JobKind.COMPLETED)
+    fake.set(first[ta], JobKind.FAILED, exit_code="1:0")  # a failed test job: sent again ...
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    assert [t.test.test_id for t in again.tests_submitted] == [ta]
+    second = again.tests_submitted[0].job_id
+    fake.set(first[ta], JobKind.QUEUED)  # ... and then the old job turns up again, still queued
+    assert capsys.readouterr()
+    done = cancel_cmd.main(ws, "tmx")
+    out = capsys.readouterr().out.splitlines()
+    # the runs are done (nothing to cancel); three cells were queued; four of their jobs may run
+    assert done == [] and out[0] == "cancelled 0 runs"
+    alive = sorted([first[ta], second, first[tb], first[tb2]])
+    cells, jobs = out[1].removeprefix("cancelled 3 test cells: ").removesuffix(")").split(" (jobs ")
+    assert sorted(cells.split(", ")) == sorted([ta, tb, tb2]) and sorted(jobs.split()) == alive
+    assert sorted(fake.cancelled) == alive and fake.alive() == []
+    with Registry(ws) as reg:
+        assert {t["test_id"]: t["job_id"] for t in reg.test_rows("tmx") if t["state"] == "cancelled"} == \
+            {ta: second, tb: first[tb], tb2: first[tb2]}
+        assert {r[1] for r in reg.test_job_ids_ever(ra)} == {first[ta], first[ta2], second}
+        items = {i["run"]: i for i in view(reg, ws, "tmx")}
+    assert [t["state"] for t in items[ra]["tests"]] == ["cancelled", "done"]
+    assert {i["state"] for i in items.values()} == {"done"}
+    # a cancelled cell is sent again by the next submit, after nothing (its run is trained)
+    res3 = submit_mod.submit(path, ws, render=light.light_render)
+    assert sorted(t.test.test_id for t in res3.tests_submitted) == sorted([ta, tb, tb2]) and res3.submitted == []
+
+
+@pytest.mark.parametrize("then", ["cancel again", "status"])
+def test_cancel_says_when_the_scheduler_refuses_and_a_second_cancel_finishes(tmp_path, monkeypatch, fake, capsys,
+                                                                              then):
+    """A refused scancel is an error naming the jobs; the runs and cells stay recorded cancelled with
+    the reason and a claim, and the next cancel (or the next status, once the cancel's process is
+    gone) cancels the jobs and releases the claims."""
+    import socket
+
+    from ssflctl.commands import cancel as cancel_cmd
+    from ssflctl.commands.status import view
+
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    train = sorted(p.job_id for p in res.submitted)
+    tests = sorted(t.job_id for t in res.tests)
+    capsys.readouterr()
+    fake.refuse_cancel = "slurm_kill_job: Socket timed out on send/recv operation"
+    with pytest.raises(UserError) as exc:
+        cancel_cmd.main(ws, "tmx")
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("cancel: the scheduler did not cancel jobs ")
+    assert all(j in msg for j in train + tests) and "Socket timed out" in msg and "ssflctl cancel tmx" in msg
+    out = capsys.readouterr().out.splitlines()
+    # what was recorded is said; no job is reported as cancelled
+    assert out[0].startswith("cancelled 2 runs: ") and "jobs" not in out[0]
+    assert out[1].startswith("cancelled 4 test cells: ") and "jobs" not in out[1]
+    assert sorted(fake.alive()) == sorted(train + tests)
+    with Registry(ws) as reg:  # recorded cancelled, and why its jobs may still run (status keeps it so)
+        items = view(reg, ws, "tmx")
+        for i in items:
+            assert i["state"] == "cancelled"
+            for t in i["tests"]:
+                assert t["state"] == "cancelled" and "did not cancel job(s)" in t["note"] and "Socket" in t["note"]
+        assert all(r["claim_pid"] is not None for r in reg.test_rows("tmx"))
+    # their jobs may still run: a submit sends neither the runs nor the cells again
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    assert again.submitted == [] and again.tests_submitted == [] and len(fake.submitted) == 1
+    for why in [p.why for p in again.plan] + [t.why for t in again.tests]:
+        assert why.startswith("cancelled, but the scheduler did not cancel job(s) ") and \
+            why.endswith("it may still run; run `ssflctl cancel` again first"), why
+    fake.refuse_cancel = None
+    if then == "cancel again":
+        cancel_cmd.main(ws, "tmx")  # the scheduler answers again: the same command finishes it
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith("cancelled 2 runs: ") and out[0].endswith(f"(jobs {' '.join(sorted(train))})")
+        assert out[1].startswith("cancelled 4 test cells: ") and \
+            sorted(out[1].split("(jobs ")[1][:-1].split()) == tests
+    else:  # the cancel's process is gone: its claims are abandoned, and a status finishes the cancel
+        with Registry(ws) as reg:
+            for r in reg.run_rows("tmx"):
+                reg.update_run(r["run_id"], claim_pid=DEAD_PID, claim_host=socket.gethostname())
+        _kill_claims(ws, [t.test.test_id for t in res.tests])
+        with Registry(ws) as reg:
+            items = view(reg, ws, "tmx")
+        assert {t["state"] for i in items for t in i["tests"]} == {"cancelled"}
+        assert sorted(fake.cancelled) == sorted(train + tests)
+    assert fake.alive() == []
+    with Registry(ws) as reg:
+        assert {(r["state"], r["reason"].removeprefix("training cancelled: "), r["claim_pid"])
+                for r in reg.test_rows("tmx")} == {("cancelled", "cancelled by user", None)}
+        assert {(r["state"], r["reason"], r["claim_pid"]) for r in reg.run_rows("tmx")} == \
+            {("cancelled", "cancelled by user", None)}
+    # now they are sent again
+    again = submit_mod.submit(path, ws, render=light.light_render)
+    assert len(again.submitted) == 2 and len(again.tests_submitted) == 4
+
+
+@pytest.mark.parametrize("when", ["before sending", "while recording"])
+def test_cancel_while_the_test_cells_are_being_submitted(tmp_path, monkeypatch, fake, when):
+    """`ssflctl cancel` takes the cells from a submit in flight: not sent when it comes before the
+    backend call; cancelled by the submit itself when it comes after (its claim released then)."""
+    from ssflctl.control.cancel import Cancelled, cancel
+
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    got = Cancelled()
+
+    def cancel_now():
+        with Registry(ws) as reg:
+            cancel(reg, ws, "tmx", wait_s=0, result=got)
+
+    if when == "before sending":
+        real = fake.submit
+
+        def submit_then_cancel(*a, **k):
+            out = real(*a, **k)
+            cancel_now()
+            return out
+        monkeypatch.setattr(fake, "submit", submit_then_cancel)
+    else:
+        real = fake.submit_tests
+
+        def send_then_cancel(*a, **k):
+            out = real(*a, **k)
+            cancel_now()
+            return out
+        monkeypatch.setattr(fake, "submit_tests", send_then_cancel)
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    assert len(got.tests) == 4 and set(got.in_flight) >= set(got.tests)
+    assert {t.action for t in res.tests} == {"skip"}
+    with Registry(ws) as reg:
+        rows = reg.test_rows("tmx")
+    assert {(r["state"], r["claim_pid"]) for r in rows} == {("cancelled", None)}
+    if when == "before sending":
+        assert fake.tests_submitted == [] and {r["job_id"] for r in rows} == {None}
+        assert {t.why for t in res.tests} == {"cancelled by `ssflctl cancel` before it was sent"}
+    else:
+        jobs = fake.tests_submitted[0]["ids"]
+        assert {r["test_id"]: r["job_id"] for r in rows} == jobs and set(jobs.values()) <= set(fake.cancelled)
+        assert all(t.why.startswith("cancelled by `ssflctl cancel` while being submitted (job ") for t in res.tests)
+    assert fake.alive() == []
+
+
+def test_logs_of_a_test_cell(tmp_path, monkeypatch, fake, capsys):
+    from conftest import cli_env, run_cli  # noqa: F401
+    from ssflctl.commands import logs as logs_cmd
+
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    rid = res.submitted[0].run.run_id
+    t1, t2 = (t.test for t in res.tests if t.run.run_id == rid)
+    log = RunDir.of(ws, rid).latest().test(t2.test_id).path / "20260101_000000" / "20260101_000000.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("mmengine test log of the cell\n")
+    capsys.readouterr()
+    for ref in (t2.test_id, t2.name, t2.test_id[:16]):  # its id, its name, a unique prefix
+        assert logs_cmd.main(ws, rid, test=ref) == [log]
+        assert capsys.readouterr().out == "mmengine test log of the cell\n"
+    with pytest.raises(UserError) as exc:  # not written yet: says which test, and what to do
+        logs_cmd.main(ws, rid, test=t1.test_id)
+    assert str(exc.value) == (f"logs: no log yet for test {t1.test_id} of run {rid}; its job may still be queued "
+                              f"(a test waits for its training) — try `ssflctl logs {rid} --test {t1.test_id} -f`")
+    with pytest.raises(UserError, match="drop --rank 1 with --test"):
+        logs_cmd.main(ws, rid, test=t2.test_id, rank=1)
+    with pytest.raises(UserError, match=f"matches 2 test cells of run {rid}"):
+        logs_cmd.main(ws, rid, test="score_thr")
+    # the command line: an unknown test id is one line naming it and listing the run's test cells
+    env = dict(__import__("os").environ, SSFLCTL_WORKSPACE=str(ws))
+    proc = run_cli("logs", rid, "--test", "nope", env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: logs: run {rid} has no test cell 'nope'; its test cells are {t1.test_id}, {t2.test_id}"]
+    proc = run_cli("logs", rid, "--test", t2.name, env=env)
+    assert proc.returncode == 0 and proc.stdout == "mmengine test log of the cell\n", proc.stderr

@@ -195,6 +195,13 @@ class Backend:
         found cannot run (e.g. the files the scheduler's job reads were never written)."""
         return {}
 
+    def recover_tests(self, folder: Path) -> Dict[str, Dict[str, Any]]:
+        """The test-cell jobs of a submission whose submit process died between sending and recording
+        them (``folder``: the submission's test folder, where :meth:`submit_tests` sent them): per test
+        id ``{"job_id", "after", "problems"}``; ``after`` is the train job it waits for (None: none),
+        ``problems`` (optional) why the job cannot run."""
+        return {}
+
     def job_output(self, job: JobRef) -> Optional[Path]:
         """The job's stdout/stderr file (for ``ssflctl logs`` before mmengine's log exists)."""
         return None

@@ -3,13 +3,16 @@
 Jobs live in a dict of this process; a test moves them between states with :meth:`FakeBackend.set`
 and plays the node by writing run-directory files through :mod:`ssflctl.workdir`. ``fail_queries``
 makes every query answer UNKNOWN (a scheduler that does not answer); ``refuse`` makes submit fail
-as sbatch does when it refuses; ``scheduler_limits`` (a `Limits`) is what the scheduler allows, so a
-test can plan a submission that exceeds it (split into arrays, or refused at plan time).
+as sbatch does when it refuses, ``refuse_cancel`` makes cancel fail as scancel does; ``scheduler_limits``
+(a `Limits`) is what the scheduler allows, so a test can plan a submission that exceeds it (split into
+arrays, or refused at plan time). :meth:`FakeBackend.recover_tests` finds the test jobs a submit sent
+from a folder (as Slurm finds them by name); ``unrunnable`` ({job id: why}) makes one of them a job
+that cannot run.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ssflctl.backends.base import Backend, JobKind, JobStatus, Limits
 from ssflctl.errors import UserError
@@ -25,6 +28,8 @@ class FakeBackend(Backend):
         self.cancelled: List[str] = []
         self.fail_queries: Optional[str] = None
         self.refuse: Optional[str] = None
+        self.refuse_cancel: Optional[str] = None
+        self.unrunnable: Dict[str, str] = {}
         self.scheduler_limits = Limits()
         self._ids = itertools.count(100)
 
@@ -85,7 +90,19 @@ class FakeBackend(Backend):
                 out[j.job_id] = self.jobs.get(j.job_id) or JobStatus(j.job_id, JobKind.GONE)
         return out
 
+    def recover_tests(self, folder) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Dict[str, Any]] = {}
+        for sent in self.tests_submitted:
+            if sent["folder"] == str(folder):
+                for tid, jid in sent["ids"].items():
+                    out[tid] = {"job_id": jid, "after": sent["after"][tid],
+                                "problems": [self.unrunnable[jid]] if jid in self.unrunnable else []}
+        return out
+
     def cancel(self, jobs):
+        jobs = list(jobs)
+        if self.refuse_cancel and jobs:
+            raise UserError(f"scancel {' '.join(j.job_id for j in jobs)} failed: {self.refuse_cancel}")
         for j in jobs:
             self.cancelled.append(j.job_id)
             st = self.jobs.get(j.job_id)

@@ -52,7 +52,8 @@ def launch(tasks: List[Dict[str, Any]], folder: Path, options: Dict[str, Any],
         "tasks": [{"index": i, "run_id": t["run_id"], "run_dir": str(Path(t["run_dir"]).resolve()),
                    "gpus": int((t.get("resources") or {}).get("gpus", 0)),
                    "nodes": int((t.get("resources") or {}).get("nodes", 1) or 1),
-                   "cpus": int((t.get("resources") or {}).get("cpus", 0) or 0)}
+                   "cpus": int((t.get("resources") or {}).get("cpus", 0) or 0),
+                   **({"after": t["after"]} if t.get("after") else {})}
                   for i, t in enumerate(tasks)],
         "created_at": _now(),
     }
@@ -145,6 +146,15 @@ def recover(folder: Path) -> Dict[str, Dict[str, Any]]:
         return {}
     return {t["run_id"]: {"job_id": f"local-{runner['pid']}_{t['index']}", "test_job_id": None}
             for t in queue["tasks"]}
+
+
+def recover_tests(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """The test-cell jobs of a submission whose submit died before recording them (``folder``: the
+    submission's test folder, a runner of its own): per test id ``{"job_id", "after", "problems"}``."""
+    queue = read_json(Path(folder) / "queue.json", default=None)
+    got = recover(folder)
+    after = {t["run_id"]: t.get("after") for t in (queue or {}).get("tasks", [])}
+    return {tid: {"job_id": v["job_id"], "after": after.get(tid), "problems": []} for tid, v in got.items()}
 
 
 def cancel(folder: Path, index: int) -> None:
@@ -385,7 +395,7 @@ class LocalBackend(Backend):
                 body["wait_for"] = {"file": str(Path(t.after_folder).resolve() / "tasks" / f"{parsed[1]}.json"),
                                     "ok": ["done"], "fail": ["failed", "cancelled", "lost", "missing"]}
                 run.write_test_cell(body)
-            tasks.append({"run_id": t.test_id, "run_dir": t.cell, "resources": t.resources})
+            tasks.append({"run_id": t.test_id, "run_dir": t.cell, "resources": t.resources, "after": t.after})
         got = launch(tasks, folder, options, fns={"local": (fns or {}).get("test_cell", TEST_CELL_FN)})
         return {tid: v["job_id"] for tid, v in got.items()}
 
@@ -420,6 +430,9 @@ class LocalBackend(Backend):
 
     def recover(self, folder):
         return recover(folder)
+
+    def recover_tests(self, folder):
+        return recover_tests(folder)
 
     def job_output(self, job):
         parsed = parse_job_id(job.job_id)

@@ -275,12 +275,19 @@ def launch_tests(tests: List[Dict[str, Any]], folder: Path, options: Dict[str, A
     for t in tests:
         groups.setdefault(json.dumps(t["resources"], sort_keys=True), []).append(t)
     Path(folder).mkdir(parents=True, exist_ok=True)
+    # before sbatch: lets `recover_tests` find the jobs of a submit killed before it recorded them;
+    # ``released`` is set once a group's dependencies are in place and its hold is lifted
+    manifest = {"groups": [{"name": f"testcell-{exp}-{sid}-{gi}",
+                            "tests": [{"test_id": t["test_id"], "after": t.get("after")} for t in group],
+                            "held": any(t.get("after") for t in group), "released": False}
+                           for gi, group in enumerate(groups.values())]}
+    write_json(Path(folder) / "manifest.json", manifest)
     out: Dict[str, str] = {}
     for gi, group in enumerate(groups.values()):
         res = dict(group[0]["resources"])
         res["time_min"] = max(10, min(int(res.get("time_min", 60)), 240))
         sub = Path(folder) / (f"group{gi}" if len(groups) > 1 else "")
-        ex = make_executor(sub, res, options, name=f"testcell-{exp}-{sid}-{gi}")
+        ex = make_executor(sub, res, options, name=manifest["groups"][gi]["name"])
         extra = dict(options.get("sbatch") or {})
         extra["kill_on_invalid_dep"] = "yes"
         waits = [t for t in group if t.get("after")]
@@ -306,6 +313,58 @@ def launch_tests(tests: List[Dict[str, Any]], folder: Path, options: Dict[str, A
             raise _sbatch_error(Exception(f"{exc} {detail}".strip()))
         for t, j in zip(group, jobs):
             out[t["test_id"]] = str(j.job_id)
+        manifest["groups"][gi]["released"] = True
+        write_json(Path(folder) / "manifest.json", manifest)
+    return out
+
+
+def _find_by_name(names: Iterable[str]) -> Dict[str, str]:
+    """{job name: base job id} of the jobs with these names that sacct (14 days) or squeue know."""
+    names = list(names)
+    found: Dict[str, str] = {}
+    cmds = [["sacct", "-X", "-n", "-P", "-S", "now-14days", "--name", ",".join(names), "-o", "JobID,JobName"],
+            ["squeue", "-h", "-n", ",".join(names), "-o", "%i|%j"]]
+    for cmd in cmds:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in proc.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) >= 2 and parts[1] in names:
+                found.setdefault(parts[1], parts[0].split("_")[0])
+    return found
+
+
+def recover_tests(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """The test-cell jobs of a submission whose submit died between sbatch and recording them
+    (``folder``: the submission's test folder): the group names in its manifest.json (written
+    before sbatch) looked up in sacct/squeue. Per test id ``{"job_id", "after", "problems"}``;
+    ``problems`` says why a job found cannot run: its submitit pickle is missing, or its array was
+    left held without its dependencies (the submit died before ``scontrol release``)."""
+    manifest = read_json(Path(folder) / "manifest.json", default=None)
+    if not manifest:
+        return {}
+    groups = manifest.get("groups") or []
+    found = _find_by_name(g["name"] for g in groups)
+    out: Dict[str, Dict[str, Any]] = {}
+    for gi, g in enumerate(groups):
+        base = found.get(g["name"])
+        if not base:
+            continue
+        single = len(g["tests"]) == 1
+        sub = Path(folder) / (f"group{gi}" if len(groups) > 1 else "")
+        for i, t in enumerate(g["tests"]):
+            jid = base if single else f"{base}_{i}"
+            problems = []
+            pickle = sub / f"{jid}_submitted.pkl"
+            if not pickle.exists():
+                problems.append(f"test job {jid} has no submission file ({pickle.name}: the submit was killed "
+                                "before submitit wrote it)")
+            if g.get("held") and not g.get("released"):
+                problems.append(f"test job {jid} was left held without its dependency (the submit was killed "
+                                "before it released the array)")
+            out[t["test_id"]] = {"job_id": jid, "after": t.get("after"), "problems": problems}
     return out
 
 
@@ -343,18 +402,7 @@ def recover(folder: Path) -> Dict[str, Dict[str, Any]]:
     for g in manifest["groups"]:
         names[g["train_name"]] = (g, "job_id")
         names[g["test_name"]] = (g, "test_job_id")
-    found: Dict[str, str] = {}
-    cmds = [["sacct", "-X", "-n", "-P", "-S", "now-14days", "--name", ",".join(names), "-o", "JobID,JobName"],
-            ["squeue", "-h", "-n", ",".join(names), "-o", "%i|%j"]]
-    for cmd in cmds:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        for line in proc.stdout.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) >= 2 and parts[1] in names:
-                found.setdefault(parts[1], parts[0].split("_")[0])
+    found = _find_by_name(names)
     out: Dict[str, Dict[str, Any]] = {}
     groups = manifest["groups"]
     for name, base in found.items():
@@ -481,6 +529,11 @@ class SlurmBackend(Backend):
         if not (Path(folder) / "manifest.json").exists():
             return {}
         return recover(folder)
+
+    def recover_tests(self, folder):
+        if not (Path(folder) / "manifest.json").exists():
+            return {}
+        return recover_tests(folder)
 
     def job_output(self, job):
         if job.folder is None:

@@ -1,4 +1,5 @@
-"""`ssflctl logs RUN`: the attempt's mmengine log (or the job's output before it exists)."""
+"""`ssflctl logs RUN`: the attempt's mmengine log (or the job's output before it exists);
+`ssflctl logs RUN --test TEST`: a test cell's (test_matrix) log, the same way."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,8 @@ from ssflctl.errors import UserError
 from ssflctl.workdir import runref
 from ssflctl.workdir.layout import RunDir
 
+#: at most this many test ids are listed in the error for an unknown one
+LIST_TESTS = 12
 
 
 def find_logs(ws, run_id: str, attempt: Optional[int] = None, rank: int = 0) -> List[Path]:
@@ -18,14 +21,52 @@ def find_logs(ws, run_id: str, attempt: Optional[int] = None, rank: int = 0) -> 
     log, then the test step's; ``rank`` K > 0: rank K's logs of a multi-GPU run. Raises UserError
     if the run has no attempt (or not that one)."""
     run = RunDir.of(ws, run_id)
-    dirs = run.attempts()
-    if not dirs:
+    if not run.attempts():
         raise UserError(f"logs: run {run_id} has no attempts yet (nothing rendered in {run.path})")
+    dirs = _attempt_dirs(ws, run_id, attempt)
+    return dirs[-1].rank_logs(rank) if rank else dirs[-1].text_logs()
+
+
+def _attempt_dirs(ws, run_id: str, attempt: Optional[int]):
+    run = RunDir.of(ws, run_id)
+    dirs = run.attempts()
     if attempt is not None:
         dirs = [d for d in dirs if d.n == attempt]
         if not dirs:
             raise UserError(f"logs: run {run_id} has no attempt {attempt}")
-    return dirs[-1].rank_logs(rank) if rank else dirs[-1].text_logs()
+    return dirs
+
+
+def find_test_logs(ws, run_id: str, test_id: str, attempt: Optional[int] = None) -> List[Path]:
+    """The mmengine text logs of test cell ``test_id`` of the run, oldest first: on ``attempt``, or
+    on the newest attempt that has them (the one the cell tested). Empty when none exists yet."""
+    for a in reversed(_attempt_dirs(ws, run_id, attempt)):
+        logs = a.test(test_id).text_logs()
+        if logs:
+            return logs
+    return []
+
+
+def resolve_test(reg, ws, run_id: str, ref: str) -> str:
+    """The test id of the run's test cell ``ref`` (its id, its name, or a unique prefix of its id).
+    UserError naming it, with the run's test cells, when it is not one of them."""
+    rows = reg.test_rows(run_id=run_id)
+    names = {r["test_id"]: r["name"] for r in rows}
+    known = list(dict.fromkeys([r["test_id"] for r in rows] + list(RunDir.of(ws, run_id).test_cells())))
+    if not known:
+        raise UserError(f"logs: run {run_id} has no test cells (its experiment has no test_matrix); "
+                        "drop --test for its training log")
+    if ref in known:
+        return ref
+    cands = [t for t in known if names.get(t) == ref] or [t for t in known if t.startswith(ref)]
+    if len(cands) == 1:
+        return cands[0]
+    if cands:
+        raise UserError(f"logs: --test {ref!r} matches {len(cands)} test cells of run {run_id} "
+                        f"({', '.join(cands[:LIST_TESTS])}); give the full test id")
+    more = f" and {len(known) - LIST_TESTS} more (see `ssflctl status`)" if len(known) > LIST_TESTS else ""
+    raise UserError(f"logs: run {run_id} has no test cell {ref!r}; its test cells are "
+                    f"{', '.join(known[:LIST_TESTS])}{more}")
 
 
 def _processes(res) -> int:
@@ -44,7 +85,17 @@ def _job_output(reg, row) -> Optional[Path]:
     return backends.get(row["backend"]).job_output(refs[0]) if refs else None
 
 
-def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = None, rank: int = 0) -> List[Path]:
+def _test_job_output(reg, row) -> Optional[Path]:
+    """The scheduler's stdout/stderr file for a test cell's job, when its mmengine log is absent."""
+    from ssflctl import backends
+    from ssflctl.control.testcells import job_ref
+
+    ref = job_ref(reg, row) if row is not None and row["backend"] else None
+    return backends.get(row["backend"]).job_output(ref) if ref is not None else None
+
+
+def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = None, rank: int = 0,
+         test: Optional[str] = None) -> List[Path]:
     from ssflctl.commands.status import open_registry
 
     reg = open_registry(workspace)
@@ -53,20 +104,41 @@ def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = Non
         row = reg.get_run(run_id)
         if row is None:
             raise UserError(f"logs: run {run_id} is not in this workspace's registry; see `ssflctl status`")
-        paths = find_logs(workspace, row["run_id"], attempt, rank)
-        procs = _processes(json.loads(row["resources"] or "{}"))
-        if rank >= procs:
-            raise UserError(f"logs: run {row['run_id']} runs {procs} process{'es' if procs > 1 else ''} "
-                            f"(ranks 0-{procs - 1}); there is no rank {rank}")
-        if not paths and rank == 0:
-            alt = _job_output(reg, row)
-            if alt is not None and alt.exists():
-                paths = [alt]
+        if test is not None:  # a test cell's job (test_matrix): one process, its own log
+            if rank:
+                raise UserError(f"logs: a test cell runs on one process; drop --rank {rank} with --test")
+            test_id = resolve_test(reg, workspace, run_id, test)
+            paths = find_test_logs(workspace, run_id, test_id, attempt)
+            if not paths:
+                alt = _test_job_output(reg, reg.get_test(test_id))
+                if alt is not None and alt.exists():
+                    paths = [alt]
+            refind = lambda: find_test_logs(workspace, run_id, test_id, attempt)  # noqa: E731
+            missing = (f"logs: no log yet for test {test_id} of run {run_id}; its job may still be queued (a test "
+                       f"waits for its training) — try `ssflctl logs {run} --test {test_id} -f`")
+        else:
+            paths = find_logs(workspace, run_id, attempt, rank)
+            procs = _processes(json.loads(row["resources"] or "{}"))
+            if rank >= procs:
+                raise UserError(f"logs: run {run_id} runs {procs} process{'es' if procs > 1 else ''} "
+                                f"(ranks 0-{procs - 1}); there is no rank {rank}")
+            if not paths and rank == 0:
+                alt = _job_output(reg, row)
+                if alt is not None and alt.exists():
+                    paths = [alt]
+            refind = lambda: find_logs(workspace, run_id, attempt, rank)  # noqa: E731
+            missing = (f"logs: no training log yet for {run_id}" + (f" rank {rank}" if rank else "")
+                       + "; the job may still be queued — try `ssflctl logs -f`")
     finally:
         reg.close()
+    return _print(paths, follow, refind, missing)
+
+
+def _print(paths: List[Path], follow: bool, refind, missing: str) -> List[Path]:
+    """Print the logs (``follow``: as they grow, new ones found by ``refind``); UserError
+    ``missing`` when there is none and nothing to wait for."""
     if not paths and not follow:
-        raise UserError(f"logs: no training log yet for {row['run_id']}"
-                        + (f" rank {rank}" if rank else "") + "; the job may still be queued — try `ssflctl logs -f`")
+        raise UserError(missing)
     out = sys.stdout
     pos: Dict[Path, int] = {}
     current: Optional[Path] = None
@@ -89,7 +161,7 @@ def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = Non
             return paths
         time.sleep(1.0)
         try:  # new logs appear: the test step's, or a retry's new attempt
-            fresh = find_logs(workspace, row["run_id"], attempt, rank)
+            fresh = refind()
         except UserError:
             fresh = []
         paths = fresh or paths

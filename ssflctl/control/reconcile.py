@@ -27,6 +27,8 @@ ACTIVE = ("submitting", "queued", "running")
 STALE_CLAIM_S = 600          # a claim from another host older than this is treated as abandoned
 #: registry states whose jobs are asked about (done too: its results may have gone)
 ASK_STATES = ("queued", "running", "unknown", "failed", "done")
+#: how the reason of a run or test cell starts whose jobs the scheduler did not cancel (control.cancel)
+REFUSED = "cancelled by user, but the scheduler did not cancel job(s)"
 
 
 def ts(iso: Optional[str]) -> Optional[float]:
@@ -252,7 +254,8 @@ def _finish_cancel(registry: Registry, r) -> None:
         except UserError:
             return  # the claim stays: the next reconcile tries again
     registry.update_run(r["run_id"], claim_pid=None, event="cancel finished",
-                        reason="cancelled by user while being submitted")
+                        reason="cancelled by user" if (r["reason"] or "").startswith(REFUSED) else
+                        "cancelled by user while being submitted")
 
 
 def close_open_attempts(registry: Registry, r, run: RunDir, verdict: Verdict) -> None:
@@ -309,6 +312,7 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None,
                 cache.memo[("fold", r["run_id"])] = _fold_key(r)
         if writable and r["state"] == "cancelled" and r["claim_pid"] is not None and _claim_abandoned(r):
             _finish_cancel(registry, r)
+            r = registry.get_run(r["run_id"])
         if r["state"] == "submitting":
             verdict = _adopt_or_fail(registry, r, run) if (writable and _claim_abandoned(r)) else \
                 Verdict(RunState.SUBMITTING, r["reason"] or "")

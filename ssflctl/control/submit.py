@@ -64,12 +64,24 @@ class SubmitResult:
 
 def _why_skip(row) -> Optional[str]:
     st = row["state"]
+    if refused_cancel(row):
+        return refused_cancel(row)
     if st == "done":
         return "done"
     if st in ("queued", "running"):
         return f"{st} (job {row['job_id']})"
     if st == "submitting":
         return f"being submitted by pid {row['claim_pid']} on {row['claim_host']}"
+    return None
+
+
+def refused_cancel(row) -> Optional[str]:
+    """Why a run or test cell recorded cancelled is not sent again: the scheduler did not cancel its
+    jobs (`ssflctl cancel` says so in its reason), so they may still run."""
+    from ssflctl.control.reconcile import REFUSED
+
+    if row["state"] == "cancelled" and (row["reason"] or "").startswith(REFUSED):
+        return f"{row['reason'].replace('cancelled by user, ', 'cancelled, ', 1)}; run `ssflctl cancel` again first"
     return None
 
 
@@ -200,11 +212,13 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
             _record_submitted(reg, ws, backend, claimed, ids, sid, folder, result)
         if result.tests_submitted:  # the test cells: one more backend call, after their trainings
             try:
+                testcells.drop_cancelled(reg, result.tests, sid)
                 tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns)
             except BaseException as exc:
                 testcells.release(reg, result.tests, exc)
                 raise
-            testcells.record(reg, result.tests, tids)
+            testcells.record(reg, result.tests, tids, sid=sid, backend=backend, folder=folder,
+                             warnings=result.warnings)
         return result
     finally:
         reg.close()

@@ -46,9 +46,13 @@ TestItem.__test__ = False  # not a pytest class
 
 
 def _why_skip(row, run_claimed: bool) -> Optional[str]:
+    from ssflctl.control.submit import refused_cancel
+
     st = row["state"]
     if st == "submitting":
         return f"being submitted by pid {row['claim_pid']} on {row['claim_host']}"
+    if refused_cancel(row):  # its job may still run: never a second one
+        return refused_cancel(row)
     if run_claimed:
         return None
     if st == "done":
@@ -122,24 +126,75 @@ def send(backend, ws: Path, items: List[TestItem], run_ids: Dict[str, Dict[str, 
     return backend.submit_tests(tasks, Path(folder) / TEST_FOLDER, options, fns=fns)
 
 
-def record(reg, items: List[TestItem], ids: Dict[str, str]) -> None:
+def drop_cancelled(reg, items: List[TestItem], sid: str) -> None:
+    """Just before sending: the cells `ssflctl cancel` took from this submit (their row is
+    ``cancelled`` for this submission; the transaction decided) are not sent."""
+    with reg.transaction():
+        for it in items:
+            if it.action != "submit":
+                continue
+            row = reg.get_test(it.test.test_id)
+            if row is not None and row["state"] == "cancelled" and row["submission_id"] == sid:
+                reg.update_test(it.test.test_id, claim_pid=None, event="not sent",
+                                reason="cancelled by user before its job was sent")
+                it.action, it.why = "skip", "cancelled by `ssflctl cancel` before it was sent"
+
+
+def record(reg, items: List[TestItem], ids: Dict[str, str], sid: Optional[str] = None, backend=None,
+           folder: Optional[Path] = None, warnings: Optional[List[str]] = None) -> None:
+    """The scheduler took the test jobs: the registry, in one transaction that decides against a
+    concurrent `ssflctl cancel` (a cell it marked ``cancelled`` meanwhile keeps that state and its new
+    job is cancelled here; its claim is released only once it is). The submission keeps every test
+    job it sent (``test_jobs``: what cancel reaches later)."""
     from ssflctl.registry.store import now
 
+    lost = []
     with reg.transaction():
         for it in items:
             if it.action != "submit":
                 continue
             it.job_id = ids[it.test.test_id]
+            row = reg.get_test(it.test.test_id)
+            if sid is not None and row is not None and row["state"] == "cancelled" and row["submission_id"] == sid:
+                reg.update_test(it.test.test_id, event="cancelled while submitted", job_id=it.job_id,
+                                after_job_id=it.after, submitted_at=now())
+                lost.append(it)
+                continue
             reg.update_test(it.test.test_id, state="queued", reason="", event="submitted", job_id=it.job_id,
                             after_job_id=it.after, submitted_at=now(), claim_pid=None)
+        if sid is not None:
+            reg.add_test_jobs(sid, {it.test.test_id: it.job_id for it in items if it.action == "submit"})
+    if not lost or backend is None:
+        return
+    from ssflctl.errors import UserError
+
+    try:
+        backend.cancel([JobRef(it.job_id, Path(folder) / TEST_FOLDER if folder else None, sid or "")
+                        for it in lost])
+    except UserError as exc:
+        if warnings is not None:
+            warnings.append(f"{len(lost)} test cell(s) were cancelled by `ssflctl cancel` while being submitted, "
+                            f"but cancelling their new jobs failed ({exc}); the next `ssflctl status` tries again")
+        for it in lost:
+            it.action, it.why = "skip", "cancelled while being submitted; its job is still to be cancelled"
+        return
+    for it in lost:
+        reg.update_test(it.test.test_id, claim_pid=None)
+        it.action, it.why = "skip", f"cancelled by `ssflctl cancel` while being submitted (job {it.job_id} cancelled)"
 
 
 def release(reg, items: List[TestItem], exc: BaseException) -> None:
     msg = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
     for it in items:
-        if it.action == "submit":
-            reg.update_test(it.test.test_id, state="pending", reason=f"not submitted: {msg}", event="not submitted",
-                            claim_pid=None)
+        if it.action != "submit":
+            continue
+        row = reg.get_test(it.test.test_id)
+        if row is not None and row["state"] == "cancelled":  # `ssflctl cancel` took it meanwhile: stays so
+            reg.update_test(it.test.test_id, claim_pid=None, event="not submitted",
+                            reason=f"cancelled; not submitted: {msg}")
+            continue
+        reg.update_test(it.test.test_id, state="pending", reason=f"not submitted: {msg}", event="not submitted",
+                        claim_pid=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,11 +215,111 @@ def job_ref(reg, row) -> Optional[JobRef]:
     return JobRef(row["job_id"], folder, row["submission_id"] or "")
 
 
+def refs_ever(reg, run_id: str) -> Dict[str, List[tuple]]:
+    """Every job the run's test cells ever had, by backend: ``[(test id, JobRef)]`` (each JobRef
+    with the test folder of the submission that sent it)."""
+    out: Dict[str, List[tuple]] = {}
+    folders: Dict[str, Optional[Path]] = {}
+    for tid, jid, sid, backend in reg.test_job_ids_ever(run_id):
+        if not backend:
+            continue
+        if sid and sid not in folders:
+            sub = reg.submission(sid)
+            folders[sid] = Path(sub["folder"]) / TEST_FOLDER if sub else None
+        out.setdefault(backend, []).append((tid, JobRef(jid, folders.get(sid) if sid else None, sid or "")))
+    return out
+
+
+def _recovered(reg, row) -> Optional[Dict[str, Any]]:
+    """What the backend finds in the submission's test folder for this cell (None: nothing)."""
+    from ssflctl import backends
+
+    sub = reg.submission(row["submission_id"]) if row["submission_id"] else None
+    if sub is None:
+        return None
+    try:
+        got = backends.get(sub["backend"]).recover_tests(Path(sub["folder"]) / TEST_FOLDER).get(row["test_id"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return dict(got, backend=sub["backend"], folder=Path(sub["folder"]) / TEST_FOLDER) if got else None
+
+
+def _adopt_or_fail(reg, row) -> Verdict:
+    """A cell's claim whose submit died: adopt the test job it did send when it can run (the
+    backend finds it, its files exist, and the train job it waits for is the run's), else cancel
+    it: the cell is sent again by the next submit. As for a run (reconcile._adopt_or_fail)."""
+    from ssflctl import backends
+    from ssflctl.errors import UserError
+
+    got = _recovered(reg, row)
+    if not got or not got.get("job_id"):
+        reg.update_test(row["test_id"], claim_pid=None)
+        return Verdict(RunState.FAILED, "a submit was interrupted before the test job was launched; submit again")
+    jid, after = got["job_id"], got.get("after")
+    problems = list(got.get("problems") or [])
+    rrow = reg.get_run(row["run_id"])
+    if after and (rrow is None or rrow["job_id"] != after):
+        problems.append(f"the train job it waits for ({after}) is not its run's "
+                        f"({rrow['job_id'] if rrow is not None and rrow['job_id'] else 'none'})")
+    reg.add_test_jobs(row["submission_id"], {row["test_id"]: jid})  # cancel reaches it whatever happens
+    backend = backends.get(got["backend"])
+    if problems:
+        try:
+            backend.cancel([JobRef(jid, got["folder"], row["submission_id"])])
+        except UserError as exc:  # keep it on the cell: a later cancel or submit sees it
+            reg.update_test(row["test_id"], event="not adopted", job_id=jid, after_job_id=after,
+                            submitted_at=row["claimed_at"], claim_pid=None)
+            return Verdict(RunState.UNKNOWN, f"a submit was interrupted after sending test job {jid}, which cannot "
+                           f"run ({'; '.join(problems)}); cancelling it failed ({exc})")
+        reg.update_test(row["test_id"], event="not adopted", claim_pid=None,
+                        reason=f"cancelled {jid}: {'; '.join(problems)}")
+        return Verdict(RunState.FAILED, f"a submit was interrupted after sending test job {jid}, which cannot run "
+                       f"({'; '.join(problems)}); cancelled it: submit again")
+    reg.update_test(row["test_id"], event="recovered", job_id=jid, after_job_id=after,
+                    submitted_at=row["claimed_at"], claim_pid=None)
+    return Verdict(RunState.QUEUED, "recovered the test job of an interrupted submit")
+
+
+def finish_cancel(reg, row) -> bool:
+    """A cancelled cell whose claim is still on the row (a cancel killed or refused by the scheduler
+    before it cancelled the jobs, or a submit in flight it took the cell from that died): cancel
+    every job the cell ever had that may still be alive, and the one the submission's folder shows,
+    then release the claim. False when the scheduler refused (the claim stays: tried again)."""
+    from ssflctl import backends
+    from ssflctl.backends import ALIVE
+    from ssflctl.errors import UserError
+
+    refs: Dict[str, List[JobRef]] = {}
+    for name, pairs in refs_ever(reg, row["run_id"]).items():
+        refs[name] = [ref for tid, ref in pairs if tid == row["test_id"]]
+    got = _recovered(reg, row)
+    if got and got.get("job_id") and got["job_id"] not in {j.job_id for j in refs.get(got["backend"], [])}:
+        refs.setdefault(got["backend"], []).append(JobRef(got["job_id"], got["folder"], row["submission_id"] or ""))
+    for name, jobs in refs.items():
+        if not jobs:
+            continue
+        backend = backends.get(name)
+        st = backend.query(jobs)
+        alive = [j for j in jobs if st.get(j.job_id) is None or st[j.job_id].kind in ALIVE]
+        try:
+            if alive:
+                backend.cancel(alive)
+        except UserError:
+            return False
+    from ssflctl.control.reconcile import REFUSED
+
+    reg.update_test(row["test_id"], claim_pid=None, event="cancel finished",
+                    reason="cancelled by user" if (row["reason"] or "").startswith(REFUSED) else None)
+    return True
+
+
 def reconcile_tests(reg, ws, experiment: Optional[str], run_verdicts: Dict[str, Verdict],
                     ask: bool = True) -> Dict[str, Dict[str, Any]]:
     """Fold each test cell's files and job into the registry; per test id ``{"row", "verdict",
     "job"}`` (for status). ``run_verdicts``: the runs' verdicts of the same reconcile."""
     from ssflctl import backends
+
+    from ssflctl.control.reconcile import REFUSED, _claim_abandoned
 
     rows = reg.test_rows(experiment)
     statuses: Dict[Any, JobStatus] = {}
@@ -185,11 +340,11 @@ def reconcile_tests(reg, ws, experiment: Optional[str], run_verdicts: Dict[str, 
     for r in rows:
         run = RunDir.of(ws, r["run_id"])
         rv = run_verdicts.get(r["run_id"], Verdict(RunState.UNKNOWN, ""))
+        if writable and r["state"] == "cancelled" and r["claim_pid"] is not None and _claim_abandoned(r) \
+                and finish_cancel(reg, r):
+            r = reg.get_test(r["test_id"])
         if r["state"] == "submitting":
-            from ssflctl.control.reconcile import _claim_abandoned
-
-            verdict = Verdict(RunState.FAILED, "a submit was interrupted before the test job was launched; "
-                                               "submit again") if writable and _claim_abandoned(r) else \
+            verdict = _adopt_or_fail(reg, r) if writable and _claim_abandoned(r) else \
                 Verdict(RunState.SUBMITTING, r["reason"] or "")
             if run.tested_cell(r["test_id"]) is not None:
                 verdict = Verdict(RunState.DONE, "")
@@ -203,6 +358,9 @@ def reconcile_tests(reg, ws, experiment: Optional[str], run_verdicts: Dict[str, 
                             last_known=(r["state"], r["reason"] or ""),
                             asked=ask and r["state"] in ASK_STATES and bool(r["job_id"]))
             verdict = decide_test(run, r["test_id"], rv, view)
+            if verdict.state is RunState.CANCELLED and r["state"] == "cancelled" and \
+                    (r["reason"] or "").startswith(REFUSED):  # its own jobs may still run: that stays said
+                verdict = Verdict(RunState.CANCELLED, r["reason"])
         if writable and (verdict.state.value != r["state"] or (verdict.reason and verdict.reason != (r["reason"] or ""))):
             reg.update_test(r["test_id"], state=verdict.state.value, reason=verdict.reason or "")
         out[r["test_id"]] = {"row": r, "verdict": verdict, "job": statuses.get((r["backend"], r["job_id"]))}

@@ -378,6 +378,9 @@ class Registry:
                 row = c.execute("SELECT * FROM tests WHERE test_id=?", (test_id,)).fetchone()
             return row
 
+    def get_test(self, test_id: str) -> Optional[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM tests WHERE test_id=?", (test_id,)).fetchone()
+
     def test_rows(self, experiment: Optional[str] = None, run_id: Optional[str] = None) -> List[sqlite3.Row]:
         if run_id:
             return list(self.conn.execute("SELECT * FROM tests WHERE run_id=? ORDER BY created_at, test_id",
@@ -400,6 +403,24 @@ class Registry:
                            old_state=row["state"], new_state=state or row["state"],
                            message=f"test {test_id}" + (f": {reason}" if reason else ""))
             return changed
+
+    def test_job_ids_ever(self, run_id: str) -> List[tuple]:
+        """Every (test id, job id, submission id, backend) the run's test cells ever had, oldest
+        first: each submission's ``test_jobs`` (recorded when the scheduler took them, or when a
+        reconcile adopted them) and each cell's current job."""
+        rows = {r["test_id"]: r for r in self.test_rows(run_id=run_id)}
+        if not rows:
+            return []
+        seen: Dict[str, tuple] = {}
+        for sub in self.conn.execute("SELECT id, backend, info FROM submissions ORDER BY created_at"):
+            got = json.loads(sub["info"] or "{}").get("test_jobs") or {}
+            for tid, jid in got.items():
+                if tid in rows and jid and str(jid) not in seen:
+                    seen[str(jid)] = (tid, str(jid), sub["id"], sub["backend"])
+        for tid, r in rows.items():
+            if r["job_id"] and str(r["job_id"]) not in seen:
+                seen[str(r["job_id"])] = (tid, str(r["job_id"]), r["submission_id"], r["backend"])
+        return list(seen.values())
 
     def list_tests(self, experiment: Optional[str] = None) -> List[Dict[str, Any]]:
         return [dict(r, axes=json.loads(r["axes"])) for r in self.test_rows(experiment)]
@@ -485,6 +506,16 @@ class Registry:
             merged = dict(json.loads(row["info"]) if row else {})
             merged.update(info)
             c.execute("UPDATE submissions SET info=? WHERE id=?", (json.dumps(merged), sid))
+
+    def add_test_jobs(self, sid: str, jobs: Dict[str, str]) -> None:
+        """Add ``{test id: job id}`` to the submission's ``test_jobs`` (every test job it sent)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT info FROM submissions WHERE id=?", (sid,)).fetchone()
+            if row is None:
+                return
+            info = json.loads(row["info"] or "{}")
+            info["test_jobs"] = dict(info.get("test_jobs") or {}, **{k: v for k, v in jobs.items() if v})
+            c.execute("UPDATE submissions SET info=? WHERE id=?", (json.dumps(info), sid))
 
     def submission(self, sid: str) -> Optional[Dict[str, Any]]:
         row = self.conn.execute("SELECT * FROM submissions WHERE id=?", (sid,)).fetchone()

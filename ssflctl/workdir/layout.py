@@ -270,6 +270,11 @@ class TestDir(_WorkDir):
     def test_id(self) -> str:
         return self.path.name
 
+    def text_logs(self) -> List[Path]:
+        """mmengine's text logs of this test (``<ts>/<ts>.log``), oldest first."""
+        return sorted((p for p in self.path.glob("*/*.log") if p.stem == p.parent.name),
+                      key=lambda p: p.parent.name)
+
     def write_metrics(self, body: Dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)  # the cell's directory comes with its first result
         super().write_metrics(body)
