@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ssflctl import gcpause
 from ssflctl.errors import UserError
 
 FORMATS = ("markdown", "csv", "latex", "html", "json")
@@ -171,8 +172,9 @@ def main(ws, experiments, *, fmt="markdown", out=None, baseline="loss=focal", me
     gallery = _check_gallery(fmt, gallery)
     if out is not None and Path(out).exists() and not force and not Path(out).is_dir():
         raise UserError(f"{out}: already exists; pass --force to overwrite it")
-    rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs, pick=pick,
-                      iou_type=iou_type, all_versions=all_versions)
+    with gcpause.paused():  # thousands of run records: nothing for the cyclic collector (not the figures)
+        rep = make_report(ws, experiments, baseline=baseline, metrics=metrics, by=by, workdirs=workdirs, pick=pick,
+                          iou_type=iou_type, all_versions=all_versions)
     if out is None:
         if fmt == "html":
             from ssflctl.report import plots as plots_mod
