@@ -103,6 +103,7 @@ def test_no_figure_for_a_dataset_without_numbers(tmp_path, monkeypatch):
     rep = _report(ws)
     assert "cityscapes" in rep.datasets and set(plots.ap_selection(rep)) == {"coco"}
     made = _count_figures(monkeypatch)
+    monkeypatch.setenv("SSFLCTL_WORKERS", "1")  # figures counted in this process (not in forked workers)
     drawn = plots.draw(rep, tmp_path / "fig")
     # attempt dirs without logs: no loss figure is drawn, and none is even created
     assert [Path(p).name for _, p in drawn] == ["ap_by_config.png"] and len(made) == 1
@@ -150,3 +151,46 @@ def test_few_configurations_keep_every_loss_figure(tmp_path):
     assert names == ["ap_by_config.png"] + sorted(f"loss_loss{i}_{ds}.png" for i in range(3)
                                                   for ds in ("cityscapes", "coco"))
     assert not any("left out" in cap for cap, _ in drawn)
+
+
+def test_figures_drawn_in_forked_workers_equal_those_drawn_here(tmp_path, monkeypatch):
+    """report.fanout: the same files, bytes and captions (with the left-out note on the first loss
+    figure of each dataset) whether the figures are drawn in two forked workers or in this process."""
+    from ssflctl.report import fanout, plots
+
+    ws = make_workspace(tmp_path, n_losses=40, n_seeds=1, logs=True)
+    rep = _report(ws)
+    plan = plots.planned_files(rep)
+    assert len(plan) >= plots.FORKED_FIGURES  # the forked path is the default at this size
+    out = {}
+    for workers in ("1", "2"):
+        monkeypatch.setenv("SSFLCTL_WORKERS", workers)
+        drawn = plots.draw(rep, tmp_path / f"w{workers}", plan)
+        out[workers] = [(cap, Path(p).name, Path(p).read_bytes()) for cap, p in drawn]
+    assert out["1"] == out["2"]
+    assert sum("left out" in cap for cap, name, _ in out["2"] if name != "ap_by_config.png") == 2  # a note per dataset
+
+
+def _square(x):
+    if x == 13:
+        raise ValueError("13 is unlucky")
+    return x * x + fanout_shared()
+
+
+def fanout_shared():
+    from ssflctl.report import fanout
+
+    return fanout.shared()
+
+
+def test_fork_map_keeps_order_reads_shared_and_raises_the_workers_error(monkeypatch):
+    from ssflctl.report import fanout
+
+    done = []
+    assert fanout.fork_map(_square, range(12), shared=100, n=2, on_done=done.append) == [x * x + 100 for x in range(12)]
+    assert sum(done) == 12 and fanout.shared() is None  # progress for every item; nothing left shared
+    with pytest.raises(ValueError, match="13 is unlucky"):
+        fanout.fork_map(_square, range(20), shared=0, n=2)
+    monkeypatch.setenv("SSFLCTL_WORKERS", "1")
+    assert fanout.workers() == 1
+    assert fanout.fork_map(_square, [1, 2], shared=1) == [2, 5]  # serial, same answer

@@ -145,43 +145,69 @@ def planned_files(rep) -> list:
 def draw(rep, out_dir, plan=None, progress: bool = False) -> list:
     """Draw every planned figure into out_dir; returns [(caption, path)]. A loss figure without
     any curve is not drawn (nor created); the note of what was left out goes to the first loss
-    figure drawn for its dataset. progress=True shows a rich progress bar on stderr."""
-    plt = _plt()
+    figure drawn for its dataset. progress=True shows a rich progress bar on stderr. From
+    FORKED_FIGURES figures on they are drawn in forked workers (report.fanout; matplotlib is
+    imported here first, so they inherit it)."""
+    from ssflctl.report import fanout
+
+    _plt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = plan if plan is not None else planned_files(rep)
-    drawn = []
-    noted = set()
-    bar = None
+    bar, advance = None, None
     if progress and len(plan) > 3:
         from rich.console import Console
         from rich.progress import Progress
 
-        bar = Progress(console=Console(stderr=True), transient=True)
+        # refreshed by hand: no refresh thread may hold a lock when the workers are forked
+        bar = Progress(console=Console(stderr=True), transient=True, auto_refresh=False)
         bar.start()
         task = bar.add_task("drawing figures", total=len(plan))
+
+        def advance(k: int) -> None:
+            bar.advance(task, k)
+            bar.refresh()
     try:
-        for kind, cap, name, payload in plan:
-            path = out_dir / name
-            if kind == "ap":
-                fig = ap_figure(plt, rep, payload)
-            else:
-                recs = payload["recs"] if isinstance(payload, dict) else payload
-                fig = loss_figure(plt, recs)
-                if fig is not None and isinstance(payload, dict) and payload["note"] and payload["ds"] not in noted:
-                    noted.add(payload["ds"])
-                    cap = f"{cap}. {payload['note']}"
-            if bar is not None:
-                bar.advance(task)
-            if fig is None:
-                continue
-            _save(fig, path)
-            plt.close(fig)
-            drawn.append((cap, path))
+        made = fanout.fork_map(_draw_one, range(len(plan)), shared=(rep, plan, out_dir), min_items=FORKED_FIGURES,
+                               on_done=advance)
     finally:
         if bar is not None:
             bar.stop()
+    drawn, noted = [], set()
+    for (kind, cap, _name, payload), path in zip(plan, made):
+        if path is None:
+            continue
+        if kind == "loss" and isinstance(payload, dict) and payload["note"] and payload["ds"] not in noted:
+            noted.add(payload["ds"])
+            cap = f"{cap}. {payload['note']}"
+        drawn.append((cap, Path(path)))
     return drawn
+
+
+#: from this many planned figures on, draw() spreads them over forked workers (~0.1 s a figure)
+FORKED_FIGURES = 6
+
+
+def _draw_one(i: int):
+    """Figure ``i`` of the plan in ``fanout.shared()`` = (report, plan, out_dir), saved: its path,
+    or None when it has nothing to show (no file is created)."""
+    from ssflctl.report import fanout
+
+    rep, plan, out_dir = fanout.shared()
+    kind, _cap, name, payload = plan[i]
+    plt = _plt()
+    if kind == "ap":
+        fig = ap_figure(plt, rep, payload)
+    else:
+        fig = loss_figure(plt, payload["recs"] if isinstance(payload, dict) else payload)
+    if fig is None:
+        return None
+    path = out_dir / name
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+    return str(path)
 
 
 def _save(fig, path: Path) -> None:
