@@ -170,7 +170,15 @@ def _query_note(items) -> None:
 def view(reg, ws, experiment: Optional[str] = None, cache=None) -> List[Dict[str, Any]]:
     """Reconcile, then one dict per run with everything the table shows. ``cache``: a
     :class:`~ssflctl.workdir.layout.RunDirCache` kept between calls (``--watch``): unchanged run
-    directories are not read again."""
+    directories are not read again. The cyclic garbage collector is paused while the run
+    directories are read (ssflctl.gcpause; piped status of 5000 runs, A/B on 2 cores: 1.6-2.0 s -> 1.4-1.65 s)."""
+    from ssflctl import gcpause
+
+    with gcpause.paused():
+        return _view(reg, ws, experiment, cache)
+
+
+def _view(reg, ws, experiment: Optional[str], cache) -> List[Dict[str, Any]]:
     from ssflctl.control.reconcile import reconcile
 
     if experiment and experiment not in reg.experiments():
