@@ -4,7 +4,7 @@ A synthetic COCO-val2017-sized case: 5000 images x 100 detections (500,000 resul
 ground-truth boxes over 80 categories; ``--quick``: 500 images). ``ssflctl.evaluation.coco.evaluate`` runs
 once per evaluator, each in its own fresh Python process, reading the same two JSON files, so the
 figures include JSON loading (as the test step pays it). Per process: wall time of ``evaluate()``
-(seconds) and the process's peak resident set (``os.wait4`` rusage ``ru_maxrss``, KiB on Linux,
+(seconds) and the process's peak resident set (its own ``VmHWM`` at exit, benchmarks.childproc;
 reported in MB = 10^6 bytes). Ratios are pycocotools / ours, measured in the same run.
 Targets (issue 21): >= 5x faster, <= 1.3 GB.
 
@@ -118,20 +118,20 @@ print(json.dumps({"seconds": dt, "bbox": m["bbox"], "per_class": m["per_class"],
 
 
 def _measure(ann: Path, dets: Path, which: str) -> dict:
-    """Evaluate in a fresh process: its result, evaluate() seconds, and the process's peak RSS in MB."""
+    """Evaluate in a fresh process: its result, evaluate() seconds, and the process's peak RSS in MB
+    (its own VmHWM, see benchmarks.childproc)."""
+    from benchmarks import childproc
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, "-c", _CHILD, str(ann), str(dets), which], env=env,
-                             stdout=out, stderr=err, text=True)
-        _, status, ru = os.wait4(p.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN is a max over all)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        r = childproc.run("-c", _CHILD, [str(ann), str(dets), which], env=env, stdout=out, stderr=err)
         out.seek(0)
         err.seek(0)
-        if p.returncode != 0:
+        if r["rc"] != 0:
             raise RuntimeError(f"{which}: evaluation failed:\n{err.read()[-2000:]}")
         res = json.loads(out.read().strip().splitlines()[-1])
-    res["peak_mb"] = ru.ru_maxrss * 1024 / 1e6
-    res["cpu_s"] = ru.ru_utime + ru.ru_stime  # the whole process: interpreter, imports, evaluation
+    res["peak_mb"] = r["peak_mb"]
+    res["cpu_s"] = r["cpu_s"]  # the whole process: interpreter, imports, evaluation
     return res
 
 
@@ -167,7 +167,7 @@ def run(quick: bool = False) -> list:
                  f"target >= {TARGET_SPEEDUP:g}x; load average {load:.1f} on {os.cpu_count()} cores"},
         {"name": f"COCO eval peak RSS, {size}", "value": ours["peak_mb"], "reference": ref["peak_mb"],
          "ratio": ref["peak_mb"] / ours["peak_mb"], "unit": "MB",
-         "note": f"each evaluator in its own process (os.wait4 ru_maxrss); target <= {TARGET_MB:g} MB"},
+         "note": f"each evaluator in its own process (its own VmHWM, benchmarks.childproc); target <= {TARGET_MB:g} MB"},
     ]
 
 

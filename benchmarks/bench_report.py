@@ -8,7 +8,7 @@ seeds = 1000 run dirs, 5% of them retried after a NaN, 2% failed, a few running.
      per run, json.load each file and build a pandas frame (pd.json_normalize), pd.concat, groupby.
   3. many configurations (issue 21 item 2): 5000 runs in 5000 configurations (each loss on one of
      the two datasets, one seed, every attempt with a training log; ``--quick``: 500), end to end
-     in a fresh process: ``--out report.html`` (wall s, peak RSS MB from os.wait4, HTML size) against
+     in a fresh process: ``--out report.html`` (wall s, peak RSS MB (its VmHWM), HTML size) against
      15 s and 500 MB, ``--out index.md`` (with figures) and markdown to stdout against 5 s; the note
      splits one in-process run into collect+aggregate, render and figures. And in process, CPU: the
      per-class AP tables with the AP figure's columns against every configuration a column.
@@ -133,25 +133,26 @@ def _best(fn, n):
 
 
 def _cli(ws: Path, *args) -> tuple:
-    """(wall s, peak RSS MB, CPU s) of `ssflctl report -w ws ARGS` in a fresh process."""
+    """(wall s, peak RSS MB, CPU s) of `ssflctl report -w ws ARGS` in a fresh process (peak: the
+    process's own VmHWM, see benchmarks.childproc)."""
+    from benchmarks import childproc
+
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "ssflctl.cli", "report", "-w", str(ws), *map(str, args)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)  # this child's own rusage
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"ssflctl report {' '.join(map(str, args))}: exit {p.returncode}")
-    return wall, ru.ru_maxrss * 1024 / 1e6, ru.ru_utime + ru.ru_stime
+    r = childproc.run("-m", "ssflctl.cli", ["report", "-w", str(ws), *map(str, args)], env=env)
+    if r["rc"] != 0:
+        raise RuntimeError(f"ssflctl report {' '.join(map(str, args))}: exit {r['rc']}")
+    return r["wall_s"], r["peak_mb"], r["cpu_s"]
 
 
 def _breakdown(ws: Path) -> str:
-    """One in-process run split into its parts (seconds)."""
+    """One in-process run split into its parts (seconds), as the command runs them (the collector
+    paused while the records are read, the figures in forked workers)."""
+    from ssflctl import gcpause
     from ssflctl.report import make_report, plots, render
 
     t0 = time.perf_counter()
-    rep = make_report(ws)
+    with gcpause.paused():
+        rep = make_report(ws)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-report-figs-") as tmp:
         images = plots.draw(rep, tmp)
@@ -201,7 +202,7 @@ def run_many(quick: bool = False) -> list[dict]:
          "note": f"fresh process, CPU {html_cpu:.1f} s; {html_size:.1f} MB of HTML; {parts}; load average {load:.1f} on "
                  f"{os.cpu_count()} cores; target <= {MANY_HTML_S:g} s"},
         {"name": f"report --out report.html peak RSS, {size}", "value": html_mb, "reference": MANY_HTML_MB,
-         "ratio": MANY_HTML_MB / html_mb, "unit": "MB", "note": f"os.wait4 ru_maxrss; target <= {MANY_HTML_MB:g} MB"},
+         "ratio": MANY_HTML_MB / html_mb, "unit": "MB", "note": f"the process's own VmHWM (benchmarks.childproc); target <= {MANY_HTML_MB:g} MB"},
         {"name": f"report --out index.md (figures), {size}", "value": md_s, "reference": MANY_MD_S,
          "ratio": MANY_MD_S / md_s, "unit": "s",
          "note": f"fresh process, CPU {md_cpu:.1f} s, {n_png} PNG files, peak RSS {md_mb:.0f} MB; load average "
