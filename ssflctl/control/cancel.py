@@ -78,40 +78,14 @@ def cancel(reg, ws, target: str, jobs_out: List[str] = None, wait_s: float = WAI
     with reg.transaction():
         for rid in ids:
             r = reg.get_run(rid)
-            if r["state"] == "submitting" and not _claim_abandoned(r):
-                reg.update_run(rid, state="cancelled", reason="cancelled by user while being submitted",
-                               event="cancel")
-                in_flight.append(rid)
-                result.runs.append(rid)
-            elif r["state"] in CANCELLABLE and r["job_id"]:
-                # the claim marks a cancel whose jobs are still to be cancelled: if this process dies
-                # before that, the next reconcile finishes it (_finish_cancel)
-                reg.update_run(rid, state="cancelled", reason="cancelled by user", event="cancel",
-                               claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now())
-                if r["attempt"]:
-                    reg.upsert_attempt(rid, r["attempt"], state="cancelled", reason="cancelled by user")
-                result.runs.append(rid)
-                mine.append(rid)
-            elif _refused_before(r):  # an earlier cancel the scheduler refused: this one tries again
-                reg.update_run(rid, claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now())
-                result.runs.append(rid)
-                mine.append(rid)
+
+            def close_attempt(row=r, rid=rid):
+                if row["attempt"]:
+                    reg.upsert_attempt(rid, row["attempt"], state="cancelled", reason="cancelled by user")
+
+            _decide(r, rid, reg.update_run, in_flight, mine, result.runs, close_attempt)
             for t in reg.test_rows(run_id=rid):  # its test cells (test_matrix), the same way
-                tid = t["test_id"]
-                if t["state"] == "submitting" and not _claim_abandoned(t):
-                    reg.update_test(tid, state="cancelled", reason="cancelled by user while being submitted",
-                                    event="cancel")
-                    tests_in_flight.append(tid)
-                    result.tests.append(tid)
-                elif t["state"] in CANCELLABLE and t["job_id"]:
-                    reg.update_test(tid, state="cancelled", reason="cancelled by user", event="cancel",
-                                    claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now())
-                    result.tests.append(tid)
-                    tests_mine.append(tid)
-                elif _refused_before(t):
-                    reg.update_test(tid, claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now())
-                    result.tests.append(tid)
-                    tests_mine.append(tid)
+                _decide(t, t["test_id"], reg.update_test, tests_in_flight, tests_mine, result.tests)
     refused = _cancel_jobs(reg, ids, result)
     with reg.transaction():  # the claims of the rows whose jobs are cancelled are released
         for rid in mine:
@@ -151,6 +125,29 @@ def cancel(reg, ws, target: str, jobs_out: List[str] = None, wait_s: float = WAI
                         f"still run: run `ssflctl cancel {target}` again when the scheduler answers (`ssflctl status` "
                         "retries too)")
     return list(result.runs)
+
+
+def _decide(row: dict, key: str, update, in_flight: list, mine: list, out: list, on_cancel=None) -> None:
+    """One run's or test cell's cancel, inside the cancel's transaction (``update``: the registry's
+    update_run or update_test): one being submitted is marked so its submit cancels what it sends
+    (``in_flight``); one with a job is cancelled and claimed until its jobs are (``mine``: if this
+    process dies before that, the next reconcile finishes it, _finish_cancel); one whose earlier
+    cancel the scheduler refused is claimed to try again. ``out``: every one cancelled."""
+    if row["state"] == "submitting" and not _claim_abandoned(row):
+        update(key, state="cancelled", reason="cancelled by user while being submitted", event="cancel")
+        in_flight.append(key)
+    elif row["state"] in CANCELLABLE and row["job_id"]:
+        update(key, state="cancelled", reason="cancelled by user", event="cancel", claim_pid=os.getpid(),
+               claim_host=hostname(), claimed_at=now())
+        if on_cancel is not None:
+            on_cancel()
+        mine.append(key)
+    elif _refused_before(row):  # an earlier cancel the scheduler refused: this one tries again
+        update(key, claim_pid=os.getpid(), claim_host=hostname(), claimed_at=now())
+        mine.append(key)
+    else:
+        return
+    out.append(key)
 
 
 def _cancel_jobs(reg, run_ids: List[str], result: Cancelled) -> Dict[tuple, List[str]]:
