@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from ssflctl.commands.table import AlignedRows, print_table
 from ssflctl.errors import UserError
+from ssflctl.workdir.records import fmt_lr_trained
 
 COLUMNS = ["run", "loss", "dataset", "seed", "lr", "attempt", "state", "job", "gpus", "progress", "loss_val",
            "elapsed", "note"]
@@ -71,11 +72,12 @@ def _sacct_elapsed(txt: str) -> Optional[float]:
 
 
 def lineage(attempt, max_attempts: Optional[int]) -> str:
-    """'attempt 2/3 · lr 0.001 · after NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)'."""
+    """'attempt 2/3 · lr 0.001 · after NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)'; the lr is
+    the config's, with the one the optimizer trained at when it differs
+    ('lr 0.001→0.000125 (auto_scale_lr)', ``AttemptDir.lr_text``)."""
     bits = [f"attempt {attempt.n}/{max_attempts}" if max_attempts else f"attempt {attempt.n}"]
-    lr = attempt.info.lr
-    if lr is not None:
-        bits.append(f"lr {lr:g}")
+    if attempt.info.lr is not None:
+        bits.append(f"lr {attempt.lr_text()}")
     reason = attempt.info.reason
     if reason and reason != "first attempt":
         bits.append(str(reason))
@@ -168,7 +170,10 @@ def _query_note(items) -> None:
 
 
 def view(reg, ws, experiment: Optional[str] = None, cache=None) -> List[Dict[str, Any]]:
-    """Reconcile, then one dict per run with everything the table shows. ``cache``: a
+    """Reconcile, then one dict per run with everything the table shows (``--json`` prints them):
+    ``lr`` is the latest attempt's config lr (attempt.json), ``lr_effective`` the base lr its
+    optimizer trains at as the job measured it (None before the job's first logging point or when
+    not recorded) and ``lr_scale`` mmengine's auto_scale_lr factor (None when off). ``cache``: a
     :class:`~ssflctl.workdir.layout.RunDirCache` kept between calls (``--watch``): unchanged run
     directories are not read again. The cyclic garbage collector is paused while the run
     directories are read (ssflctl.gcpause; piped status of 5000 runs, A/B on 2 cores: 1.6-2.0 s -> 1.4-1.65 s)."""
@@ -209,11 +214,14 @@ def _view(reg, ws, experiment: Optional[str], cache) -> List[Dict[str, Any]]:
         lr = last.info.lr if last is not None else None
         if lr is None and run is not None:
             lr = run.run.params.get("lr", ax.get("lr"))
+        eff = last.effective_lr if last is not None else None
         train, test = d.get("train"), d.get("test")
         elapsed = _elapsed(run, train, state) if run is not None else None
         out.append({
             "run": row["run_id"], "experiment": row["experiment"], "loss": ax.get("loss", ""),
             "dataset": ax.get("dataset", ""), "seed": ax.get("seed", ""), "lr": lr,
+            "lr_effective": eff.effective if eff is not None else None,
+            "lr_scale": eff.scale if eff is not None else None,
             "attempt": last.n if last is not None else 0, "state": state, "job": row["job_id"] or "",
             "gpus": gpus_text(row.get("resources") or {}),
             "test_job": row.get("test_job_id") or "", "progress": prog.describe() if prog is not None else "",
@@ -243,13 +251,22 @@ def _test_items(cells: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
+def lr_cell(it: Dict[str, Any]) -> str:
+    """The lr column: the config's lr (``0.01``), or with the base lr the optimizer trains at when
+    the job measured another one (``0.01→0.00125 (auto_scale_lr)``); empty when unknown."""
+    lr = it["lr"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        return str(lr or "")
+    why = "auto_scale_lr" if it.get("lr_scale") is not None else "optimizer"
+    return fmt_lr_trained(lr, it.get("lr_effective"), why)
+
+
 def _rows(items):
     rows = []
     for it in items:
         lv = it["loss_val"]
-        lr = it["lr"]
         rows.append([it["run"], str(it["loss"]), str(it["dataset"]), str(it["seed"]),
-                     f"{lr:g}" if isinstance(lr, (int, float)) else str(lr or ""), str(it["attempt"] or ""),
+                     lr_cell(it), str(it["attempt"] or ""),
                      it["state"], it["job"], it["gpus"], it["progress"],
                      f"{lv:.4f}" if isinstance(lv, (int, float)) else ("" if lv is None else str(lv)),
                      it["elapsed"], it["note"]])

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 from ssflctl.backends.base import JobKind, JobStatus
 from ssflctl.workdir import layout
 from ssflctl.workdir.layout import AttemptDir, RunDir
-from ssflctl.workdir.records import OutcomeKind, RunState, fmt_lr, is_cuda_oom
+from ssflctl.workdir.records import OutcomeKind, RunState, is_cuda_oom
 
 #: sacct may not know a job for a moment after sbatch
 SCHEDULER_GRACE_S = 120
@@ -93,7 +93,7 @@ def files_verdict(run: RunDir) -> Optional[Verdict]:
     test = run.run.test
     out = last.outcome
     if last.has_metrics or (out is not None and out.done and not test):
-        return Verdict(RunState.DONE, f"attempt {last.n} at lr {fmt_lr(last.lr)}" if len(attempts) > 1 else "")
+        return Verdict(RunState.DONE, f"attempt {last.n} at lr {last.lr_text()}" if len(attempts) > 1 else "")
     if out is None or out.done:
         return None
     if out.outcome is OutcomeKind.NAN:

@@ -7,8 +7,9 @@ attempt directories through :mod:`ssflctl.workdir` (the one owner of that layout
 * :func:`train_run` trains the current attempt in-process with ``mmengine.runner.Runner``
   (``work_dir`` = the attempt directory, so mmengine's logs and checkpoints are where mmdet users
   look for them), writes ``progress.json`` at every logging interval and ``outcome.json`` at the
-  end. On a non-finite loss (``ssflctl.node.guard.NonFiniteLossError``) it asks
-  ``ssflctl.node.retry.decide`` and renders the next attempt (lower lr, from scratch or from the last
+  end, both with the base lr the optimizer really trains at (``effective_lr``: after mmengine's
+  ``auto_scale_lr``). On a non-finite loss (``ssflctl.node.guard.NonFiniteLossError``) it asks
+  ``ssflctl.node.retry.decide`` and renders the next attempt (lower config lr, from scratch or from the last
   clean checkpoint) inside the same job. Idempotent: an attempt with checkpoints and no outcome
   (requeue, preemption, time limit) resumes from its last checkpoint at the same lr; a finished
   attempt is not retrained. Raises :class:`TrainingFailed` when no attempt finished, so a Slurm
@@ -88,14 +89,24 @@ def _write_outcome(adir: Path, body: Dict[str, Any]) -> Dict[str, Any]:
 # hooks
 # --------------------------------------------------------------------------------------------
 def _progress_hook(attempt_dir: Path, interval: int):
-    """An mmengine Hook instance writing progress.json every ``interval`` iterations (rank 0)."""
+    """An mmengine Hook instance writing progress.json every ``interval`` iterations (rank 0).
+
+    At ``before_train`` (mmengine 0.10.7: the optimizer built and scaled by ``auto_scale_lr``, the
+    schedulers built, the checkpoint resumed, ``LrOverrideHook`` (VERY_HIGH) applied; this hook is
+    LOW) it measures the base lr the optimizer trains with
+    (:func:`ssflctl.node.lr_resume.effective_lr`) into ``.effective_lr`` (an
+    :class:`~ssflctl.workdir.records.EffectiveLr`, None when it could not be measured); every
+    progress.json carries it, and :func:`train_attempt` puts it in outcome.json."""
     from mmengine.hooks import Hook
+
+    from ssflctl.node.lr_resume import effective_lr
 
     class ProgressHook(Hook):
         priority = "LOW"
 
         def __init__(self):
             self.t0 = time.time()
+            self.effective_lr = None
 
         def _write(self, runner, iters_done: int, outputs=None):
             if not _is_main_process():
@@ -116,10 +127,20 @@ def _progress_hook(attempt_dir: Path, interval: int):
                 epoch=int(runner.epoch) + 1 if hasattr(loop, "max_epochs") else None,
                 max_epochs=getattr(loop, "max_epochs", None), iter=iters_done,
                 max_iters=getattr(loop, "max_iters", None), loss=loss, lr=lr,
-                time=round(time.time() - self.t0, 3), updated_at=_now()))
+                time=round(time.time() - self.t0, 3), updated_at=_now(), effective_lr=self.effective_lr))
 
         def before_train(self, runner):
             self.t0 = time.time()
+            try:
+                self.effective_lr = effective_lr(runner)
+            except Exception as err:  # noqa: BLE001 - a fact to show, never a reason to stop training
+                self.effective_lr = None
+                runner.logger.warning(f"ssflctl: the effective lr could not be measured: {err!r}")
+                return
+            eff = self.effective_lr
+            if eff.scale is not None:
+                runner.logger.info(f"ssflctl: optimizer base lr {eff.text()} (×{eff.scale:g}: total batch "
+                                   f"{eff.batch} / auto_scale_lr.base_batch_size {eff.base_batch})")
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
             # runner.iter counts iterations before this one; "iter" is written 1-based
@@ -268,6 +289,8 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
 
     Resumes from the attempt's own last checkpoint when there is one; else from the attempt's
     ``resume_from`` (another attempt's checkpoint); else starts fresh (or from ``load_from``).
+    The outcome carries ``effective_lr`` (the base lr the optimizer trained at, see
+    :func:`_progress_hook`) when training got as far as ``before_train``.
     """
     from mmengine.runner import Runner
 
@@ -290,15 +313,20 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
 
     interval = int(((cfg.get("default_hooks") or {}).get("logger") or {}).get("interval", 50) or 50)
     handler = None
+    progress = _progress_hook(adir, interval)
+
+    def measured() -> Dict[str, Any]:  # the base lr the optimizer trained at, for outcome.json
+        return {"effective_lr": progress.effective_lr.to_json()} if progress.effective_lr is not None else {}
+
     try:
         runner = Runner.from_cfg(cfg)
         handler = _rank_log(runner, adir, own, lr)
-        runner.register_hook(_progress_hook(adir, interval), priority="LOW")
+        runner.register_hook(progress, priority="LOW")
         runner.train()
     except NonFiniteLossError as err:
         rec = getattr(err, "record", None) or (AttemptDir(adir).nan.to_json() if AttemptDir(adir).nan else None)
         return _write_outcome(adir, {"outcome": "nan", "reason": str(err), "nan": rec,
-                                     "checkpoint": _name(latest_checkpoint(adir))})
+                                     "checkpoint": _name(latest_checkpoint(adir)), **measured()})
     except Exception as err:  # noqa: BLE001 - recorded, then the retry policy decides
         if _INTERRUPTED is not None:
             # submitit's signal handler requeued the job and raised SystemExit wherever training was;
@@ -308,12 +336,12 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
             raise SystemExit(-1) from err
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         return _write_outcome(adir, {"outcome": "failed", "reason": reason,
-                                     "checkpoint": _name(latest_checkpoint(adir))})
+                                     "checkpoint": _name(latest_checkpoint(adir)), **measured()})
     finally:
         if handler is not None:
             handler.close()
     return _write_outcome(adir, {"outcome": "done", "reason": "finished",
-                                 "checkpoint": _name(latest_checkpoint(adir))})
+                                 "checkpoint": _name(latest_checkpoint(adir)), **measured()})
 
 
 def _name(path: Optional[str]) -> Optional[str]:

@@ -13,10 +13,21 @@ How ``lr`` travels (YAML → optimizer; and on a NaN retry):
 override) → config.py ``optim_wrapper.optimizer.lr`` and attempt.json ``lr`` → mmengine builds the
 optimizer. On a NaN: ``retry.decide`` (lr × factor) → ``render.render_attempt`` → config.py (+ this
 hook with that lr when resuming a checkpoint) → mmengine → :class:`LrOverrideHook`.
+
+The lr in attempt.json and config.py is the config's. With ``auto_scale_lr.enable`` mmengine 0.10.7's
+``Runner.train`` multiplies every param group's lr by (world size × ``train_dataloader.batch_size``)
+/ ``auto_scale_lr.base_batch_size`` (``Runner.scale_lr``) before the schedulers store their base
+values, so the run trains at another base lr. :func:`effective_lr` measures it on the runner (the
+job's progress hook records it in progress.json and outcome.json); a NaN retry lowers the config's
+lr, which mmengine scales again. :class:`LrOverrideHook`'s multipliers are taken on the built,
+already scaled optimizer, so after a resume it keeps the scale factor too.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import math
+from typing import Any, List, Optional, Tuple
+
+from ssflctl.workdir.records import EffectiveLr
 
 try:
     from mmengine.hooks import Hook as _HookBase
@@ -38,6 +49,74 @@ def _schedulers(runner) -> List[Any]:
     if isinstance(ps, dict):
         return [s for v in ps.values() for s in v]
     return list(ps)
+
+
+def auto_scale_factor(runner) -> Optional[Tuple[float, int, int]]:
+    """``(factor, real total batch, base batch)`` of mmengine's linear lr scaling for ``runner``, or
+    None when ``auto_scale_lr`` is off (absent, or ``enable`` false).
+
+    The rule of mmengine 0.10.7's ``Runner.scale_lr`` (``mmengine/runner/runner.py``), recomputed:
+    the per-process batch is ``runner._train_dataloader``'s ``batch_size`` (the config dict, or a
+    built ``DataLoader``), the real batch ``runner.world_size`` × that, and the factor
+    ``float(real) / float(auto_scale_lr['base_batch_size'])``. Raises ``KeyError`` when auto_scale_lr
+    is on without ``base_batch_size`` (mmengine asserts the same before training)."""
+    asl = getattr(runner, "auto_scale_lr", None)
+    if asl is None or not asl.get("enable", False):
+        return None
+    real = _total_batch(runner)
+    base = int(asl["base_batch_size"])
+    return float(real) / float(base), real, base
+
+
+def _total_batch(runner) -> int:
+    """World size × the per-process ``batch_size`` of the train dataloader, as ``Runner.scale_lr``
+    reads it (mmengine 0.10.7: ``runner._train_dataloader``, a config dict or a ``DataLoader``)."""
+    loader = getattr(runner, "_train_dataloader", None)
+    if isinstance(loader, dict):
+        per = loader["batch_size"]
+    else:
+        per = getattr(loader, "batch_size", None)
+        if per is None:
+            per = runner.train_dataloader.batch_size
+    return int(runner.world_size) * int(per)
+
+
+def effective_lr(runner) -> EffectiveLr:
+    """The base lr ``runner``'s (first) optimizer trains with: an
+    :class:`~ssflctl.workdir.records.EffectiveLr`, all lrs in the optimizer's units.
+
+    Call it once the optimizer is built and scaled and any resume is done (a hook's
+    ``before_train``, after :class:`LrOverrideHook`). ``config`` is ``optimizer.defaults['lr']``,
+    which mmengine's ``scale_lr`` leaves as the config gave it; each param group's base lr is its
+    ``initial_lr`` (set by the first param scheduler, before the schedule's warmup moves ``lr``),
+    else its ``lr``. ``effective`` is ``config`` × the auto_scale_lr factor (:func:`auto_scale_factor`;
+    1 when off) when some group carries exactly that base lr (every group without a
+    ``paramwise_cfg`` multiplier does), else the first group's base lr (a resume restored another lr,
+    or every group has a multiplier). Raises ``AttributeError``/``KeyError`` on a runner without a
+    built optimizer."""
+    opt = _optimizers(runner)[0]
+    config = opt.defaults.get("lr")
+    config = None if config is None else float(config)
+    bases = [float(g.get("initial_lr", g["lr"])) for g in opt.param_groups]
+    scaled = auto_scale_factor(runner)
+    factor = scaled[0] if scaled is not None else 1.0
+    expected = None if config is None else config * factor
+    if expected is not None and any(math.isclose(b, expected, rel_tol=1e-9) for b in bases):
+        eff = expected
+    else:
+        eff = bases[0] if bases else expected
+    if scaled is not None:
+        batch, base = scaled[1], scaled[2]
+    else:  # auto_scale_lr off: the batch and the config's base still say whether the lr fits
+        try:
+            batch = _total_batch(runner)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            batch = None
+        asl = getattr(runner, "auto_scale_lr", None)
+        base = asl.get("base_batch_size") if isinstance(asl, dict) else None
+    return EffectiveLr(config=config, effective=eff, scale=scaled[0] if scaled else None, batch=batch,
+                       base_batch=None if base is None else int(base),
+                       world_size=int(getattr(runner, "world_size", 1) or 1))
 
 
 def lr_multipliers(runner) -> List[float]:

@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional
 from ssflctl.workdir import checkpoints, mmlogs as logs
 from ssflctl.workdir import retry_policy as _policy
 from ssflctl.workdir.layout import AttemptDir
-from ssflctl.workdir.records import NanRecord, is_cuda_oom
+from ssflctl.workdir.records import EffectiveLr, NanRecord, is_cuda_oom, lr_differs
 
 # The policy itself is part of run.json's contract: one pydantic model, in ssflctl.workdir.
 RetryPolicy = _policy.RetryPolicy
@@ -66,11 +66,31 @@ def _nan_info(attempt_dir: Path, outcome: Dict[str, Any]) -> Dict[str, Any]:
     return rec or {}
 
 
-def nan_phrase(rec: Dict[str, Any], lr=None) -> str:
-    """``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)`` (:meth:`NanRecord.describe`)."""
+def nan_phrase(rec: Dict[str, Any], lr=None, effective: Optional[EffectiveLr] = None) -> str:
+    """``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)`` (:meth:`NanRecord.describe`); with the
+    attempt's :class:`~ssflctl.workdir.records.EffectiveLr` when the optimizer trained at another base
+    lr: ``(lr 0.01→0.00125 by auto_scale_lr)``."""
     if rec.get("key") and not rec.get("loss_key"):
         rec = dict(rec, loss_key=rec["key"])
-    return (NanRecord.from_json(rec) or NanRecord()).describe(lr)
+    return (NanRecord.from_json(rec) or NanRecord()).describe(lr, effective)
+
+
+def _effective(attempt_dir: Path, outcome: Dict[str, Any]) -> Optional[EffectiveLr]:
+    """The base lr the attempt trained at: the outcome's ``effective_lr``, else the attempt's files'."""
+    got = EffectiveLr.from_json((outcome or {}).get("effective_lr"))
+    return got if got is not None else AttemptDir(attempt_dir).effective_lr
+
+
+def _lr_facts(lr: float, new_lr: float, eff: Optional[EffectiveLr], lowered: bool) -> Dict[str, Any]:
+    """Decision.details["lr"]: which lr the retry changes (``lowered``: ``"config"``, the config's
+    ``optim_wrapper.optimizer.lr`` that attempt.json records, or None when it is kept) and what the
+    optimizer makes of it (``effective``, ``scale``: mmengine's auto_scale_lr factor, applied to the
+    new config lr too: ``new_effective``). Empty without a measured :class:`EffectiveLr`."""
+    if eff is None or eff.effective is None:
+        return {}
+    factor = eff.scale if eff.scale is not None else (eff.effective / lr if lr else 1.0)
+    return {"lowered": "config" if lowered else None, "config": lr, "new_config": new_lr,
+            "effective": eff.effective, "scale": eff.scale, "new_effective": float(f"{new_lr * factor:.12g}")}
 
 
 def first_nan_iter(rec: Dict[str, Any]) -> Optional[int]:
@@ -102,7 +122,11 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
 
     * done → stop.
     * nan → retry at ``lr × factor`` (``on_nan: lower_lr``) or the same lr (``retry``) while
-      attempts are left, from scratch or from :func:`clean_checkpoint`; else stop.
+      attempts are left, from scratch or from :func:`clean_checkpoint`; else stop. ``lr`` and the
+      new lr are config lrs (attempt.json); when the attempt's ``effective_lr`` (outcome.json or
+      progress.json) shows mmengine's auto_scale_lr trained it at another base lr, the reason names
+      both (``(lr 0.01→0.00125 by auto_scale_lr)``) and says the config lr is the one lowered, and
+      ``details["lr"]`` has the numbers (:func:`_lr_facts`).
     * preempted / timeout → resume the same attempt at the same lr from its latest checkpoint.
     * node_fail → resume (resubmit) at the same lr from the latest checkpoint.
     * failed (exception, OOM) → stop with its reason (no lr change); ``on_error: retry`` retries
@@ -127,7 +151,8 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
 
     if kind == "nan":
         rec = _nan_info(attempt_dir, outcome)
-        phrase = nan_phrase(rec, lr)
+        eff = _effective(attempt_dir, outcome)
+        phrase = nan_phrase(rec, lr, eff)
         if policy.on_nan == "fail":
             return Decision("stop", lr, None, f"{phrase}; on_nan is fail", {"nan": rec})
         if fp16_overflow(rec):
@@ -145,8 +170,14 @@ def decide(policy: RetryPolicy, attempt_dir, attempt: int, lr: float,
         if policy.from_ == "checkpoint":
             resume_from = clean_checkpoint(attempt_dir, first_nan_iter(rec))
             note = "" if resume_from else "; no checkpoint saved before the NaN, from scratch"
+        lowered = policy.on_nan == "lower_lr"
+        facts = _lr_facts(lr, new_lr, eff, lowered)
+        if lowered and eff is not None and eff.scale is not None and lr_differs(lr, eff.effective):
+            # the new lr is a config lr, which mmengine scales again at the next Runner.train
+            note += f"; the config lr is lowered (auto_scale_lr ×{eff.scale:g} applies to it again)"
         return Decision("retry", new_lr, resume_from, f"after {phrase}{note}",
-                        {"nan": rec, "from": "checkpoint" if resume_from else "scratch"})
+                        {"nan": rec, "from": "checkpoint" if resume_from else "scratch",
+                         **({"lr": facts} if facts else {})})
 
     if kind in ("preempted", "timeout", "requeued"):
         what = {"preempted": "preemption", "timeout": "time limit", "requeued": "requeue"}[kind]

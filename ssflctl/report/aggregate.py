@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ssflctl.errors import UserError
-from ssflctl.report.collect import COCO_METRICS, VOC_METRIC
+from ssflctl.report.collect import COCO_METRICS, VOC_METRIC, lr_text
+from ssflctl.workdir.records import lr_differs
 
 SEED_AXIS = "seed"
 NO_VOC = "n/a (no VOCMetric)"
@@ -25,7 +26,9 @@ PROVENANCE_COLS = ("result_split", "result_timestamp", "result_epoch", "result_i
                    "result_pick", "result_file", "config_file", "optimizer", "batch_size", "max_epochs",
                    "max_iters")
 LONG_FIXED = ("experiment", "run_id", "name", "source", "state", "reason", "attempts", "attempt", "lr",
-              "metric", "class", "value", "evaluator", "note", "cfg", "retried") + PROVENANCE_COLS
+              "lr_effective", "lr_scale", "metric", "class", "value", "evaluator", "note", "cfg", "retried") + PROVENANCE_COLS
+#: the long frame's columns after "lr" when some attempt trained at another base lr (auto_scale_lr)
+EFFECTIVE_LR_COLS = ("lr_effective", "lr_scale")
 SEGM = "segm "  # prefix of the COCO segm metric names ("segm AP", ...); bbox names are bare
 SEGM_METRICS = tuple(SEGM + m for m in COCO_METRICS)
 IOU_TYPES = ("bbox", "segm", "both")
@@ -250,10 +253,6 @@ def pct(x: float) -> str:
     return f"{x * 100:.1f}"
 
 
-def _fmt_lr(lr) -> str:
-    return "?" if lr is None else f"{lr:g}"
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -329,6 +328,12 @@ def long_frame(records: list, metrics: list, by: list):
     """One row per run and metric (bbox metrics, then per-class AP as metric 'class_AP').
     Runs without numbers get one row per metric with an empty value, so nothing disappears.
 
+    ``lr`` is the config lr of the attempt the numbers come from (else the last one). When some
+    such attempt trained at another base lr (mmengine's auto_scale_lr, as the job recorded it), the
+    columns ``lr_effective`` (that base lr; NaN where not recorded) and ``lr_scale`` (the factor;
+    NaN when off or not recorded) follow ``lr``; without one the frame has neither (the CSV and
+    JSON of runs without auto_scale_lr are unchanged).
+
     Built as a frame of one row per run (its columns typed once, on a row per run) repeated by
     ``DataFrame.take`` for its rows, beside the four columns that vary per row (metric, class,
     value, note): at 5000 runs x 56 rows, typing the per-run columns row by row cost 0.3 s."""
@@ -343,23 +348,27 @@ def long_frame(records: list, metrics: list, by: list):
     # the dataset axis is the "dataset" column ("" when a run has none); other axes keep their names
     axis_cols = {a: (a if a not in LONG_FIXED else f"axis_{a}") for a in axes if a != DATASET_AXIS}
     prov = any(r.get("source") == "workdir" for r in records)  # outside work dirs: say where numbers come from
+    shown = [_shown_attempt(r) for r in records]
+    scaled = any(a is not None and lr_differs(a.get("lr"), a.get("lr_effective")) for a in shown)
     order = ("experiment", "run_id", "name", "source", "dataset", *axis_cols.values(), "cfg", "state", "reason",
-             "attempts", "attempt", "lr", "retried", "metric", "class", "value", "evaluator", "note",
-             *(PROVENANCE_COLS if prov else ()))
+             "attempts", "attempt", "lr", *(EFFECTIVE_LR_COLS if scaled else ()), "retried", "metric", "class",
+             "value", "evaluator", "note", *(PROVENANCE_COLS if prov else ()))
     per_row = ("metric", "class", "value", "note")
     cols = {c: [] for c in order if c not in per_row}   # one entry per run
     rows_of = {c: [] for c in per_row}                   # one entry per row
     counts = []
-    for r in records:
+    for r, att in zip(records, shown):
         fin = r.get("final")
-        att = next((a for a in r["attempts"] if a["attempt"] == fin), None)
-        lr = att["lr"] if att else (r["attempts"][-1]["lr"] if r["attempts"] else None)
+        lr = att["lr"] if att else None
         retried = bool(fin and fin > 1 and any(a.get("state") == "nan" for a in r["attempts"]))
         base = {
             "experiment": r["experiment"], "run_id": r["run_id"], "name": r["name"], "source": r["source"],
             "cfg": r["_cfg"], "dataset": r["_ds"], "state": r["state"], "reason": r["reason"],
             "attempts": len(r["attempts"]), "attempt": fin, "lr": lr, "retried": retried,
         }
+        if scaled:
+            base["lr_effective"] = att.get("lr_effective") if att else None
+            base["lr_scale"] = att.get("lr_scale") if att else None
         for a, c in axis_cols.items():
             base[c] = r["axes"].get(a)
         if prov:
@@ -375,7 +384,8 @@ def long_frame(records: list, metrics: list, by: list):
         for c, vals in zip(per_row, zip(*rows)):
             rows_of[c].extend(vals)
     runs = pd.DataFrame({c: pd.Series(v, dtype="object") if c == "cfg" else v for c, v in cols.items()})
-    runs["lr"] = runs["lr"].astype("float64")
+    for c in ("lr", *(EFFECTIVE_LR_COLS if scaled else ())):
+        runs[c] = runs[c].astype("float64")
     for c in [*axis_cols.values(), "attempts", "attempt"]:
         types = set(map(type, cols[c])) - {type(None)}
         if types == {int}:
@@ -385,6 +395,13 @@ def long_frame(records: list, metrics: list, by: list):
         df[c] = rows_of[c]
     df["value"] = df["value"].astype("float64")
     return df[list(order)]
+
+
+def _shown_attempt(r: dict) -> Optional[dict]:
+    """The attempt record whose lr a run's rows show: the one its numbers come from, else the last."""
+    fin = r.get("final")
+    att = next((a for a in r["attempts"] if a["attempt"] == fin), None)
+    return att if att is not None else (r["attempts"][-1] if r["attempts"] else None)
 
 
 def _metric_rows(r: dict, m: Optional[dict], metrics: list) -> list:
@@ -736,7 +753,7 @@ def _retried_runs(ctx: _Ctx) -> list:
         for a in atts:
             st = a.get("state") or "?"
             why = a.get("reason") or ""
-            steps.append(f"attempt {a['attempt']} lr {_fmt_lr(a['lr'])}: {st}{' (' + why + ')' if why and st != 'done' else ''}")
+            steps.append(f"attempt {a['attempt']} lr {lr_text(a)}: {st}{' (' + why + ')' if why and st != 'done' else ''}")
         retries.append(f"{r['run_id'] or r['name']}: " + " → ".join(steps))
     return retries
 

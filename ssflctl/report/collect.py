@@ -7,7 +7,7 @@ fast, so it reads small JSON files directly and builds nothing per run but dicts
 {"run_id", "experiment", "name", "axes": {...}, "source": "ssflctl"|"workdir",
  "state": "done"|"pending"|"queued"|"running"|"failed"|"cancelled"|"unknown"|"missing",
  "reason": "one line", "run_dir": str|None,
- "attempts": [{"attempt", "lr", "state", "reason", "dir", "nan": {...}|None}],
+ "attempts": [{"attempt", "lr", "lr_effective", "lr_scale", "state", "reason", "dir", "nan": {...}|None}],
  "final": attempt number the metrics come from, or None,
  "metrics": {"bbox": {AP..ARl[, "VOC mAP@0.5"]: fraction|None}, "per_class": {...}, "evaluator": str}
             or None,
@@ -17,6 +17,10 @@ Outside work dirs (source "workdir", report/mmdet_workdir.py) add "segm" to "met
 run has mask numbers, "provenance" (timestamp, split, epoch/iter, checkpoint, pick), "config"
 (the training run's seed, lr, optimizer, batch size, max epochs) and "progress", and may have the
 states "unfinished" (with numbers) and "unreadable" (reason says why).
+
+An attempt's "lr" is its config lr (attempt.json); "lr_effective" the base lr its optimizer trained
+at as the job measured it (progress.json/outcome.json ``effective_lr``: after mmengine's
+auto_scale_lr) and "lr_scale" mmengine's auto_scale_lr factor, both None when not recorded (or off).
 """
 from __future__ import annotations
 
@@ -160,8 +164,23 @@ def _attempt_record(a) -> dict:
         reason = a.progress.short()
     if nan is not None and a.outcome is None and not a.has_metrics:
         state, reason = "nan", nan.describe()
-    return {"attempt": a.n, "lr": a.lr, "dir": str(a.path), "why": a.info.reason or "", "state": state,
-            "reason": reason, "nan": nan.to_json() if nan is not None else None, "has_metrics": a.has_metrics}
+    eff = a.effective_lr
+    return {"attempt": a.n, "lr": a.lr, "lr_effective": eff.effective if eff is not None else None,
+            "lr_scale": eff.scale if eff is not None else None, "dir": str(a.path), "why": a.info.reason or "",
+            "state": state, "reason": reason, "nan": nan.to_json() if nan is not None else None,
+            "has_metrics": a.has_metrics}
+
+
+def lr_text(a: dict) -> str:
+    """An attempt record's lr for a text view: its config lr (``0.01``; ``?`` unknown), or with the
+    base lr its optimizer trained at when the job measured another one
+    (``0.01→0.00125 (auto_scale_lr)``, :func:`ssflctl.workdir.records.fmt_lr_trained`)."""
+    from ssflctl.workdir.records import fmt_lr, fmt_lr_trained
+
+    eff = a.get("lr_effective")
+    if eff is None:
+        return fmt_lr(a.get("lr"))
+    return fmt_lr_trained(a.get("lr"), eff, "auto_scale_lr" if a.get("lr_scale") is not None else "optimizer")
 
 
 def _metrics_from_file(path: str) -> Optional[dict]:
@@ -244,7 +263,8 @@ def _merge_registry_attempts(rec: dict, reg: dict) -> dict:
     for ra in reg.get("attempts") or []:
         a = by_n.get(ra.get("attempt"))
         if a is None:
-            rec["attempts"].append({"attempt": ra.get("attempt"), "lr": _float_or_none(ra.get("lr")), "dir": None,
+            rec["attempts"].append({"attempt": ra.get("attempt"), "lr": _float_or_none(ra.get("lr")),
+                                    "lr_effective": None, "lr_scale": None, "dir": None,
                                     "why": "", "state": ra.get("state"), "reason": ra.get("reason") or "",
                                     "nan": None, "has_metrics": False})
             continue

@@ -13,7 +13,7 @@ import math
 import re
 from pathlib import Path
 
-from ssflctl.report.collect import loss_curves
+from ssflctl.report.collect import loss_curves, lr_text
 
 SEED_AXIS = "seed"
 
@@ -299,7 +299,9 @@ def loss_figure(plt, recs):
                 bad.append(nan_iter)
             if not finite and not bad:
                 continue
-            lbl = f"{who} · attempt {att} · lr {lr:g}" if lr is not None else f"{who} · attempt {att}"
+            a = next((x for x in r.get("attempts") or [] if x.get("attempt") == att), None)
+            lbl = f"{who} · attempt {att} · lr {lr_text(a) if a else f'{lr:g}'}" if lr is not None \
+                else f"{who} · attempt {att}"
             series.append((lbl, "-" if att == shown else "--", f"C{ri % 10}", finite, bad,
                            finite[-1][1] if finite else None))
     if not series:

@@ -31,8 +31,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ssflctl import atomic
 from ssflctl.workdir import checkpoints
-from ssflctl.workdir.records import (AttemptInfo, NanRecord, Outcome, Progress, Recovery, RunRecord,
-                                     recovery_list)
+from ssflctl.workdir.records import (AttemptInfo, EffectiveLr, NanRecord, Outcome, Progress, Recovery,
+                                     RunRecord, fmt_lr, recovery_list)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -175,10 +175,29 @@ class AttemptDir(_WorkDir):
 
     @property
     def lr(self) -> Optional[float]:
-        """The lr this attempt trains at (attempt.json), else the NaN record's."""
+        """The config's lr of this attempt (attempt.json: the one a NaN retry lowers), else the NaN
+        record's. What the optimizer really trained at is :attr:`effective_lr`."""
         if self.info.lr is not None:
             return self.info.lr
         return self.nan.lr if self.nan is not None else None
+
+    @property
+    def effective_lr(self) -> Optional[EffectiveLr]:
+        """The base lr the job measured once the optimizer was built (after mmengine's
+        auto_scale_lr and any resume): progress.json's, else outcome.json's; None before the job's
+        first logging point or outcome, or from an ssflctl that did not record it."""
+        prog = self.progress
+        if prog is not None and prog.effective_lr is not None:
+            return prog.effective_lr
+        return self.outcome.effective_lr if self.outcome is not None else None
+
+    def lr_text(self, paren: bool = True) -> str:
+        """This attempt's lr for a text view: ``0.01``, or ``0.01→0.00125 (auto_scale_lr)`` when the
+        optimizer trained at another base lr (:func:`~ssflctl.workdir.records.fmt_lr_trained`)."""
+        eff = self.effective_lr
+        if eff is None:
+            return fmt_lr(self.lr)
+        return eff.text(self.lr, paren=paren)
 
     # ------------------------------------------------------------------ derived facts
     @property

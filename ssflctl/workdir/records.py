@@ -12,6 +12,7 @@ run.json             :class:`RunRecord`          ``ssflctl submit`` (login node)
 attempt.json         :class:`AttemptInfo`        the renderer (login node, or the node on a retry)
 progress.json        :class:`Progress`           the job, every logging interval (rank 0)
 outcome.json         :class:`Outcome`            the job, once, when the attempt ends (rank 0)
+(both, nested)       :class:`EffectiveLr`        the job: the base lr the optimizer really has
 nan.json             :class:`NanRecord`          the NaN guard, when it trips
 recovery.json        list of :class:`Recovery`   the job: interruptions and resumes (rank 0)
 metrics.json         dict (docs/design.md)       the test step
@@ -20,6 +21,7 @@ metrics.json         dict (docs/design.md)       the test step
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -99,6 +101,27 @@ def fmt_lr(lr: Any) -> str:
     return f"{lr:g}" if isinstance(lr, (int, float)) and not isinstance(lr, bool) else ("?" if lr is None else str(lr))
 
 
+def lr_differs(lr: Any, effective: Any) -> bool:
+    """Whether ``effective`` (the lr the optimizer trained with) is another number than ``lr`` (the
+    config's): both numbers, not equal to a relative 1e-9 (a float product such as 0.01 × 1.0 is
+    the same lr)."""
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, effective))
+    return ok and not math.isclose(float(lr), float(effective), rel_tol=1e-9, abs_tol=0.0)
+
+
+def fmt_lr_trained(lr: Any, effective: Any = None, why: Optional[str] = "auto_scale_lr", paren: bool = True) -> str:
+    """An attempt's lr for a text view: the config's ``lr`` alone (:func:`fmt_lr`) when the
+    optimizer trained with it (or nothing was recorded), else both with an arrow:
+    ``0.01→0.00125 (auto_scale_lr)``; ``paren=False``: ``0.01→0.00125 by auto_scale_lr`` (inside
+    a sentence that is in parentheses already). ``why`` None: no tail (``0.01→0.00125``)."""
+    if not lr_differs(lr, effective):
+        return fmt_lr(lr)
+    text = f"{fmt_lr(lr)}→{fmt_lr(effective)}"
+    if why:
+        text += f" ({why})" if paren else f" by {why}"
+    return text
+
+
 class _Record:
     """from_json/to_json for flat dataclasses; unknown keys are kept in ``extra``."""
 
@@ -141,11 +164,63 @@ class _Record:
 
 
 @dataclass
+class EffectiveLr(_Record):
+    """The base lr the optimizer trains with, as the job measured it (progress.json and
+    outcome.json ``effective_lr``; rank 0 writes it, the login side only reads it).
+
+    mmengine scales the config's lr at ``Runner.train`` when ``auto_scale_lr.enable`` is true
+    (``Runner.scale_lr``, mmengine 0.10.7: every param group's lr × real total batch /
+    ``auto_scale_lr.base_batch_size``, the real batch being world size × ``train_dataloader.batch_size``),
+    so attempt.json's ``lr`` (the config's ``optim_wrapper.optimizer.lr``) is not what the run
+    trains at. Fields (lrs are plain learning rates, batches counts of images per optimizer step):
+
+    * ``config``: the optimizer's configured lr (``optimizer.defaults['lr']``: the config's, unscaled);
+    * ``effective``: the base lr the optimizer trains with once built, scaled and resumed: the
+      param groups' ``initial_lr`` (``lr`` without a schedule), i.e. before the schedule's warmup
+      and decay (see ``ssflctl.node.lr_resume.effective_lr`` for the rule with ``paramwise_cfg``);
+    * ``scale``: mmengine's factor (total / base), None when auto_scale_lr is off;
+    * ``batch``: the real total batch (``world_size`` × per-GPU batch), ``base_batch``:
+      ``auto_scale_lr.base_batch_size`` (None when the config has none); ``world_size``: processes.
+    """
+    config: Optional[float] = None
+    effective: Optional[float] = None
+    scale: Optional[float] = None
+    batch: Optional[int] = None
+    base_batch: Optional[int] = None
+    world_size: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+    _CONVERT = {"config": _f, "effective": _f, "scale": _f, "batch": _i, "base_batch": _i, "world_size": _i}
+
+    @property
+    def why(self) -> str:
+        """What made ``effective`` differ from the config's lr: ``auto_scale_lr`` when mmengine
+        scaled it, else ``optimizer`` (e.g. a resume that restored another attempt's lr)."""
+        return "auto_scale_lr" if self.scale is not None else "optimizer"
+
+    def text(self, lr: Any = None, paren: bool = True) -> str:
+        """``0.01→0.00125 (auto_scale_lr)`` (:func:`fmt_lr_trained`) against ``lr`` (the
+        attempt's config lr; default :attr:`config`)."""
+        return fmt_lr_trained(self.config if lr is None else lr, self.effective, self.why, paren)
+
+
+def _nested(to_json: Dict[str, Any], name: str, value: Optional["_Record"]) -> Dict[str, Any]:
+    """``to_json`` with record ``name`` as its own JSON, or without the key when it is None (a file
+    written before the field existed stays byte-identical)."""
+    if value is None:
+        to_json.pop(name, None)
+    else:
+        to_json[name] = value.to_json()
+    return to_json
+
+
+@dataclass
 class NanRecord(_Record):
     """nan.json (the guard's record) or outcome.json's ``nan``: where the loss went non-finite.
 
     ``source`` is None for the guard's exact record, ``"scalars"``/``"text_log"`` for one found in
     mmengine's logs (then ``iter`` is the logging point and ``last_finite_iter`` the one before).
+    ``lr`` is the optimizer's *current* lr at that iteration (after mmengine's auto_scale_lr and the
+    schedule), not attempt.json's config lr.
     """
     iter: Optional[int] = None
     epoch: Optional[int] = None
@@ -165,8 +240,13 @@ class NanRecord(_Record):
         raw = self.nonfinite.get(key) or self.extra.get("value") or "nan"
         return {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}.get(str(raw), "NaN")
 
-    def describe(self, lr: Optional[float] = None) -> str:
-        """The one NaN sentence everywhere: ``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)``."""
+    def describe(self, lr: Optional[float] = None, effective: Optional["EffectiveLr"] = None) -> str:
+        """The one NaN sentence everywhere: ``NaN in loss_cls at epoch 3 iter 1234 (lr 0.01)``.
+
+        ``lr``: the lr to name (the retry passes attempt.json's config lr), default the record's
+        own (the optimizer's current one). ``effective`` (with ``lr``): the attempt's
+        :class:`EffectiveLr`; when the optimizer trained at another base lr the sentence names
+        both, ``(lr 0.01→0.00125 by auto_scale_lr)``."""
         text = f"{self.kind} in {self.loss_key or 'loss'}"
         where = []
         if self.epoch is not None:
@@ -177,7 +257,8 @@ class NanRecord(_Record):
             text += " at " + " ".join(where)
         used = lr if lr is not None else self.lr
         if used is not None:
-            text += f" (lr {fmt_lr(used)})"
+            trained = effective.effective if effective is not None and lr is not None else None
+            text += f" (lr {fmt_lr_trained(used, trained, effective.why if effective else None, paren=False)})"
         return text
 
     def first_iter(self) -> Optional[int]:
@@ -197,14 +278,16 @@ class Outcome(_Record):
     checkpoint: Optional[str] = None
     log_tail: str = ""
     finished_at: Optional[str] = None
+    #: the base lr the attempt trained at (:class:`EffectiveLr`; None when the training never began)
+    effective_lr: Optional[EffectiveLr] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     _CONVERT = {"outcome": OutcomeKind.parse, "nan": NanRecord.from_json, "reason": lambda v: str(v or ""),
-                "log_tail": lambda v: str(v or "")}
+                "log_tail": lambda v: str(v or ""), "effective_lr": EffectiveLr.from_json}
 
     def to_json(self) -> Dict[str, Any]:
         out = super().to_json()
         out["nan"] = self.nan.to_json() if self.nan is not None else None
-        return out
+        return _nested(out, "effective_lr", self.effective_lr)
 
     @property
     def done(self) -> bool:
@@ -221,7 +304,8 @@ class Outcome(_Record):
 
 @dataclass
 class Progress(_Record):
-    """progress.json: the job's last logging point (rank 0)."""
+    """progress.json: the job's last logging point (rank 0). ``lr`` is the optimizer's current lr
+    there (after mmengine's auto_scale_lr and the schedule); ``effective_lr`` its base lr."""
     epoch: Optional[int] = None
     max_epochs: Optional[int] = None
     iter: Optional[int] = None
@@ -230,8 +314,15 @@ class Progress(_Record):
     lr: Optional[float] = None
     time: Optional[float] = None
     updated_at: Optional[str] = None
+    #: the base lr the optimizer trains with (:class:`EffectiveLr`, measured once at the start of
+    #: training); ``lr`` above is the current one (after the schedule) at this logging point
+    effective_lr: Optional[EffectiveLr] = None
     extra: Dict[str, Any] = field(default_factory=dict)
-    _CONVERT = {"epoch": _i, "max_epochs": _i, "iter": _i, "max_iters": _i, "loss": _f, "lr": _f, "time": _f}
+    _CONVERT = {"epoch": _i, "max_epochs": _i, "iter": _i, "max_iters": _i, "loss": _f, "lr": _f, "time": _f,
+                "effective_lr": EffectiveLr.from_json}
+
+    def to_json(self) -> Dict[str, Any]:
+        return _nested(super().to_json(), "effective_lr", self.effective_lr)
 
     def short(self) -> str:
         """'epoch 3/12', else 'iter 120/480' (the report's note)."""
@@ -282,7 +373,11 @@ class Recovery(_Record):
 
 @dataclass
 class AttemptInfo(_Record):
-    """attempt.json: what the job needs to run attempt ``attempt`` (written before launch)."""
+    """attempt.json: what the job needs to run attempt ``attempt`` (written before launch).
+
+    ``lr`` is the config's lr (``optim_wrapper.optimizer.lr`` in config.py): the one a NaN retry
+    lowers (× ``retry.factor``). With ``auto_scale_lr`` mmengine trains at another base lr, which the
+    job records in progress.json/outcome.json (:class:`EffectiveLr`, ``AttemptDir.effective_lr``)."""
     run_id: Optional[str] = None
     attempt: Optional[int] = None
     config: Optional[str] = None
