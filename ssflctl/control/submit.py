@@ -213,7 +213,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         if result.tests_submitted:  # the test cells: one more backend call, after their trainings
             try:
                 testcells.drop_cancelled(reg, result.tests, sid)
-                tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns)
+                tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns, sid=sid)
             except BaseException as exc:
                 testcells.release(reg, result.tests, exc)
                 raise
