@@ -100,11 +100,13 @@ def claim(reg, exp_name: str, runs, run_items, sid: str, kind: str) -> List[Test
 
 
 def send(backend, ws: Path, items: List[TestItem], run_ids: Dict[str, Dict[str, Any]], folder: Path,
-         options: Dict[str, Any], fns: Optional[Dict[str, str]] = None, sid: Optional[str] = None) -> Dict[str, str]:
+         options: Dict[str, Any], fns: Optional[Dict[str, str]] = None, sid: Optional[str] = None,
+         kind: Optional[str] = None) -> Dict[str, str]:
     """Write each claimed cell's claim (``test_jobs.json``: this submission, no job yet; what a
     rebuilt registry knows an interrupted submit from) and definition (``runs/<id>/tests/<test_id>.json``),
     then send the test jobs in one backend call; ``run_ids`` are the train job ids of this
-    submission (``folder``: its folder, ``sid``: its id, by default the folder's name)."""
+    submission (``folder``: its folder, ``sid``: its id, by default the folder's name; ``kind``: the
+    backend's registered name, as the registry keeps it, by default ``backend.name``)."""
     from ssflctl.registry.store import hostname, now
 
     sid = sid or Path(folder).name
@@ -116,7 +118,7 @@ def send(backend, ws: Path, items: List[TestItem], run_ids: Dict[str, Dict[str, 
     t = now()
     for it in sending:
         claims.setdefault(it.run.run_id, []).append({
-            "submission_id": sid, "backend": backend.name, "test_id": it.test.test_id, "job_id": None,
+            "submission_id": sid, "backend": kind or backend.name, "test_id": it.test.test_id, "job_id": None,
             "after": it.after, "claim_pid": os.getpid(), "claim_host": hostname(), "claimed_at": t})
     for rid, entries in claims.items():
         RunDir.of(ws, rid).record_test_jobs(entries)
@@ -163,12 +165,12 @@ def record(reg, items: List[TestItem], ids: Dict[str, str], sid: Optional[str] =
     sent = [it for it in items if it.action == "submit"]
     for it in sent:
         it.job_id = ids[it.test.test_id]
-    if sid is not None:  # test_jobs.json first: what a rebuilt registry knows the jobs from
+    if sid is not None:  # test_jobs.json first (merged into send's claim): what a rebuilt registry knows
         by_run: Dict[str, List[Dict[str, Any]]] = {}
         for it in sent:
             by_run.setdefault(it.run.run_id, []).append({
-                "submission_id": sid, "backend": getattr(backend, "name", None), "test_id": it.test.test_id,
-                "job_id": it.job_id, "after": it.after, "submitted_at": t})
+                "submission_id": sid, "test_id": it.test.test_id, "job_id": it.job_id, "after": it.after,
+                "submitted_at": t})
         for rid, entries in by_run.items():
             RunDir.of(reg.ws, rid).record_test_jobs(entries)
     lost = []
