@@ -248,6 +248,38 @@ def test_damaged_registry_is_rebuilt_from_the_run_directories(crash):
     assert len(list(ws.glob("registry.sqlite.damaged-*"))) >= 1
 
 
+def test_damaged_registry_is_rebuilt_with_its_test_cells(crash):
+    """test_matrix: the cells come back with their test jobs (runs/<id>/test_jobs.json); the next submit
+    asks Slurm about them first: the cell whose job was cancelled is sent again, once, after its run's
+    train job; the others, still queued, are not."""
+    ws, name = crash["ws"], crash["name"]
+    crash["path"].write_text(crash["path"].read_text() + "test_matrix:\n  model.test_cfg.score_thr: [0.05, 0.5]\n")
+    rc, out, err = run(crash, "submit", crash["path"])
+    assert rc == 0, err
+    with Registry(ws) as reg:
+        before = {r["test_id"]: (r["job_id"], r["after_job_id"]) for r in reg.test_rows(name)}
+    cells = {j for j, (n, _) in live_jobs(name).items() if n.startswith("testcell-")}
+    assert len(before) == 4 and {j for j, _ in before.values()} == cells
+    gone = sorted(before)[0]
+    subprocess.run(["scancel", before[gone][0]], check=True)  # ended without results
+    _damage(ws, "garbage")
+    rc, out, err = run(crash, "status", "--json")
+    assert rc == 0 and " was damaged (" in err and "Traceback" not in err, err
+    with Registry(ws) as reg:
+        rows = {r["test_id"]: r for r in reg.test_rows(name)}
+    assert {t: (r["job_id"], r["after_job_id"]) for t, r in rows.items()} == before
+    assert {t: r["state"] for t, r in rows.items()} == {t: "cancelled" if t == gone else "queued" for t in before}
+    rc, out, err = run(crash, "submit", crash["path"])
+    assert rc == 0 and "submitted 0 runs" in out, (out, err)
+    with Registry(ws) as reg:
+        rows = {r["test_id"]: r for r in reg.test_rows(name)}
+        train = {r["run_id"]: r["job_id"] for r in reg.run_rows(name)}
+    live = {j for j, (n, _) in live_jobs(name).items() if n.startswith("testcell-")}
+    assert {t: r["job_id"] for t, r in rows.items() if t != gone} == {t: j for t, (j, _) in before.items() if t != gone}
+    assert rows[gone]["job_id"] not in cells and rows[gone]["after_job_id"] == train[rows[gone]["run_id"]]
+    assert live == cells - {before[gone][0]} | {rows[gone]["job_id"]}  # one live job per cell
+
+
 # ---------------------------------------------------------------------------------------------- 8
 
 def test_attempts_of_killed_or_cancelled_submits_are_closed_and_spend_no_budget(crash):

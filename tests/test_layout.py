@@ -10,7 +10,8 @@ pytestmark = pytest.mark.unit
 PKG = Path(__file__).resolve().parents[1] / "ssflctl"
 LOGIN = ("plan", "control", "registry", "backends", "commands", "report", "workdir", "evaluation", "convert")
 RUN_FILES = {"run.json", "attempt.json", "progress.json", "outcome.json", "nan.json", "recovery.json",
-             "metrics.json", "provenance.json", "detections.bbox.json", "detections.gt.json"}
+             "metrics.json", "provenance.json", "detections.bbox.json", "detections.gt.json", "jobs.json",
+             "test_jobs.json"}
 
 
 def _modules(*packages):

@@ -516,3 +516,134 @@ def test_logs_of_a_test_cell(tmp_path, monkeypatch, fake, capsys):
         f"error: logs: run {rid} has no test cell 'nope'; its test cells are {t1.test_id}, {t2.test_id}"]
     proc = run_cli("logs", rid, "--test", t2.name, env=env)
     assert proc.returncode == 0 and proc.stdout == "mmengine test log of the cell\n", proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# a damaged registry is rebuilt with its test cells (runs/<id>/tests/<id>.json + test_jobs.json)
+
+def _damage(ws):
+    """A registry overwritten with garbage (its WAL folded in first, as a killed copy would leave it)."""
+    import sqlite3
+    from pathlib import Path
+
+    path = ws / "registry.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    path.write_bytes(b"this is not a database\n" * 300)
+
+
+def _cells(reg, exp="tmx"):
+    return {r["test_id"]: r for r in reg.test_rows(exp)}
+
+
+def test_a_rebuilt_registry_has_its_test_cells_and_sends_only_those_whose_job_ended(tmp_path, monkeypatch, fake,
+                                                                                     capsys):
+    from ssflctl.commands.status import view
+
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.3, 0.5]))
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    ra, rb = (p.run.run_id for p in res.submitted)
+    job = {t.test.test_id: t.job_id for t in res.tests}
+    with Registry(ws) as reg:
+        before = {tid: (r["job_id"], r["after_job_id"], r["submission_id"], r["backend"])
+                  for tid, r in _cells(reg).items()}
+        sid = res.submission_id
+        test_jobs = reg.submission(sid)["info"]["test_jobs"]
+    assert len(before) == 6 and test_jobs == job
+    # the node: run A trained; its first cell tested, its second testing, its third's job failed without
+    # results; run B still training, its three cells waiting for it
+    _train_done(ws, ra)
+    fake.set(res.submitted[0].job_id, JobKind.COMPLETED)
+    done, testing, failed = (t.test.test_id for t in res.tests if t.run.run_id == ra)
+    _tested(ws, ra, done)
+    fake.set(job[done], JobKind.COMPLETED)
+    fake.set(job[testing], JobKind.RUNNING)
+    fake.set(job[failed], JobKind.FAILED, exit_code="1:0")
+    fake.set(res.submitted[1].job_id, JobKind.RUNNING)
+    _damage(ws)
+    capsys.readouterr()
+    with Registry(ws) as reg:  # rebuilt: every cell with its job, queued until the scheduler is asked
+        assert " was damaged (" in capsys.readouterr().err
+        rows = _cells(reg)
+        assert {tid: (r["job_id"], r["after_job_id"], r["submission_id"], r["backend"])
+                for tid, r in rows.items()} == before
+        assert {r["state"] for r in rows.values()} == {"queued"}
+        assert {r["name"] for r in rows.values()} == {t.test.name for t in res.tests}
+        assert reg.submission(sid)["info"]["test_jobs"] == job  # what cancel reaches
+        assert {r[1] for r in reg.test_job_ids_ever(ra)} == {job[done], job[testing], job[failed]}
+    res2 = submit_mod.submit(path, ws, render=light.light_render)
+    # only the cell whose job ended without results is sent again (after nothing: its run is trained)
+    assert res2.submitted == [] and [t.test.test_id for t in res2.tests_submitted] == [failed]
+    assert len(fake.tests_submitted) == 2 and fake.tests_submitted[1]["after"] == {failed: None}
+    why = {t.test.test_id: t.why for t in res2.tests if t.action == "skip"}
+    assert why[done] == "done" and why[testing] == f"running (job {job[testing]})"
+    assert all(why[t.test.test_id] == f"queued (job {job[t.test.test_id]})" for t in res.tests if t.run.run_id == rb)
+    with Registry(ws) as reg:
+        items = {i["run"]: i for i in view(reg, ws, "tmx")}
+    assert [t["state"] for t in items[ra]["tests"]] == ["done", "running", "queued"]
+    assert [t["state"] for t in items[rb]["tests"]] == ["queued"] * 3
+
+
+def test_a_rebuilt_test_cell_is_not_sent_while_the_scheduler_cannot_say_what_became_of_its_job(
+        tmp_path, monkeypatch, fake):
+    from ssflctl.commands.status import view
+
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    for p in res.submitted:
+        _train_done(ws, p.run.run_id)
+        fake.set(p.job_id, JobKind.COMPLETED)
+    for t in res.tests:  # every test job ended without results ...
+        fake.set(t.job_id, JobKind.FAILED, exit_code="1:0")
+    _damage(ws)
+    fake.fail_queries = "slurm_load_jobs error: Socket timed out"  # ... but the scheduler cannot say so
+    res2 = submit_mod.submit(path, ws, render=light.light_render)
+    assert res2.submitted == [] and res2.tests_submitted == [] and len(fake.tests_submitted) == 1
+    with Registry(ws) as reg:
+        items = view(reg, ws, "tmx")
+    notes = [t["note"] for i in items for t in i["tests"]]
+    assert {t["state"] for i in items for t in i["tests"]} == {"queued"}
+    assert all("scheduler not answering about test job" in n for n in notes), notes
+    fake.fail_queries = None  # it answers again: the four cells are sent again, once
+    res3 = submit_mod.submit(path, ws, render=light.light_render)
+    assert len(res3.tests_submitted) == 4 and len(fake.tests_submitted) == 2
+
+
+def test_a_rebuilt_registry_adopts_the_test_jobs_of_a_submit_killed_before_recording_them(
+        tmp_path, monkeypatch, fake):
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    path = _exp(tmp_path, _tm([0.05, 0.5]))
+    _killed_after_sending_tests(path, ws, monkeypatch)
+    sent = fake.tests_submitted[0]["ids"]
+    _damage(ws)
+    with Registry(ws) as reg:  # the submit's claim comes back from test_jobs.json ...
+        rows = _cells(reg)
+        assert {r["state"] for r in rows.values()} == {"submitting"} and not any(r["job_id"] for r in rows.values())
+        assert {r["claim_pid"] for r in rows.values()} == {__import__("os").getpid()}
+        assert len({r["submission_id"] for r in rows.values()}) == 1
+    # ... and holds while its process lives (here: this one): a submit sends nothing, adopts nothing
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    assert res.tests_submitted == [] and len(fake.tests_submitted) == 1
+    assert {t.why.split(" ")[0] for t in res.tests} == {"being"}
+    _kill_claims(ws, rows)  # the submit is dead: its jobs are adopted, none sent twice
+    res = submit_mod.submit(path, ws, render=light.light_render)
+    assert res.submitted == [] and res.tests_submitted == [] and len(fake.tests_submitted) == 1
+    with Registry(ws) as reg:
+        got = _cells(reg)
+        train = {r["run_id"]: r["job_id"] for r in reg.run_rows("tmx")}
+        assert {t: r["job_id"] for t, r in got.items()} == sent
+        assert {r["state"] for r in got.values()} == {"queued"}
+        assert all(r["after_job_id"] == train[r["run_id"]] for r in got.values())
+    # the adoption is on disk too: a second rebuild knows the jobs
+    _damage(ws)
+    with Registry(ws) as reg:
+        assert {t: r["job_id"] for t, r in _cells(reg).items()} == sent
+        assert {r["state"] for r in _cells(reg).values()} == {"queued"}

@@ -218,7 +218,7 @@ def _adopt_or_fail(registry: Registry, r, run: RunDir) -> Verdict:
                        f"run ({'; '.join(problems)}); cancelled it: submit again")
     last = run.latest()
     n = last.n if last is not None else 1
-    run.record_jobs({"submission_id": r["submission_id"], "backend": backend.name, "job_id": got["job_id"],
+    run.record_jobs({"submission_id": r["submission_id"], "backend": sub["backend"], "job_id": got["job_id"],
                      "test_job_id": got.get("test_job_id"), "attempt": n, "submitted_at": r["claimed_at"]})
     registry.update_run(r["run_id"], event="recovered", job_id=got["job_id"], test_job_id=got.get("test_job_id"),
                         submitted_at=r["claimed_at"], attempt=n, claim_pid=None)

@@ -184,7 +184,7 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         options = dict(exp.executor.get(kind) or {})
         options["experiment"] = exp.name
         ids: Dict[str, Dict[str, Any]] = {}
-        write_submission_record(folder, {"id": sid, "experiment": exp.name, "backend": backend.name,
+        write_submission_record(folder, {"id": sid, "experiment": exp.name, "backend": kind,
                                          "spec": str(Path(path).resolve()),
                                          "run_ids": [i.run.run_id for i in claimed], "created_at": now()})
         try:
@@ -213,7 +213,8 @@ def submit(path, ws, dry_run: bool = False, executor: Optional[str] = None,
         if result.tests_submitted:  # the test cells: one more backend call, after their trainings
             try:
                 testcells.drop_cancelled(reg, result.tests, sid)
-                tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns)
+                tids = testcells.send(backend, ws, result.tests, ids, folder, options, fns=fns, sid=sid,
+                                      kind=result.kind)
             except BaseException as exc:
                 testcells.release(reg, result.tests, exc)
                 raise
@@ -475,7 +476,7 @@ def _record_submitted(reg, ws: Path, backend, claimed: List[PlanItem], ids: Dict
         got = ids[item.run.run_id]
         item.job_id, item.test_job_id = got["job_id"], got.get("test_job_id")
         RunDir.of(ws, item.run.run_id).record_jobs({
-            "submission_id": sid, "backend": backend.name, "job_id": item.job_id, "test_job_id": item.test_job_id,
+            "submission_id": sid, "backend": result.kind, "job_id": item.job_id, "test_job_id": item.test_job_id,
             "attempt": item.attempt, "submitted_at": t})
     lost = []
     with reg.transaction():

@@ -100,13 +100,30 @@ def claim(reg, exp_name: str, runs, run_items, sid: str, kind: str) -> List[Test
 
 
 def send(backend, ws: Path, items: List[TestItem], run_ids: Dict[str, Dict[str, Any]], folder: Path,
-         options: Dict[str, Any], fns: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """Write each claimed cell's definition (``runs/<id>/tests/<test_id>.json``) and send the test
-    jobs in one backend call; ``run_ids`` are the train job ids of this submission."""
+         options: Dict[str, Any], fns: Optional[Dict[str, str]] = None, sid: Optional[str] = None,
+         kind: Optional[str] = None) -> Dict[str, str]:
+    """Write each claimed cell's claim (``test_jobs.json``: this submission, no job yet; what a
+    rebuilt registry knows an interrupted submit from) and definition (``runs/<id>/tests/<test_id>.json``),
+    then send the test jobs in one backend call; ``run_ids`` are the train job ids of this
+    submission (``folder``: its folder, ``sid``: its id, by default the folder's name; ``kind``: the
+    backend's registered name, as the registry keeps it, by default ``backend.name``)."""
+    from ssflctl.registry.store import hostname, now
+
+    sid = sid or Path(folder).name
+    sending = [it for it in items if it.action == "submit"]
+    for it in sending:
+        if it.after == THIS_SUBMISSION:
+            it.after, it.after_folder = run_ids[it.run.run_id]["job_id"], str(folder)
+    claims: Dict[str, List[Dict[str, Any]]] = {}
+    t = now()
+    for it in sending:
+        claims.setdefault(it.run.run_id, []).append({
+            "submission_id": sid, "backend": kind or backend.name, "test_id": it.test.test_id, "job_id": None,
+            "after": it.after, "claim_pid": os.getpid(), "claim_host": hostname(), "claimed_at": t})
+    for rid, entries in claims.items():
+        RunDir.of(ws, rid).record_test_jobs(entries)
     tasks = []
-    for it in items:
-        if it.action != "submit":
-            continue
+    for it in sending:
         run = RunDir.of(ws, it.run.run_id)
         body = run.raw_run()
         cells = [t.test_id for t in it.run.tests]
@@ -114,13 +131,9 @@ def send(backend, ws: Path, items: List[TestItem], run_ids: Dict[str, Dict[str, 
             body["test_cells"] = cells
             run.write_run(body)
         path = run.write_test_cell(it.test.cell_json())
-        after, after_folder = it.after, it.after_folder
-        if after == THIS_SUBMISSION:
-            after, after_folder = run_ids[it.run.run_id]["job_id"], str(folder)
-        it.after = after
         tasks.append(TestTask(test_id=it.test.test_id, run_id=it.run.run_id, run_dir=str(run.path.resolve()),
-                              cell=str(path.resolve()), resources=it.run.resources, after=after,
-                              after_folder=after_folder))
+                              cell=str(path.resolve()), resources=it.run.resources, after=it.after,
+                              after_folder=it.after_folder))
     if not tasks:
         return {}
     return backend.submit_tests(tasks, Path(folder) / TEST_FOLDER, options, fns=fns)
@@ -148,22 +161,31 @@ def record(reg, items: List[TestItem], ids: Dict[str, str], sid: Optional[str] =
     job it sent (``test_jobs``: what cancel reaches later)."""
     from ssflctl.registry.store import now
 
+    t = now()
+    sent = [it for it in items if it.action == "submit"]
+    for it in sent:
+        it.job_id = ids[it.test.test_id]
+    if sid is not None:  # test_jobs.json first (merged into send's claim): what a rebuilt registry knows
+        by_run: Dict[str, List[Dict[str, Any]]] = {}
+        for it in sent:
+            by_run.setdefault(it.run.run_id, []).append({
+                "submission_id": sid, "test_id": it.test.test_id, "job_id": it.job_id, "after": it.after,
+                "submitted_at": t})
+        for rid, entries in by_run.items():
+            RunDir.of(reg.ws, rid).record_test_jobs(entries)
     lost = []
     with reg.transaction():
-        for it in items:
-            if it.action != "submit":
-                continue
-            it.job_id = ids[it.test.test_id]
+        for it in sent:
             row = reg.get_test(it.test.test_id)
             if sid is not None and row is not None and row["state"] == "cancelled" and row["submission_id"] == sid:
                 reg.update_test(it.test.test_id, event="cancelled while submitted", job_id=it.job_id,
-                                after_job_id=it.after, submitted_at=now())
+                                after_job_id=it.after, submitted_at=t)
                 lost.append(it)
                 continue
             reg.update_test(it.test.test_id, state="queued", reason="", event="submitted", job_id=it.job_id,
-                            after_job_id=it.after, submitted_at=now(), claim_pid=None)
+                            after_job_id=it.after, submitted_at=t, claim_pid=None)
         if sid is not None:
-            reg.add_test_jobs(sid, {it.test.test_id: it.job_id for it in items if it.action == "submit"})
+            reg.add_test_jobs(sid, {it.test.test_id: it.job_id for it in sent})
     if not lost or backend is None:
         return
     from ssflctl.errors import UserError
@@ -261,7 +283,11 @@ def _adopt_or_fail(reg, row) -> Verdict:
     if after and (rrow is None or rrow["job_id"] != after):
         problems.append(f"the train job it waits for ({after}) is not its run's "
                         f"({rrow['job_id'] if rrow is not None and rrow['job_id'] else 'none'})")
-    reg.add_test_jobs(row["submission_id"], {row["test_id"]: jid})  # cancel reaches it whatever happens
+    # cancel reaches it whatever happens, a rebuilt registry too
+    RunDir.of(reg.ws, row["run_id"]).record_test_jobs([{
+        "submission_id": row["submission_id"], "backend": got["backend"], "test_id": row["test_id"], "job_id": jid,
+        "after": after, "submitted_at": row["claimed_at"]}])
+    reg.add_test_jobs(row["submission_id"], {row["test_id"]: jid})
     backend = backends.get(got["backend"])
     if problems:
         try:

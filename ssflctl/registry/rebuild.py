@@ -9,6 +9,15 @@ submission reached the scheduler comes back ``queued`` with its job ids (the nex
 the scheduler what became of them); one whose submit died before it recorded any job comes back
 ``submitting`` with no live claim, so reconcile adopts its jobs by name or makes it resubmittable:
 a rebuilt registry never sends a run that has a live job again.
+
+Test cells (``test_matrix``) come back from ``tests/<test_id>.json`` (the cell) and
+``test_jobs.json`` (each submission's claim of the cell and, once the scheduler took it, its job):
+a cell whose last job is recorded comes back ``queued`` with that job (the next reconcile asks the
+scheduler, through :func:`ssflctl.control.state.decide_test`, before any submit may send it again);
+one whose last submit claimed it and died before recording a job comes back ``submitting`` with
+that submit's claim (reconcile adopts the job the backend finds, or cancels it, once the claim is
+abandoned); each submission's ``test_jobs`` (what ``cancel`` reaches) is restored from the same
+records.
 """
 from __future__ import annotations
 
@@ -95,20 +104,69 @@ def import_runs(reg, ws, runs: List[RunDir]) -> int:
             reg.event("rebuilt", run_id=rd.run_id, experiment=exp, new_state=fields["state"],
                       message="registry row rebuilt from the run directory")
             added += 1
+            _import_tests(reg, rd, exp, subs, t)
             for j in jobs:
                 s = j.get("submission_id")
                 if s and s not in subs:
                     subs[s] = {"id": s, "experiment": exp, "backend": j.get("backend") or "",
                                "folder": str(ws / "submissions" / s), "created_at": j.get("submitted_at") or t}
+            for j in rd.test_jobs():
+                s = j["submission_id"]
+                if s not in subs:
+                    subs[s] = {"id": s, "experiment": exp, "backend": j.get("backend") or "",
+                               "folder": str(ws / "submissions" / s),
+                               "created_at": j.get("submitted_at") or j.get("claimed_at") or t}
         for s in subs.values():
             if c.execute("SELECT 1 FROM submissions WHERE id=?", (s["id"],)).fetchone() is None:
                 jobs = {rd.run_id: [j.get("job_id"), j.get("test_job_id")] for rd in runs for j in rd.jobs()
                         if j.get("submission_id") == s["id"]}
+                info: Dict[str, Any] = {"jobs": jobs, "rebuilt": True}
+                test_jobs = {j["test_id"]: j["job_id"] for rd in runs for j in rd.test_jobs()
+                             if j["submission_id"] == s["id"] and j.get("job_id")}
+                if test_jobs:  # every test job it sent: what cancel reaches
+                    info["test_jobs"] = test_jobs
                 c.execute("INSERT INTO submissions(id, experiment, backend, folder, n_runs, info, created_at) "
                           "VALUES (?,?,?,?,?,?,?)",
                           (s["id"], s.get("experiment") or "", s.get("backend") or "", s["folder"],
-                           len(s.get("run_ids") or jobs), json.dumps({"jobs": jobs, "rebuilt": True}),
-                           s.get("created_at") or now()))
+                           len(s.get("run_ids") or jobs), json.dumps(info), s.get("created_at") or now()))
+    return added
+
+
+def _import_tests(reg, rd: RunDir, exp: str, subs: Dict[str, Dict[str, Any]], t: str) -> int:
+    """The run's test-cell rows, from its cell definitions and test_jobs.json (in the caller's
+    transaction). Returns how many were added."""
+    c = reg.conn
+    cells = rd.test_cells()
+    last: Dict[str, Dict[str, Any]] = {}
+    for j in rd.test_jobs():  # oldest first: the last entry of a cell is its current submission
+        last[j["test_id"]] = j
+    added = 0
+    for tid in sorted(set(cells) | set(last)):
+        if c.execute("SELECT 1 FROM tests WHERE test_id=?", (tid,)).fetchone() is not None:
+            continue
+        cell = cells.get(tid) or {}
+        j = last.get(tid)
+        fields: Dict[str, Any]
+        if j is None:  # a cell written by an ssflctl that did not record its jobs: nothing to ask about
+            fields = {"state": "unknown", "reason": "rebuilt from the run directory: no test job recorded"}
+        else:
+            backend = j.get("backend") or (subs.get(j["submission_id"]) or {}).get("backend")
+            fields = {"backend": backend, "submission_id": j["submission_id"], "after_job_id": j.get("after")}
+            if j.get("job_id"):  # the scheduler took it: the next reconcile asks what became of it
+                fields.update(state="queued", reason="rebuilt from the run directory", job_id=str(j["job_id"]),
+                              submitted_at=j.get("submitted_at"))
+            else:  # its submit died before recording a job: adopted or failed by reconcile, once abandoned
+                fields.update(state="submitting", reason="rebuilt: its submit was interrupted",
+                              claim_pid=j.get("claim_pid"), claim_host=j.get("claim_host"),
+                              claimed_at=j.get("claimed_at"))
+        cols = {"test_id": tid, "run_id": rd.run_id, "experiment": exp, "name": cell.get("name") or tid,
+                "axes": json.dumps(cell.get("axes") or {}, sort_keys=True), "created_at": t, "updated_at": t,
+                **fields}
+        c.execute(f"INSERT INTO tests({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                  tuple(cols.values()))
+        reg.event("rebuilt", run_id=rd.run_id, experiment=exp, new_state=fields["state"],
+                  message=f"test {tid}: registry row rebuilt from the run directory")
+        added += 1
     return added
 
 

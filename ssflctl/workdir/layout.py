@@ -5,6 +5,7 @@
     <ws>/runs/<run_id>/                     RunDir
       run.json                              RunRecord (ssflctl submit)
       jobs.json                             each submission's job ids (submit; registry.rebuild reads it)
+      test_jobs.json                        each submission's test-cell jobs (submit, reconcile; registry.rebuild)
       attempt-<n>/                          AttemptDir = mmengine work_dir of attempt n
         attempt.json  config.py  provenance.json    (the renderer)
         progress.json outcome.json nan.json recovery.json   (the job; rank 0)
@@ -50,6 +51,7 @@ DETECTIONS_GT = "detections.gt.json"
 TESTS = "tests"              # run/tests/<test_id>.json (cell definitions), attempt-N/tests/<test_id>/ (results)
 RANKS = "ranks"
 JOBS = "jobs.json"
+TEST_JOBS = "test_jobs.json"
 SUBMISSION = "submission.json"
 _PREFIX = "attempt-"
 #: what the renderer writes in an attempt dir before its job exists; anything else is the job's
@@ -389,6 +391,30 @@ class RunDir:
         items.append(dict(entry))
         self.path.mkdir(parents=True, exist_ok=True)
         atomic.write_json(self.path / JOBS, items)
+
+    # ------------------------------------------------------------------ test_jobs.json (the test cells' jobs)
+    def test_jobs(self) -> List[Dict[str, Any]]:
+        """test_jobs.json: each test cell of this run a submission sent (or was about to send), oldest
+        first: ``{"submission_id", "backend", "test_id", "job_id", "after", "submitted_at"}``, plus
+        ``claim_pid``, ``claim_host``, ``claimed_at`` of the submit. An entry is written with ``job_id``
+        None just before the backend is asked (a submit that died after it left this claim) and gets
+        its job id once the scheduler took it. The registry's test cells are rebuilt from it."""
+        body = _read(self.path / TEST_JOBS)
+        return [j for j in body if isinstance(j, dict) and j.get("test_id") and j.get("submission_id")] \
+            if isinstance(body, list) else []
+
+    def record_test_jobs(self, entries: List[Dict[str, Any]]) -> None:
+        """Add (or update, by submission and test id: merged, moved last) test-cell entries (atomic)."""
+        if not entries:
+            return
+        items = self.test_jobs()
+        for entry in entries:
+            key = (entry.get("submission_id"), entry.get("test_id"))
+            old = [j for j in items if (j.get("submission_id"), j.get("test_id")) == key]
+            items = [j for j in items if (j.get("submission_id"), j.get("test_id")) != key]
+            items.append(dict(old[-1], **entry) if old else dict(entry))
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.path / TEST_JOBS, items)
 
     @cached_property
     def _attempts(self) -> List[AttemptDir]:
