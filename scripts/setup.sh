@@ -45,7 +45,7 @@ PIP=("$PY" -m pip -q --disable-pip-version-check)
 if ! "$PY" -c "import torch" 2>/dev/null; then
   log "installing $TORCH_SPEC"
   # shellcheck disable=SC2086
-  "${PIP[@]}" install $TORCH_SPEC
+  "${PIP[@]}" install $TORCH_SPEC numpy  # numpy now: torch warns on import without it (mmcv needs it anyway)
 fi
 
 TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')")
@@ -53,7 +53,7 @@ if [ -n "$TORCH_CUDA" ] && ! "$PY" -c "from mmcv.ops import nms" 2>/dev/null; th
   # torch has CUDA: mmcv's CUDA ops, built from a copy of the sdist with the THC shim current torch
   # needs, cached per torch/CUDA/arch (scripts/mmcv_build.py says how long it will take)
   log "torch has CUDA $TORCH_CUDA: building (or reusing) mmcv 2.1.0 with CUDA ops"
-  "${PIP[@]}" install "setuptools<70" wheel ninja
+  "${PIP[@]}" install --no-warn-conflicts "setuptools<70" wheel ninja  # torch's >=77 comes back below
   MMCV_WHEEL=$("$PY" "$ROOT/scripts/mmcv_build.py" build)
   "${PIP[@]}" install --no-deps "$MMCV_WHEEL"
   "${PIP[@]}" install "setuptools>=77.0.3,<81"
@@ -63,8 +63,8 @@ if ! "$PY" -c "from mmcv.ops import nms" 2>/dev/null; then
   # just installed (--no-build-isolation), with setuptools<70 because its setup.py imports
   # pkg_resources. About 15 minutes on 2 cores, once: pip's wheel cache keeps the result.
   log "building mmcv 2.1.0 with ops (about 15 min on 2 cores the first time; cached afterwards)"
-  "${PIP[@]}" install "setuptools<70" wheel ninja
-  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" install --no-build-isolation mmcv==2.1.0
+  "${PIP[@]}" install --no-warn-conflicts "setuptools<70" wheel ninja  # torch's >=77 comes back below
+  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" install --no-warn-conflicts --no-build-isolation mmcv==2.1.0
   # torch itself wants a recent setuptools back; <81 keeps pkg_resources, which mmengine 0.10.7
   # imports to resolve `mmdet::` config inheritance (the templates use it)
   "${PIP[@]}" install "setuptools>=77.0.3,<81"

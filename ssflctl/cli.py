@@ -263,6 +263,11 @@ def quickstart(
 
 
 def main() -> None:
+    import warnings
+
+    # mmengine 0.10.7 imports pkg_resources (setuptools < 81 keeps it, with a deprecation notice on
+    # every import of the training stack): a notice about our dependencies' packaging, not for users
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     app()
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -230,8 +229,6 @@ def run(ws, *, data: Optional[Dict[str, Any]] = None, params: Optional[Dict[str,
     from ssflctl.commands import submit as submit_mod
 
     console, err = _consoles(console, err)
-    # a newcomer's first screen: not the training stack's import-time deprecation notices
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     ws = Path(ws)
     ws.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
