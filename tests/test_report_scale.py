@@ -71,3 +71,13 @@ def test_no_baseline_note_names_a_bounded_number_of_values(tmp_path):
     assert note.startswith("No baseline: no configuration has loss=focal (loss values: loss0, loss1, ")
     assert f", … (300 in all)); pass --baseline loss=<one of them>." in note
     assert note.count(", ") <= aggregate.NAMED_VALUES + 1
+
+
+def test_a_misspelled_experiment_gets_a_did_you_mean(tmp_path):
+    from ssflctl.errors import UserError
+    from ssflctl.report import make_report
+
+    ws = make_workspace(tmp_path, n_losses=2, n_seeds=1, datasets=("coco",))
+    with pytest.raises(UserError, match=r"no runs of experiment\(s\) bnech; known experiments: bench; "
+                                        r"did you mean 'bench'\?"):
+        make_report(ws, ["bnech"])

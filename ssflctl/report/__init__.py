@@ -48,8 +48,11 @@ def make_report(ws, experiments: Iterable[str] = (), *, baseline: Optional[str] 
         found = {r["experiment"] for r in records}
         absent = [e for e in experiments if e not in found]
         if absent:
+            import difflib
+
             known = sorted({r["experiment"] for r in collect.collect_workspace(ws, [])} - {""})
-            hint = ""
+            close = [m for a in absent for m in difflib.get_close_matches(a, known, n=1)]
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise UserError(f"{ws}: no runs of experiment(s) {', '.join(absent)}; "
                             f"known experiments: {', '.join(known) or 'none'}{hint}")
     if not records:
