@@ -268,8 +268,9 @@ def run(ws, *, data: Optional[Dict[str, Any]] = None, params: Optional[Dict[str,
     err.print(f"\nquickstart: {len(res.items)} runs ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}) "
               f"in {time.time() - t0:.0f}s; report: {out}" + (f" with {n_fig} figure(s) beside it" if n_fig else ""),
               markup=False)
-    err.print(f"next: ssflctl status {EXPERIMENT} -w {ws} · ssflctl logs <run> -w {ws} · "
-              f"ssflctl report {EXPERIMENT} -w {ws} --format html --out {ws / 'report' / 'index.html'}", markup=False)
+    w = "" if Path(ws) == Path(".ssflctl") else f" -w {ws}"  # the default workspace needs no flag
+    err.print(f"next: ssflctl status {EXPERIMENT}{w} · ssflctl logs <run>{w} · "
+              f"ssflctl report {EXPERIMENT}{w} --format html --out {ws / 'report' / 'index.html'}", markup=False)
     return res
 
 
