@@ -158,7 +158,8 @@ def cancel(
 def logs(
     run: str = typer.Argument(..., help="Run id (or a unique prefix)."),
     workspace: Optional[Path] = WorkspaceOpt,
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the log grows."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the log grows; stops once the run "
+                                "(or the --test cell) has ended."),
     attempt: Optional[int] = typer.Option(None, "--attempt", help="Attempt number (default: latest)."),
     rank: int = typer.Option(0, "--rank", min=0, help="Rank of a multi-GPU run (default 0: mmengine's log)."),
     test: Optional[str] = typer.Option(None, "--test", metavar="TEST_ID",

@@ -137,3 +137,28 @@ def test_no_attempt_left_raises(tmp_path, data):
 def test_missing_run_json_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="run.json"):
         job.train_run(tmp_path)
+
+
+def test_an_exception_is_recorded_where_it_was_raised(tmp_path, data):
+    """A typo in the model config: mmengine logs its config dump, then the model build raises. The
+    outcome's reason is the exception in one line, its traceback (mmdet's/mmengine's innermost
+    frames) is in outcome.json and ends the attempt's text log, and the job's own error carries it."""
+    from ssflctl.plan import render
+
+    params = {**TINY, "loss": "focal", "data_root": str(data) + "/", "max_epochs": 1}
+    run_dir = _write_run(tmp_path / "runs" / "tiny-typo", params, retry={"max_attempts": 1})
+    render.render_attempt(run_dir, 1, reason="first attempt")
+    cfg = run_dir / "attempt-1" / "config.py"
+    cfg.write_text(cfg.read_text() + "\nmodel['bbox_head']['anchor_generatr'] = dict(type='AnchorGenerator')\n")
+    with pytest.raises(job.TrainingFailed) as info:
+        job.train_run(run_dir)
+    out = json.loads((run_dir / "attempt-1" / "outcome.json").read_text())
+    assert out["outcome"] == "failed"
+    assert out["reason"].startswith("TypeError: ") and "anchor_generatr" in out["reason"] and "\n" not in out["reason"]
+    tb = out["traceback"]
+    assert tb.startswith("Traceback (most recent call last):") and len(tb.splitlines()) <= job.TRACEBACK_LINES + 1
+    assert "unexpected keyword argument 'anchor_generatr'" in tb.splitlines()[-1]
+    assert "work_dir" not in tb
+    log = sorted((run_dir / "attempt-1").glob("*/*.log"))[-1].read_text()
+    assert "work_dir = " in log and log.rstrip().endswith(tb.rstrip())  # after the config dump
+    assert tb.rstrip() in str(info.value) and "anchor_generatr" in out["log_tail"]

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 from ssflctl.errors import UserError
 from ssflctl.workdir import runref
 from ssflctl.workdir.layout import RunDir
+from ssflctl.workdir.records import ACTIVE
 
 #: at most this many test ids are listed in the error for an unknown one
 LIST_TESTS = 12
@@ -131,18 +132,58 @@ def main(workspace, run: str, follow: bool = False, attempt: Optional[int] = Non
                        + "; the job may still be queued — try `ssflctl logs -f`")
     finally:
         reg.close()
-    return _print(paths, follow, refind, missing)
+    what = f"test {test_id} of run {run_id}" if test is not None else f"run {run_id}"
+    return _print(paths, follow, refind, missing,
+                  ended=lambda: ended_state(workspace, run_id, test_id if test is not None else None), what=what)
 
 
-def _print(paths: List[Path], follow: bool, refind, missing: str) -> List[Path]:
-    """Print the logs (``follow``: as they grow, new ones found by ``refind``); UserError
+#: the states a followed log keeps waiting in (control.state's rule: a job may still write)
+FOLLOW_STATES = tuple(s.value for s in ACTIVE)
+#: seconds between asking whether a followed run has ended (the scheduler is asked each time)
+STATE_CHECK_S = 5.0
+
+
+def ended_state(ws, run_id: str, test_id: Optional[str] = None) -> Optional[str]:
+    """The run's state (or its test cell's) when it has ended (anything but submitting, queued or
+    running by :func:`ssflctl.control.state.decide`, the scheduler asked as ``status`` does),
+    else None: ``logs -f`` stops following then."""
+    from ssflctl.control.reconcile import run_verdict
+    from ssflctl.registry.store import Registry
+
+    reg = Registry.for_reading(ws)
+    try:
+        verdict = run_verdict(reg, ws, run_id)
+        if verdict is not None and test_id is not None:
+            from ssflctl.control.testcells import live_cell_verdict
+
+            verdict = live_cell_verdict(reg, ws, test_id, verdict)
+    finally:
+        reg.close()
+    if verdict is None or verdict.state.value in FOLLOW_STATES:
+        return None
+    return verdict.state.value
+
+
+def _print(paths: List[Path], follow: bool, refind, missing: str, ended=None, what: str = "the run") -> List[Path]:
+    """Print the logs (``follow``: as they grow, new ones found by ``refind``, until ``ended()``
+    names the state the run ended in: what is left is printed, then it returns); UserError
     ``missing`` when there is none and nothing to wait for."""
     if not paths and not follow:
         raise UserError(missing)
     out = sys.stdout
     pos: Dict[Path, int] = {}
     current: Optional[Path] = None
+    next_check = 0.0
     while True:
+        over = None
+        if follow and ended is not None and time.monotonic() >= next_check:
+            over = ended()  # asked before the last read: whatever the job wrote before it ended is printed
+            next_check = time.monotonic() + STATE_CHECK_S
+            if over:
+                try:
+                    paths = refind() or paths
+                except UserError:
+                    pass
         for path in paths:
             try:
                 with open(path, "r", encoding="utf-8", errors="replace") as fh:
@@ -158,6 +199,11 @@ def _print(paths: List[Path], follow: bool, refind, missing: str) -> List[Path]:
                 out.write(chunk)
                 out.flush()
         if not follow:
+            return paths
+        if over:
+            if not paths:
+                sys.stderr.write(missing.split(";")[0] + "\n")
+            sys.stderr.write(f"logs: {what} is {over}; stopped following\n")
             return paths
         time.sleep(1.0)
         try:  # new logs appear: the test step's, or a retry's new attempt

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from ssflctl.commands.table import AlignedRows, print_table
 from ssflctl.errors import UserError
-from ssflctl.workdir.records import fmt_lr_trained
+from ssflctl.workdir.records import ACTIVE, fmt_lr_trained
 
 COLUMNS = ["run", "loss", "dataset", "seed", "lr", "attempt", "state", "job", "gpus", "progress", "loss_val",
            "elapsed", "note"]
@@ -231,8 +231,12 @@ def _view(reg, ws, experiment: Optional[str], cache) -> List[Dict[str, Any]]:
             "resumes": len(resumes),
             "job_ids": sorted({j for j in [*(a.get("job_id") for a in row["attempts"]), row["job_id"],
                                            row.get("test_job_id")] if j}),
-            "log_tail": ((last.outcome.log_tail if last is not None and last.outcome is not None else None)
+            # a failed run: the exception's own traceback when one ended the attempt (outcome.json
+            # ``traceback``), else the end of its log, else the job's output
+            "log_tail": ((last.outcome.tail if last is not None and last.outcome is not None else None)
                          or _job_log_tail(reg, row["run_id"])) if state == "failed" else None,
+            "traceback": bool(last is not None and last.outcome is not None and last.outcome.traceback
+                              and state == "failed"),
             "tests": _test_items(d.get("tests") or {}),
         })
     return out
@@ -380,6 +384,16 @@ def terminal_view(title: str, items: List[Dict[str, Any]], show_all: bool = Fals
     return Group(*parts)
 
 
+#: the run states ``--watch`` keeps refreshing for (a job may still change them); every other one
+#: (done, failed, cancelled, unknown, pending) has ended or never began
+WATCH_STATES = tuple(s.value for s in ACTIVE)
+
+
+def any_active(items) -> bool:
+    """Whether ``--watch`` goes on: some run is submitting, queued or running."""
+    return any(i["state"] in WATCH_STATES for i in items)
+
+
 def main(workspace, experiment: Optional[str] = None, as_json: bool = False, watch: bool = False,
          interval: float = 5.0, show_all: bool = False) -> List[Dict[str, Any]]:
     """Piped: every run as tab-separated text. A terminal: :func:`terminal_view` (``show_all``:
@@ -412,18 +426,20 @@ def main(workspace, experiment: Optional[str] = None, as_json: bool = False, wat
         if not console.is_terminal:  # piped: a plain table per refresh until every run has ended
             while True:
                 print_table(title, HEADERS, _rows(items), console=console)
-                if not any(i["state"] in ("queued", "running", "submitting") for i in items):
+                if not any_active(items):  # checked before any wait: an ended workspace returns at once
                     break
                 time.sleep(max(0.5, interval))
                 items = view(reg, workspace, experiment, cache=cache)
+            _failures(items)
             _summary(items)
             return items
         with Live(terminal_view(title, items, show_all), console=console, refresh_per_second=1,
                   auto_refresh=False) as live:
-            while any(i["state"] in ("queued", "running", "submitting") for i in items):
+            while any_active(items):
                 time.sleep(max(0.5, interval))
                 items = view(reg, workspace, experiment, cache=cache)
                 live.update(terminal_view(f"{title} · {time.strftime('%H:%M:%S')}", items, show_all), refresh=True)
+        _failures(items, limit=None if show_all else FAILURE_TAILS)
         _summary(items)
         return items
     finally:
@@ -434,12 +450,18 @@ def main(workspace, experiment: Optional[str] = None, as_json: bool = False, wat
 FAILURE_TAILS = 10
 
 
+#: lines of a failed run's traceback shown under the view (outcome.json keeps about this many)
+TRACEBACK_TAIL = 15
+
+
 def _failures(items, lines: int = 5, limit: Optional[int] = None) -> None:
-    """Failed runs: the reason and the last lines of the attempt's log (stderr; stdout is the table);
+    """Failed runs: the reason and the last lines of the attempt's log, or the exception's traceback
+    (up to :data:`TRACEBACK_TAIL` lines) when one ended it (stderr; stdout is the table);
     ``limit``: at most this many runs, then one line saying how many more and how to see them."""
     failed = [i for i in items if i["state"] == "failed" and i.get("log_tail")]
     for i in failed[:limit]:
-        tail = [ln for ln in i["log_tail"].splitlines() if ln.strip()][-lines:]
+        keep = TRACEBACK_TAIL if i.get("traceback") else lines
+        tail = [ln for ln in i["log_tail"].splitlines() if ln.strip()][-keep:]
         sys.stderr.write(f"{i['run']} failed: {i['note']}\n" + "".join(f"  | {ln}\n" for ln in tail))
     if limit is not None and len(failed) > limit:
         sys.stderr.write(f"... and {len(failed) - limit} more failed runs with a log tail: `ssflctl logs RUN` shows "

@@ -278,6 +278,29 @@ def close_open_attempts(registry: Registry, r, run: RunDir, verdict: Verdict) ->
         registry.close_attempt(r["run_id"], a["attempt"], state, reason[:300])
 
 
+def row_verdict(r, run: RunDir, statuses: Dict[Any, JobStatus]) -> Verdict:
+    """The state rule for one registry row and its run directory, with the scheduler's answers
+    ``statuses`` (:func:`query_all`); computes only (reconcile adopts an abandoned claim first)."""
+    if r["state"] == "submitting":
+        return Verdict(RunState.SUBMITTING, r["reason"] or "")
+    if r["state"] in ASK_STATES and r["job_id"]:
+        return decide(run, view_of(r, statuses))
+    if r["state"] == "pending":
+        return Verdict(RunState.PENDING, r["reason"] or "")
+    return decide(run, remembered_view(r))  # cancelled; or a row without jobs
+
+
+def run_verdict(registry: Registry, ws, run_id: str) -> Optional[Verdict]:
+    """One run's state now, by the same rule as :func:`reconcile` (the scheduler asked about its
+    current jobs), without writing anything (``logs -f`` asks it to know when to stop). None when
+    the registry has no such run."""
+    r = registry.get_run(run_id)
+    if r is None:
+        return None
+    statuses = query_all(registry, [r]) if r["state"] in ASK_STATES else {}
+    return row_verdict(r, RunDir.of(ws, run_id), statuses)
+
+
 def _fold_key(r) -> tuple:
     """What of the registry row the fold depends on (with the run's files)."""
     return r["state"], r["reason"], r["attempt"], r["job_id"]
@@ -313,15 +336,10 @@ def reconcile(registry: Registry, ws, experiment: Optional[str] = None,
         if writable and r["state"] == "cancelled" and r["claim_pid"] is not None and _claim_abandoned(r):
             _finish_cancel(registry, r)
             r = registry.get_run(r["run_id"])
-        if r["state"] == "submitting":
-            verdict = _adopt_or_fail(registry, r, run) if (writable and _claim_abandoned(r)) else \
-                Verdict(RunState.SUBMITTING, r["reason"] or "")
-        elif r["state"] in ASK_STATES and r["job_id"]:
-            verdict = decide(run, view_of(r, statuses))
-        elif r["state"] == "pending":
-            verdict = Verdict(RunState.PENDING, r["reason"] or "")
-        else:  # cancelled; or a row without jobs
-            verdict = decide(run, remembered_view(r))
+        if r["state"] == "submitting" and writable and _claim_abandoned(r):
+            verdict = _adopt_or_fail(registry, r, run)
+        else:
+            verdict = row_verdict(r, run, statuses)
         if writable and (verdict.state.value != r["state"] or (verdict.reason != (r["reason"] or "")
                                                                 and verdict.reason)):
             registry.update_run(r["run_id"], state=verdict.state.value, reason=verdict.reason or "")

@@ -401,3 +401,29 @@ def cell_verdict(ws, run_id: str, test_id: str, run_verdict: Verdict, row=None) 
         view = TestView(job_id=row["job_id"], last_known=(row["state"], row["reason"] or ""), asked=False)
     return decide_test(run, test_id, run_verdict, view)
 
+
+
+def live_cell_verdict(reg, ws, test_id: str, run_verdict: Verdict) -> Optional[Verdict]:
+    """A test cell's state now (its job asked), by :func:`reconcile_tests`' rule, without writing
+    (``logs --test -f`` asks it to know when to stop). None when the registry has no such cell."""
+    from ssflctl import backends
+
+    r = reg.get_test(test_id)
+    if r is None:
+        return None
+    run = RunDir.of(ws, r["run_id"])
+    if r["state"] == "submitting":
+        return Verdict(RunState.DONE, "") if run.tested_cell(test_id) is not None else \
+            Verdict(RunState.SUBMITTING, r["reason"] or "")
+    if r["state"] == "pending":
+        return decide_test(run, test_id, run_verdict, None)
+    job = None
+    ref = job_ref(reg, r) if r["state"] in ASK_STATES and r["backend"] else None
+    if ref is not None:
+        try:
+            job = backends.get(r["backend"]).query([ref]).get(ref.job_id)
+        except Exception as exc:  # noqa: BLE001 - as reconcile_tests: a query that failed is "don't know"
+            job = JobStatus(ref.job_id, JobKind.UNKNOWN, error=str(exc))
+    view = TestView(job=job, job_id=r["job_id"], submitted_at=_ts(r["submitted_at"]),
+                    last_known=(r["state"], r["reason"] or ""), asked=ref is not None)
+    return decide_test(run, test_id, run_verdict, view)

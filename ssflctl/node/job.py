@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
+import traceback as _tb
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -44,6 +45,8 @@ from ssflctl.workdir.records import Outcome, Progress, Recovery
 
 PathLike = Union[str, "os.PathLike[str]"]
 LOG_TAIL_LINES = 40
+#: outcome.json's ``traceback``: about this many lines (the innermost frames of each chained exception)
+TRACEBACK_LINES = 15
 
 
 class TrainingFailed(RuntimeError):
@@ -71,6 +74,81 @@ def _now() -> str:
 def _is_main_process() -> bool:
     """Rank 0 (the process group's rank, else the environment's: SLURM_PROCID / RANK)."""
     return dist.is_main()
+
+
+def exception_reason(err: BaseException) -> str:
+    """One line naming the exception: ``TypeError: AnchorHead.__init__() got an unexpected ...``
+    (its message's lines joined, at most 500 characters)."""
+    msg = " ".join(str(err).split())
+    return (f"{type(err).__name__}: {msg}" if msg else type(err).__name__)[:500]
+
+
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_CONTEXT = "During handling of the above exception, another exception occurred:"
+
+
+def _chain(err: BaseException):
+    """[(exception, the sentence linking it to the next one or "")], root cause first, the
+    exception ``err`` last: what ``traceback.format_exception`` prints, in its order."""
+    outer_first, cur, seen = [(err, "")], err, {id(err)}
+    while True:
+        if cur.__cause__ is not None:
+            nxt, link = cur.__cause__, _CAUSE
+        elif cur.__context__ is not None and not cur.__suppress_context__:
+            nxt, link = cur.__context__, _CONTEXT
+        else:
+            break
+        if id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        outer_first.append((nxt, link))
+        cur = nxt
+    return outer_first[::-1]
+
+
+def format_failure(err: BaseException, max_lines: int = TRACEBACK_LINES) -> str:
+    """The exception's own traceback for outcome.json and the text log: as
+    ``traceback.format_exception`` writes it (chained causes included, root cause first), each
+    exception with its innermost frames only (where it was raised), as many as fit in about
+    ``max_lines`` lines."""
+    chain = _chain(err)
+
+    def render(frames: int) -> list:
+        lines = []
+        for exc, link in chain:
+            te = _tb.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
+            stack = list(te.stack)
+            if stack:
+                lines.append("Traceback (most recent call last):")
+                if len(stack) > frames:
+                    left = len(stack) - frames
+                    lines.append(f"  [... {left} outer frame{'s' if left != 1 else ''}]")
+                lines += "".join(_tb.StackSummary.from_list(stack[-frames:]).format()).rstrip("\n").splitlines()
+            lines += "".join(te.format_exception_only()).rstrip("\n").splitlines()
+            if link:
+                lines += ["", link, ""]
+        return lines
+
+    lines = render(3)
+    for frames in (2, 1):
+        if len(lines) <= max_lines:
+            break
+        lines = render(frames)
+    if len(lines) > max_lines:
+        lines = lines[-max_lines:]
+    return "\n".join(lines) + "\n"
+
+
+def _record_failure(adir: Path, err: BaseException) -> str:
+    """The exception's traceback (:func:`format_failure`), appended to this rank's text log so
+    ``ssflctl logs`` ends with it; returned for outcome.json."""
+    text = format_failure(err)
+    try:
+        AttemptDir(adir).append_text_log(f"ssflctl: the attempt ended with an exception:\n{text}",
+                                         rank=dist.rank() if dist.initialized() else 0)
+    except OSError:
+        pass  # the outcome still carries it
+    return text
 
 
 def _write_outcome(adir: Path, body: Dict[str, Any]) -> Dict[str, Any]:
@@ -334,8 +412,8 @@ def train_attempt(adir: PathLike) -> Dict[str, Any]:
             # Config.pretty_text, called at every checkpoint, raises SyntaxError). Not a failure:
             # leave the attempt without an outcome so the requeued job resumes it.
             raise SystemExit(-1) from err
-        reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
-        return _write_outcome(adir, {"outcome": "failed", "reason": reason,
+        trace = _record_failure(adir, err)
+        return _write_outcome(adir, {"outcome": "failed", "reason": exception_reason(err), "traceback": trace,
                                      "checkpoint": _name(latest_checkpoint(adir)), **measured()})
     finally:
         if handler is not None:
@@ -411,9 +489,10 @@ def train_run(run_dir: PathLike) -> Dict[str, Any]:
         nxt = dist.on_main(lambda: _next_attempt(run, run_dir, n, outcome))
         if nxt is None:
             dist.teardown()
+            trace = outcome.get("traceback")  # where the attempt's exception was raised, in the job's output too
             raise TrainingFailed(f"{run.get('run_id') or run_dir.name}: attempt {n} ended "
-                                 f"{outcome.get('outcome')} ({outcome.get('reason')}); no attempt left",
-                                 outcome)
+                                 f"{outcome.get('outcome')} ({outcome.get('reason')}); no attempt left"
+                                 + (f"\n{trace.rstrip()}" if trace else ""), outcome)
         n = nxt
 
 

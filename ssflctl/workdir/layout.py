@@ -255,6 +255,23 @@ class AttemptDir(_WorkDir):
         with open(logs[-1], encoding="utf-8", errors="replace") as fh:
             return "".join(fh.readlines()[-lines:])
 
+    def append_text_log(self, text: str, rank: int = 0, stamp: Optional[str] = None) -> Path:
+        """Append ``text`` to rank ``rank``'s newest text log (rank 0: mmengine's ``<ts>/<ts>.log``),
+        so ``ssflctl logs`` ends with it; when the job died before mmengine made one, a new
+        ``<stamp>/<stamp>.log`` (rank K > 0: ``ranks/<stamp>.rankK.log``) holds it. Returns the file."""
+        logs = self.rank_logs(rank)
+        if logs:
+            path = logs[-1]
+        else:
+            import time
+
+            stamp = stamp or time.strftime("%Y%m%d_%H%M%S")
+            path = self.rank_log_path(stamp, rank) if int(rank) else self.path / stamp / f"{stamp}.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+        return path
+
     # ------------------------------------------------------------------ writes (atomic)
     def write_info(self, info: AttemptInfo) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

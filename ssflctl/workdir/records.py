@@ -271,7 +271,13 @@ class NanRecord(_Record):
 
 @dataclass
 class Outcome(_Record):
-    """outcome.json: written once when the attempt ends."""
+    """outcome.json: written once when the attempt ends.
+
+    ``reason`` is one line (an exception's: ``TypeError: ... unexpected keyword argument ...``);
+    ``log_tail`` the end of the attempt's text log; ``traceback`` (an attempt an exception ended)
+    the exception's own traceback where it was raised: the innermost frames of each exception of
+    the chain, causes first (at most ~15 lines; the job also appends it to the text log). Views
+    show :attr:`tail` for a failed attempt."""
     outcome: OutcomeKind = OutcomeKind.FAILED
     reason: str = ""
     nan: Optional[NanRecord] = None
@@ -280,14 +286,25 @@ class Outcome(_Record):
     finished_at: Optional[str] = None
     #: the base lr the attempt trained at (:class:`EffectiveLr`; None when the training never began)
     effective_lr: Optional[EffectiveLr] = None
+    #: the exception's traceback (innermost frames, chained causes included); "" when none ended it
+    traceback: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
     _CONVERT = {"outcome": OutcomeKind.parse, "nan": NanRecord.from_json, "reason": lambda v: str(v or ""),
-                "log_tail": lambda v: str(v or ""), "effective_lr": EffectiveLr.from_json}
+                "log_tail": lambda v: str(v or ""), "effective_lr": EffectiveLr.from_json,
+                "traceback": lambda v: str(v or "")}
 
     def to_json(self) -> Dict[str, Any]:
         out = super().to_json()
         out["nan"] = self.nan.to_json() if self.nan is not None else None
+        if not self.traceback:  # only an attempt an exception ended has one (older files stay as they were)
+            out.pop("traceback", None)
         return _nested(out, "effective_lr", self.effective_lr)
+
+    @property
+    def tail(self) -> str:
+        """What a view shows under a failed attempt: the exception's traceback when one ended it,
+        else the end of its text log."""
+        return self.traceback or self.log_tail
 
     @property
     def done(self) -> bool:
