@@ -135,7 +135,8 @@ def _closed_kwargs(obj) -> Optional[frozenset]:
     parameters and the walk goes on up the MRO, to the first ``__init__`` without ``**kwargs``
     (RetinaHead -> AnchorHead closes it, BaseModule adds ``init_cfg``). Whatever cannot be read for
     sure keeps the set open (None): an ``__init__`` that uses its ``**kwargs`` in any other way (reads,
-    pops, updates or passes them elsewhere), a decorated one, one without readable source, and a walk
+    pops, updates or passes them elsewhere; ``kw.get(k)``, ``kw[k]`` and ``k in kw`` only peek and
+    are fine), returns before handing them on, a decorated one, one without readable source, and a walk
     that reaches ``object`` (or torch's ``nn.Module.__init__``, which does its own check).
     """
     if not inspect.isclass(obj):
@@ -183,12 +184,20 @@ def _passed_on_to(mro, i: int, init, self_name: str, kw_name: str) -> Optional[i
     fn = tree.body[0] if tree.body else None
     if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or fn.name != "__init__":
         return None
-    uses = [n for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == kw_name]
     calls = [c for c in ast.walk(fn) if isinstance(c, ast.Call)
              and any(k.arg is None and isinstance(k.value, ast.Name) and k.value.id == kw_name for k in c.keywords)]
-    if len(uses) != 1 or len(calls) != 1:
-        return None  # read, popped, changed, or handed to something else as well
+    if len(calls) != 1:
+        return None  # handed to nothing, or to something else as well
     call = calls[0]
+    if any(isinstance(n, ast.Return) and n.lineno < call.lineno for n in ast.walk(fn)):
+        return None  # a way out before the keys are handed on
+    passed = next(k.value for k in call.keywords if k.arg is None and isinstance(k.value, ast.Name)
+                  and k.value.id == kw_name)
+    parent = {id(child): node for node in ast.walk(fn) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(fn):  # besides the hand-on, only peeks that leave every key in place
+        if (isinstance(node, ast.Name) and node.id == kw_name and node is not passed
+                and not _is_peek(node, parent.get(id(node)), parent)):
+            return None  # popped, changed, assigned, or handed to something else
     f = call.func
     if not (isinstance(f, ast.Attribute) and f.attr == "__init__"):
         return None
@@ -213,6 +222,17 @@ def _passed_on_to(mro, i: int, init, self_name: str, kw_name: str) -> Optional[i
         return None
     owner = next((k for k in base.__mro__ if "__init__" in k.__dict__), None)
     return mro.index(owner) if owner in mro else None
+
+
+def _is_peek(name: ast.Name, up, parent) -> bool:
+    """Whether this use of the kwargs dict only reads it: ``kw.get(k)``, ``kw[k]``, ``k in kw``."""
+    if isinstance(up, ast.Attribute) and up.attr == "get":
+        return isinstance(parent.get(id(up)), ast.Call) and parent[id(up)].func is up
+    if isinstance(up, ast.Subscript):
+        return up.value is name and isinstance(up.ctx, ast.Load)
+    if isinstance(up, ast.Compare):
+        return all(isinstance(op, (ast.In, ast.NotIn)) for op in up.ops) and name is not up.left
+    return False
 
 
 def _resolve(node, func) -> Any:
