@@ -193,6 +193,10 @@ def test_dry_run_renders_and_checks_nested_overrides(tmp_path):
     ("train_cfg.max_epochs: 2", "{}", "  train_dataloader.dataset.pipeline.2.keep_ratoi: [true]\n", 8,
      "matrix.train_dataloader.dataset.pipeline.2.keep_ratoi", "did you mean 'keep_ratio'"),
     ("param_scheduler.7.end: 3", "{}", "", 9, "overrides.param_scheduler.7.end", "param_scheduler.7: index 7 is out of range"),
+    # RetinaHead takes **kwargs and hands them to AnchorHead, which does not take the typo
+    ("model.bbox_head.anchor_generatr.octave_base_scale: 2", "{}", "", 9,
+     "overrides.model.bbox_head.anchor_generatr.octave_base_scale",
+     "model.bbox_head.anchor_generatr: RetinaHead has no argument 'anchor_generatr'; did you mean 'anchor_generator'?"),
 ])
 def test_a_broken_override_fails_at_dry_run_with_key_and_line(tmp_path, over, ds_over, axis, line, key, what):
     p = _exp(tmp_path, over, ds_over, axis)
@@ -216,3 +220,132 @@ def test_a_broken_override_fails_submit_before_any_job(tmp_path, monkeypatch):
         states = {r["state"] for r in reg.run_rows("ov")}
     assert states == {"pending"}
     assert not list((tmp_path / "ws" / "runs").glob("*/attempt-*"))
+
+
+# ------------------------------------------------------------------------------------------
+# **kwargs: followed up the MRO while an __init__ only hands them on
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("template,params,ovr", _cases())
+def test_every_template_passes_and_its_head_is_checked(template, params, ovr):
+    cfg = render.render_config(template, params, ovr)
+    assert registry_check.problems(cfg) == []
+    head, _ = registry_check._lookup(cfg.model.bbox_head.type, ("MODELS",))
+    allowed = registry_check._closed_kwargs(head)  # RetinaHead -> AnchorHead, FocalSSDHead -> SSDHead
+    assert allowed is not None and {"anchor_generator", "init_cfg"} <= allowed
+
+
+def test_anchor_generator_typo_under_retinanet_is_refused():
+    cfg = render.render_config("retinanet_r50_fpn_1x_coco", {}, {"model.bbox_head.anchor_generatr": {"octave_base_scale": 2}})
+    with pytest.raises(registry_check.ConfigProblem) as ei:
+        registry_check.check(cfg)
+    assert ei.value.path == "model.bbox_head.anchor_generatr"
+    assert ei.value.what == "RetinaHead has no argument 'anchor_generatr'; did you mean 'anchor_generator'?"
+
+
+class _Base:
+    def __init__(self, depth=1, width=2):
+        self.depth, self.width = depth, width
+
+
+class _HandsOn(_Base):
+    def __init__(self, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+
+
+class _OldStyle(_Base):
+    def __init__(self, *args, scale=1.0, **kw):
+        super(_OldStyle, self).__init__(*args, **kw)
+
+
+class _Explicit(_Base):
+    def __init__(self, scale=1.0, **kwargs):
+        _Base.__init__(self, **kwargs)
+
+
+class _Peeks(_Base):
+    def __init__(self, scale=1.0, **kwargs):
+        if kwargs.get("depth", 0) > 5 or "width" in kwargs and kwargs["width"] < 0:
+            raise ValueError("too deep")
+        super().__init__(**kwargs)
+
+
+class _Consumes(_Base):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.extra = kwargs.get("extra")
+
+
+class _PopsThenHandsOn(_Base):
+    def __init__(self, **kwargs):
+        self.legacy = kwargs.pop("legacy", None)
+        super().__init__(**kwargs)
+
+
+class _HandsElsewhere(_Base):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.inner = dict(**kwargs)
+
+
+class _ReturnsEarly(_Base):
+    def __init__(self, **kwargs):
+        if kwargs.get("lazy"):
+            return
+        super().__init__(**kwargs)
+
+
+class _Mixin:
+    def __init__(self, mix=0, **kwargs):
+        super().__init__(**kwargs)
+
+
+class _Mixed(_Mixin, _HandsOn):
+    pass
+
+
+class _OpenAllTheWay:
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+
+def _module():
+    from mmengine.model import BaseModule
+
+    class Module(BaseModule):
+        def __init__(self, channels=8, **kwargs):
+            super().__init__(**kwargs)
+
+    return Module
+
+
+@pytest.mark.parametrize("cls,allowed", [
+    (_Base, {"depth", "width"}),
+    (_HandsOn, {"scale", "depth", "width"}),
+    (_OldStyle, {"scale", "depth", "width"}),
+    (_Explicit, {"scale", "depth", "width"}),
+    (_Peeks, {"scale", "depth", "width"}),
+    (_Mixed, {"mix", "scale", "depth", "width"}),
+    (_module, {"channels", "init_cfg"}),  # mmengine's BaseModule closes the set with init_cfg
+    (_Consumes, None),  # reads kwargs itself: whatever it takes is not known
+    (_PopsThenHandsOn, None),
+    (_HandsElsewhere, None),
+    (_ReturnsEarly, None),
+    (_OpenAllTheWay, None),  # **kwargs all the way to object
+])
+def test_kwargs_followed_only_while_handed_on(cls, allowed):
+    if cls is _module:
+        cls = _module()
+    got = registry_check._closed_kwargs(cls)
+    assert got == (None if allowed is None else frozenset(allowed))
+
+
+def test_a_class_that_consumes_its_kwargs_is_not_refused(monkeypatch):
+    from mmdet.registry import MODELS
+
+    registry_check._registries()
+    for cls in (_Consumes, _HandsOn):  # registered for this test only
+        monkeypatch.setitem(MODELS._module_dict, f"KwargsCheck{cls.__name__}", cls)
+    ok = {"model": {"type": "KwargsCheck_Consumes", "extra": 1, "depth": 3}}
+    assert registry_check.problems(ok) == []
+    bad = {"model": {"type": "KwargsCheck_HandsOn", "scale": 2.0, "dpeth": 3}}
+    assert registry_check.problems(bad) == [("model.dpeth", "_HandsOn has no argument 'dpeth'; did you mean 'depth'?")]
