@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 
 from conftest import REPO
 from ssflctl.registry.store import Registry
+from registry_damage import fold_wal  # noqa: E402  (tests/)
 
 pytestmark = pytest.mark.slurm
 TESTS = Path(__file__).resolve().parent
@@ -209,11 +209,7 @@ def test_cancel_during_submit_before_sbatch_sends_nothing(crash):
 
 def _damage(ws, how, rng=None):
     path = ws / "registry.sqlite"
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
-    for suffix in ("-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
+    fold_wal(path)
     if how == "truncate":  # a killed copy, a full disk
         size = path.stat().st_size
         with open(path, "r+b") as fh:

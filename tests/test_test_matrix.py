@@ -13,6 +13,7 @@ from ssflctl.plan import spec
 from ssflctl.registry.store import Registry
 from ssflctl.workdir.layout import RunDir
 from ssflctl.workdir.records import Outcome
+from registry_damage import fold_wal  # noqa: E402  (tests/)
 
 pytestmark = pytest.mark.unit
 
@@ -523,15 +524,8 @@ def test_logs_of_a_test_cell(tmp_path, monkeypatch, fake, capsys):
 
 def _damage(ws):
     """A registry overwritten with garbage (its WAL folded in first, as a killed copy would leave it)."""
-    import sqlite3
-    from pathlib import Path
-
     path = ws / "registry.sqlite"
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
-    for suffix in ("-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
+    fold_wal(path)
     path.write_bytes(b"this is not a database\n" * 300)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import submit_light_job as light
 from conftest import REPO
 from ssflctl.control import submit as submit_mod
 from ssflctl.registry.store import Registry
+from registry_damage import fold_wal  # noqa: E402  (tests/)
 
 pytestmark = pytest.mark.unit
 TESTS = Path(__file__).resolve().parent
@@ -114,11 +114,7 @@ def done_ws(tmp_path, exp, monkeypatch):
 def test_damaged_registry_is_rebuilt_in_one_line_never_an_empty_state(done_ws, exp, how):
     ws = done_ws
     path = ws / "registry.sqlite"
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
-    for suffix in ("-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
+    fold_wal(path)
     if how == "garbage":
         path.write_bytes(os.urandom(8192))
     elif how == "truncated":
