@@ -189,7 +189,7 @@ case "$*" in
   "-c import torch") exit 0 ;;
   "-c from mmcv.ops import nms") [ -f "$STATE/mmcv" ] ;;
   *"mmcv_build.py build") echo "$STATE/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl" ;;
-  "-m pip -q --disable-pip-version-check install --no-build-isolation mmcv==2.1.0") touch "$STATE/mmcv" ;;
+  "-m pip -q --disable-pip-version-check install --no-warn-conflicts --no-build-isolation mmcv==2.1.0") touch "$STATE/mmcv" ;;
   *"install --no-deps $STATE/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl") touch "$STATE/mmcv" ;;
   "-") cat > /dev/null; echo "[setup] ok: fake" ;;
 esac
@@ -219,10 +219,11 @@ def _run_setup(tmp_path: Path, torch_cuda: str) -> list:
 def test_setup_sh_cpu_torch_takes_the_unchanged_source_build(tmp_path):
     calls = _run_setup(tmp_path, torch_cuda="")
     pip = [c for c in calls if c.startswith("-m pip")]
-    # exactly the pip calls setup.sh made before the CUDA branch existed
+    # the pip calls setup.sh made before the CUDA branch existed (the temporary setuptools<70 and the
+    # build with --no-warn-conflicts: torch's setuptools>=77 comes back right after)
     assert pip == [
-        '-m pip -q --disable-pip-version-check install setuptools<70 wheel ninja |MMCV_WITH_OPS= FORCE_CUDA=',
-        '-m pip -q --disable-pip-version-check install --no-build-isolation mmcv==2.1.0 |MMCV_WITH_OPS=1 FORCE_CUDA=',
+        '-m pip -q --disable-pip-version-check install --no-warn-conflicts setuptools<70 wheel ninja |MMCV_WITH_OPS= FORCE_CUDA=',
+        '-m pip -q --disable-pip-version-check install --no-warn-conflicts --no-build-isolation mmcv==2.1.0 |MMCV_WITH_OPS=1 FORCE_CUDA=',
         '-m pip -q --disable-pip-version-check install setuptools>=77.0.3,<81 |MMCV_WITH_OPS= FORCE_CUDA=',
         '-m pip -q --disable-pip-version-check install -e .[train,test] |MMCV_WITH_OPS= FORCE_CUDA=',
     ]
@@ -234,7 +235,7 @@ def test_setup_sh_cuda_torch_installs_the_wheel_mmcv_build_py_made(tmp_path):
     assert "$REPO/scripts/mmcv_build.py build" in calls
     pip = [c for c in calls if c.startswith("-m pip")]
     assert pip == [
-        '-m pip -q --disable-pip-version-check install setuptools<70 wheel ninja |MMCV_WITH_OPS= FORCE_CUDA=',
+        '-m pip -q --disable-pip-version-check install --no-warn-conflicts setuptools<70 wheel ninja |MMCV_WITH_OPS= FORCE_CUDA=',
         '-m pip -q --disable-pip-version-check install --no-deps $STATE/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl |MMCV_WITH_OPS= FORCE_CUDA=',
         '-m pip -q --disable-pip-version-check install setuptools>=77.0.3,<81 |MMCV_WITH_OPS= FORCE_CUDA=',
         '-m pip -q --disable-pip-version-check install -e .[train,test] |MMCV_WITH_OPS= FORCE_CUDA=',
