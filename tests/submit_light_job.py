@@ -84,3 +84,18 @@ def light_train_and_test(run_dir):
 
 FNS = {"train": "submit_light_job:light_train", "test": "submit_light_job:light_test",
        "local": "submit_light_job:light_train_and_test"}
+
+
+def wait_states(ws, experiment: str, want=frozenset({"done"}), timeout: float = 60, every: float = 0.3) -> set:
+    """The experiment's run states by ``ssflctl status``'s view, polled until they are ``want`` or
+    ``timeout`` seconds passed (the caller asserts on what it got)."""
+    from ssflctl.commands.status import view
+    from ssflctl.registry.store import Registry
+
+    deadline = time.time() + timeout
+    while True:
+        with Registry(ws) as reg:
+            states = {i["state"] for i in view(reg, ws, experiment)}
+        if states == set(want) or time.time() > deadline:
+            return states
+        time.sleep(every)

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ import pytest
 import submit_light_job as light
 from conftest import REPO
 from ssflctl.control import submit as submit_mod
-from ssflctl.registry.store import Registry
 
 pytestmark = pytest.mark.unit
 TESTS = Path(__file__).resolve().parent
@@ -62,16 +60,7 @@ def readonly_ws(monkeypatch):
         monkeypatch.setenv("LIGHT_JOB_SLEEP", "0.05")
         ws = root / "ws"
         submit_mod.submit(path, ws, fns=light.FNS, render=light.light_render)
-        from ssflctl.commands.status import view
-
-        deadline = time.time() + 60
-        while True:
-            with Registry(ws) as reg:
-                states = {i["state"] for i in view(reg, ws, "ro")}
-            if states == {"done"} or time.time() > deadline:
-                break
-            time.sleep(0.5)
-        assert states == {"done"}
+        assert light.wait_states(ws, "ro", every=0.5) == {"done"}
         # readable by others, writable by its owner only (the default umask's 755/644, made explicit)
         for p in [root, *root.rglob("*")]:
             mode = p.stat().st_mode

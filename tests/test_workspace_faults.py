@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ import pytest
 import submit_light_job as light
 from conftest import REPO
 from ssflctl.control import submit as submit_mod
-from ssflctl.registry.store import Registry
 from registry_damage import fold_wal  # noqa: E402  (tests/)
 
 pytestmark = pytest.mark.unit
@@ -97,16 +95,7 @@ def done_ws(tmp_path, exp, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ws = tmp_path / "ws"
     submit_mod.submit(exp, ws, fns=light.FNS, render=light.light_render)
-    from ssflctl.commands.status import view
-
-    deadline = time.time() + 60
-    while True:
-        with Registry(ws) as reg:
-            states = {i["state"] for i in view(reg, ws, "wsfault")}
-        if states == {"done"} or time.time() > deadline:
-            break
-        time.sleep(0.3)
-    assert states == {"done"}
+    assert light.wait_states(ws, "wsfault") == {"done"}
     return ws
 
 
